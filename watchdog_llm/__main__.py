@@ -1,0 +1,3 @@
+from watchdog_llm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,210 @@
+"""Settings: `config.env` plus environment variables, validated once and passed down.
+
+Precedence (highest first): environment variables, the config file, defaults.
+The file is read as data (dotenv syntax), never executed by a shell.
+Setting names are the seed's upper-case names; see `config.env.example`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import shlex
+import socket
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+CONFIG_ENV_VAR = "WATCHDOG_LLM_CONFIG"
+DEFAULT_CONFIG = Path("config.env")
+
+
+class ConfigError(Exception):
+    """A bad setting: the message is one line naming the setting, the value and what is expected."""
+
+
+class DetectionMode(StrEnum):
+    CGROUP = "cgroup"
+    PROCFS = "procfs"
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "watchdog-llm"
+
+
+class Settings(BaseSettings):
+    """Every setting of the daemon. Field names map case-insensitively to the upper-case names."""
+
+    model_config = SettingsConfigDict(
+        case_sensitive=False,
+        extra="forbid",
+        env_file_encoding="utf-8",
+        validate_default=True,
+    )
+
+    # The model (vLLM)
+    llm_bin: str = Field("vllm", description="vLLM executable (name on PATH or path)")
+    model_name: str = Field("", description="model to serve: hub id or local path")
+    vllm_args: str = Field("", description="extra arguments for `vllm serve`, shell-quoted")
+    server_host: str = Field("127.0.0.1", description="address vLLM listens on")
+    server_port: int = Field(8000, ge=1, le=65535, description="port vLLM listens on")
+    num_gpus: int = Field(1, ge=0, le=64, description="GPUs the model uses")
+    startup_timeout: float = Field(900.0, gt=0, description="seconds for the model to answer /health")
+    health_path: str = Field("/health", description="readiness path of the model server")
+
+    # Yield and resume
+    detection_mode: DetectionMode = Field(DetectionMode.CGROUP, description="cgroup | procfs")
+    cgroup_root: Path = Field(Path("/sys/fs/cgroup"), description="where Slurm job cgroups live")
+    poll_interval: float = Field(0.25, gt=0, le=60, description="procfs scan period, seconds")
+    yield_grace: float = Field(10.0, ge=0, le=600, description="seconds from SIGTERM to SIGKILL")
+    resume_cooldown: float = Field(60.0, ge=0, description="seconds with no job before serving again")
+
+    # Restarts after crashes
+    restart_backoff_max: float = Field(60.0, gt=0, description="longest wait between restarts, seconds")
+    restart_limit: int = Field(5, ge=1, description="fast failures in a row before giving up (failed)")
+    min_uptime: float = Field(60.0, ge=0, description="a run shorter than this counts as a fast failure")
+
+    # Notifications
+    ntfy_server: str = Field("https://ntfy.sh", description="ntfy server URL")
+    ntfy_topic: str = Field("", description="ntfy topic; empty disables ntfy")
+    notify_urls: str = Field("", description="extra apprise URLs, separated by spaces or commas")
+    notify_coalesce: float = Field(60.0, ge=0, description="window in which notifications are merged")
+
+    # Cloudflare tunnel
+    cloudflared_bin: str = Field("cloudflared", description="cloudflared executable")
+    tunnel_id: str = Field("", description="named tunnel id (with CLOUDFLARED_CREDS)")
+    tunnel_hostname: str = Field("", description="public hostname routed to this node")
+    cloudflared_creds: str = Field("", description="tunnel credentials JSON file")
+    tunnel_token: str = Field("", description="tunnel token (passed to cloudflared by environment)")
+    tunnel_token_file: str = Field("", description="file holding the tunnel token")
+    tunnel_metrics: str = Field("127.0.0.1:0", description="cloudflared --metrics address (port 0: pick one)")
+
+    # Daemon
+    state_dir: Path = Field(default_factory=default_state_dir, description="status, logs, pid records")
+    node_name: str = Field(default_factory=lambda: socket.gethostname(), description="name in messages")
+    log_level: str = Field("INFO", description="DEBUG | INFO | WARNING | ERROR")
+    tree_scan_interval: float = Field(2.0, gt=0, le=60, description="how often the model's tree is recorded")
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        v = v.upper()
+        if v not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("expected one of DEBUG, INFO, WARNING, ERROR")
+        return v
+
+    @field_validator("vllm_args")
+    @classmethod
+    def _shell_words(cls, v: str) -> str:
+        try:
+            shlex.split(v)
+        except ValueError as e:
+            raise ValueError(f"expected shell-quoted arguments ({e})") from None
+        return v
+
+    @field_validator("ntfy_server")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v and not v.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL")
+        return v.rstrip("/")
+
+    @field_validator("health_path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("expected a path starting with /")
+        return v
+
+    @field_validator("tunnel_metrics")
+    @classmethod
+    def _hostport(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:20241")
+        return v
+
+    @model_validator(mode="after")
+    def _tunnel_pairs(self) -> Settings:
+        if self.tunnel_token and self.tunnel_token_file:
+            raise ValueError("TUNNEL_TOKEN and TUNNEL_TOKEN_FILE: set one, not both")
+        if self.tunnel_id and not self.cloudflared_creds and not self.tunnel_token_credential:
+            raise ValueError("TUNNEL_ID needs CLOUDFLARED_CREDS (credentials file) or a tunnel token")
+        return self
+
+    # Derived values: computed here once so no other module re-parses settings.
+    @property
+    def vllm_argv(self) -> list[str]:
+        return shlex.split(self.vllm_args)
+
+    @property
+    def tunnel_token_credential(self) -> bool:
+        return bool(self.tunnel_token or self.tunnel_token_file)
+
+    @property
+    def tunnel_enabled(self) -> bool:
+        return bool(self.tunnel_token_credential or (self.tunnel_id and self.cloudflared_creds))
+
+    @property
+    def notify_url_list(self) -> list[str]:
+        urls = [u for u in self.notify_urls.replace(",", " ").split() if u]
+        if self.ntfy_topic:
+            urls.insert(0, ntfy_url(self.ntfy_server, self.ntfy_topic))
+        return urls
+
+    @property
+    def model_base_url(self) -> str:
+        host = "127.0.0.1" if self.server_host in ("0.0.0.0", "") else self.server_host
+        return f"http://{host}:{self.server_port}"
+
+
+def ntfy_url(server: str, topic: str) -> str:
+    """NTFY_SERVER + NTFY_TOPIC as an apprise URL: ntfys://host/topic for https, ntfy:// for http."""
+    scheme, _, rest = server.partition("://")
+    return f"{'ntfys' if scheme == 'https' else 'ntfy'}://{rest.rstrip('/')}/{topic}"
+
+
+def config_path(cli_path: str | None) -> Path:
+    if cli_path:
+        return Path(cli_path)
+    return Path(os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG)
+
+
+def _field_names() -> list[str]:
+    return [name.upper() for name in Settings.model_fields]
+
+
+def _describe(err: dict[str, Any], source: Path | None) -> str:
+    loc = str(err["loc"][0]).upper() if err.get("loc") else ""
+    where = f" in {source}" if source else ""
+    if err["type"] == "extra_forbidden":
+        hint = difflib.get_close_matches(loc, _field_names(), n=1)
+        suggestion = f" (did you mean {hint[0]}?)" if hint else ""
+        return f"unknown setting {loc}{where}{suggestion}"
+    value = err.get("input")
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if not loc:  # model-level check: the message names the settings itself
+        return f"bad settings{where}: {msg}"
+    return f"bad setting {loc}={value!r}{where}: {msg}"
+
+
+def load(cli_path: str | None = None, *, require_file: bool = False) -> Settings:
+    """Build Settings once. Raises ConfigError with one line per problem (first problem first)."""
+    path = config_path(cli_path)
+    explicit = bool(cli_path or os.environ.get(CONFIG_ENV_VAR))
+    env_file: Path | None = path
+    if not path.exists():
+        if explicit or require_file:
+            raise ConfigError(f"config file {path} not found (from --config or {CONFIG_ENV_VAR})")
+        env_file = None
+    elif not path.is_file() or not os.access(path, os.R_OK):
+        raise ConfigError(f"config file {path} is not a readable file")
+    try:
+        return Settings(_env_file=env_file)  # type: ignore[call-arg]
+    except ValidationError as e:
+        lines = [_describe(dict(err), env_file) for err in e.errors()]
+        raise ConfigError("\n".join(lines)) from None
