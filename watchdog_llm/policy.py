@@ -18,7 +18,7 @@ Phases
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from watchdog_llm.supervise.backoff import backoff_delay
@@ -165,17 +165,12 @@ class State:
     last_yield: YieldRecord | None = None
     reason: str = ""  # why we are in this phase, for people
     exit_code: int | None = None
-    pending: tuple[str, ...] = field(default=())  # unused slot kept small on purpose
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     state: State
     actions: tuple[Action, ...] = ()
-
-    @property
-    def changed(self) -> bool:
-        return True
 
 
 class TransitionError(RuntimeError):

@@ -1,0 +1,368 @@
+"""One supervised child (the model server, or the tunnel): one owner task, fed by requests.
+
+Everything that touches the child's processes happens in the owner task, in request order, so a
+start never overlaps a stop and an exit is never handled twice. The owner reports what happened
+through `post` (ChildReady, ChildExited, ChildStopped); it never decides what to do next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import logging.handlers
+import os
+import signal
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+from watchdog_llm.supervise.probes import probe_client
+from watchdog_llm.supervise.states import DOWN, SIGNALLABLE, ChildState, describe_exit, transition
+from watchdog_llm.supervise.tree import TAG_ENV, Records, Tree, wait_gone
+
+Probe = Callable[[httpx.AsyncClient], Awaitable[bool]]
+LOG_TAIL_LINES = 200
+PROBE_INTERVAL = 0.5
+STARTING_SCAN_INTERVAL = 0.5
+KILL_WAIT = 2.0  # after SIGKILL: only an uninterruptible (D-state) process takes longer
+
+
+@dataclass(frozen=True, slots=True)
+class ChildSpec:
+    name: str  # "model" | "tunnel": used in logs, file names and records
+    argv: tuple[str, ...]
+    env: dict[str, str]  # the child's whole environment (secrets go here, never in argv)
+    probe: Probe | None = None  # readiness; None: ready once spawned
+    preflight: Callable[[], str | None] | None = None  # returns why it must not start now
+    cwd: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StopResult:
+    requested_at: float  # time.monotonic()
+    finished_at: float
+    survivors: int  # processes still alive after SIGKILL (uninterruptible sleep)
+    killed: int  # processes that needed SIGKILL
+
+    @property
+    def elapsed_ms(self) -> float:
+        return (self.finished_at - self.requested_at) * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ChildReady:
+    name: str
+    run: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChildExited:
+    """The child ended without being asked to (or never started). Its tree is already gone."""
+
+    name: str
+    run: int
+    code: int | None
+    why: str
+    tail: tuple[str, ...] = ()
+    cleanup: StopResult | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChildStopped:
+    name: str
+    run: int
+    result: StopResult
+
+
+ChildEvent = ChildReady | ChildExited | ChildStopped
+
+
+@dataclass(slots=True)
+class _Run:
+    run: int
+    proc: asyncio.subprocess.Process
+    tree: Tree
+    started_at: float
+    helpers: list[asyncio.Task[None]] = field(default_factory=list)  # scanner, probe: end with the run
+
+
+class Child:
+    def __init__(
+        self,
+        spec: ChildSpec,
+        *,
+        grace: float,
+        log_dir: Path,
+        records: Records,
+        post: Callable[[ChildEvent], None],
+        log: logging.Logger,
+        scan_interval: float = 30.0,
+    ) -> None:
+        self.spec = spec
+        self.grace = grace
+        self.records = records
+        self.post = post
+        self.log = log
+        self.scan_interval = scan_interval
+        self.state = ChildState.STOPPED
+        self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        self.log_path = log_dir / f"{spec.name}.log"
+        self._output = _output_logger(spec.name, self.log_path)
+        self._requests: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+        self._current: _Run | None = None
+        self._hurry = asyncio.Event()
+        self._owner: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    # ---- requests (any task may call these; they never block) --------------------------------
+
+    def start(self, run: int) -> None:
+        self._requests.put_nowait(("start", run))
+
+    def stop(self) -> None:
+        self._requests.put_nowait(("stop", 0))
+
+    def hurry(self) -> None:
+        """Cut the SIGTERM grace short (a second Ctrl-C): SIGKILL now."""
+        self._hurry.set()
+
+    async def close(self) -> None:
+        """Stop whatever runs and end the owner task."""
+        self._requests.put_nowait(("close", 0))
+        if self._owner is not None:
+            await self._owner
+        for h in self._output.handlers:
+            h.close()
+
+    def launch(self) -> asyncio.Task[None]:
+        self._owner = asyncio.create_task(self._own(), name=f"child-{self.spec.name}")
+        return self._owner
+
+    # ---- what status shows ---------------------------------------------------------------------
+
+    @property
+    def pids(self) -> list[int]:
+        return [] if self._current is None else [p.pid for p in self._current.tree.alive()]
+
+    @property
+    def run_started_at(self) -> float | None:
+        return None if self._current is None else self._current.started_at
+
+    # ---- the owner -----------------------------------------------------------------------------
+
+    async def _own(self) -> None:
+        while True:
+            what, run = await self._requests.get()
+            if what == "start":
+                await self._spawn(run)
+            elif what == "stop":
+                await self._stop(post=True)
+            elif what == "ready":
+                self._ready(run)
+            elif what == "exited":
+                await self._exited(run)
+            elif what == "close":
+                await self._stop(post=False)
+                return
+
+    def _set(self, expected: frozenset[ChildState], new: ChildState) -> None:
+        self.state = transition(self.state, expected, new)
+
+    async def _spawn(self, run: int) -> None:
+        spec = self.spec
+        why = spec.preflight() if spec.preflight else None
+        if why is not None:
+            self.log.error("%s not started: %s", spec.name, why)
+            self._set(DOWN, ChildState.EXITED)
+            self.post(ChildExited(spec.name, run, None, why))
+            return
+        self._set(DOWN, ChildState.STARTING)
+        tag = f"{spec.name}-{uuid.uuid4().hex[:16]}"
+        self._hurry.clear()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *spec.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env={**spec.env, TAG_ENV: tag},
+                cwd=spec.cwd,
+                start_new_session=True,  # own session and group: signalled as a group, never by name
+            )
+        except OSError as e:
+            why = f"cannot run {spec.argv[0]}: {e.strerror or e}"
+            self.log.error("%s not started: %s", spec.name, why)
+            self._set(frozenset({ChildState.STARTING}), ChildState.EXITED)
+            self.post(ChildExited(spec.name, run, None, why))
+            return
+        cur = _Run(run, proc, Tree(proc.pid, tag), time.monotonic())
+        self._current = cur
+        self._output.info("---- %s run %d started: pid %d: %s", spec.name, run, proc.pid, " ".join(spec.argv))
+        self.log.info("%s started (run %d, pid %d)", spec.name, run, proc.pid)
+        self.records.update(spec.name, cur.tree.records())
+        assert proc.stdout is not None
+        # The pump drains output to EOF and the waiter reports the exit: both end on their own.
+        self._background(self._pump(proc.stdout))
+        self._background(self._wait_exit(cur))
+        cur.helpers.append(asyncio.create_task(self._scan(cur)))
+        if spec.probe is None:
+            self._ready(run)
+        else:
+            cur.helpers.append(asyncio.create_task(self._probe(cur, spec.probe)))
+
+    def _ready(self, run: int) -> None:
+        if self._current is None or self._current.run != run or self.state is not ChildState.STARTING:
+            return  # readiness of a run that has since been stopped
+        self._set(frozenset({ChildState.STARTING}), ChildState.RUNNING)
+        self.log.info(
+            "%s ready (run %d) after %.1f s", self.spec.name, run, time.monotonic() - self._current.started_at
+        )
+        self._current.tree.scan()
+        self.records.update(self.spec.name, self._current.tree.records())
+        self.post(ChildReady(self.spec.name, run))
+
+    async def _exited(self, run: int) -> None:
+        cur = self._current
+        if cur is None or cur.run != run or self.state not in (ChildState.STARTING, ChildState.RUNNING):
+            return  # we stopped it ourselves; the stop already reported
+        code = cur.proc.returncode
+        self.log.warning(
+            "%s %s (run %d); cleaning up what is left of its tree", self.spec.name, describe_exit(code), run
+        )
+        self._set(SIGNALLABLE, ChildState.STOPPING)
+        result = await self._kill_tree(cur)
+        self._set(frozenset({ChildState.STOPPING}), ChildState.EXITED)
+        tail = tuple(list(self.tail)[-8:])
+        self.post(ChildExited(self.spec.name, run, code, describe_exit(code), tail, result))
+
+    async def _stop(self, *, post: bool) -> None:
+        cur = self._current
+        now = time.monotonic()
+        if cur is None or self.state in DOWN:
+            if post:  # nothing to stop: report at once so the caller's state machine moves on
+                self.post(ChildStopped(self.spec.name, cur.run if cur else 0, StopResult(now, now, 0, 0)))
+            return
+        self._set(SIGNALLABLE, ChildState.STOPPING)
+        result = await self._kill_tree(cur)
+        self._set(frozenset({ChildState.STOPPING}), ChildState.STOPPED)
+        if post:
+            self.post(ChildStopped(self.spec.name, cur.run, result))
+
+    async def _kill_tree(self, cur: _Run) -> StopResult:
+        """SIGTERM the group, wait up to the grace, SIGKILL the group and every member that left it."""
+        t0 = time.monotonic()
+        tree = cur.tree
+        tree.signal_group(signal.SIGTERM)  # first, before anything that takes time
+        for t in cur.helpers:
+            t.cancel()
+        tree.scan()  # members that appeared since the last scan, setsid()ed ones included
+        alive = await self._wait_or_hurry(tree, self.grace)
+        killed = 0
+        for _ in range(3):  # a member may fork while dying: rescan and repeat
+            if not alive:
+                break
+            killed += len(alive)
+            self.log.warning(
+                "%s: %d process(es) still alive after %.1f s, sending SIGKILL: %s",
+                self.spec.name,
+                len(alive),
+                time.monotonic() - t0,
+                _describe(alive),
+            )
+            tree.signal_group(signal.SIGKILL)
+            tree.scan()
+            tree.signal_each(signal.SIGKILL)
+            alive = await wait_gone(tree.alive(), KILL_WAIT)
+        tree.reap(skip=[cur.proc.pid])
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(cur.proc.wait(), KILL_WAIT)
+        done = time.monotonic()
+        if alive:
+            self.log.error(
+                "%s: %d process(es) survived SIGKILL: %s", self.spec.name, len(alive), _describe(alive)
+            )
+        self.records.update(self.spec.name, tree.records())
+        return StopResult(t0, done, len(alive), killed)
+
+    async def _wait_or_hurry(self, tree: Tree, grace: float) -> list[psutil.Process]:
+        gone = asyncio.create_task(wait_gone(tree.alive(), grace))
+        hurry = asyncio.create_task(self._hurry.wait())
+        await asyncio.wait({gone, hurry}, return_when=asyncio.FIRST_COMPLETED)
+        hurry.cancel()
+        if gone.done():
+            return gone.result()
+        gone.cancel()
+        return tree.alive()
+
+    # ---- helper tasks of one run ---------------------------------------------------------------
+
+    def _background(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)  # keep a reference: the loop holds tasks only weakly
+        task.add_done_callback(self._tasks.discard)
+
+    async def _wait_exit(self, cur: _Run) -> None:
+        await cur.proc.wait()
+        self._requests.put_nowait(("exited", cur.run))
+
+    async def _probe(self, cur: _Run, probe: Probe) -> None:
+        async with probe_client() as client:
+            while self.state is ChildState.STARTING and cur.proc.returncode is None:
+                if await probe(client) and cur.proc.returncode is None:
+                    self._requests.put_nowait(("ready", cur.run))
+                    return
+                await asyncio.sleep(PROBE_INTERVAL)
+
+    async def _scan(self, cur: _Run) -> None:
+        """Record the tree as it grows (fast while starting), so a crash of the daemon itself
+        leaves a list of what to clean up; the subreaper covers the time in between."""
+        while True:
+            fast = self.state is ChildState.STARTING
+            await asyncio.sleep(STARTING_SCAN_INTERVAL if fast else self.scan_interval)
+            cur.tree.scan()
+            self.records.update(self.spec.name, cur.tree.records())
+
+    async def _pump(self, stream: asyncio.StreamReader) -> None:
+        """Child output -> rotating log file + bounded tail. Reads chunks: a line may be any length."""
+        partial = b""
+        while chunk := await stream.read(65536):
+            *lines, partial = (partial + chunk).split(b"\n")
+            for raw in lines:
+                self._line(raw)
+        if partial:
+            self._line(partial)
+
+    def _line(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\r")
+        self.tail.append(line)
+        self._output.info("%s", line)
+
+
+def _describe(procs: list[psutil.Process]) -> str:
+    out = []
+    for p in procs[:8]:
+        try:
+            out.append(f"{p.pid} ({p.name()}, {p.status()})")
+        except psutil.Error:
+            out.append(str(p.pid))
+    return ", ".join(out)
+
+
+def _output_logger(name: str, path: Path) -> logging.Logger:
+    """A logger writing the child's raw output to a size-capped file (rotation by the stdlib)."""
+    logger = logging.getLogger(f"watchdog_llm.output.{name}.{os.getpid()}.{id(path)}")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    if not logger.handlers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(path, maxBytes=20 << 20, backupCount=2, delay=True)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    return logger

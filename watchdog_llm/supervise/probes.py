@@ -1,0 +1,51 @@
+"""Readiness probes: plain HTTP checks with connect and read timeouts, never through a proxy."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+import httpx
+
+# vLLM binds its socket before loading the model: a connect succeeds long before any answer,
+# so a probe without a read timeout would hang for the whole load.
+PROBE_TIMEOUT = httpx.Timeout(2.0, connect=1.0)
+
+
+def probe_client() -> httpx.AsyncClient:
+    # trust_env=False: cluster nodes often set HTTP(S)_PROXY, which must never see loopback probes.
+    return httpx.AsyncClient(timeout=PROBE_TIMEOUT, trust_env=False)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpProbe:
+    """Ready when `url` answers 200 and, if set, `confirm_url` answers 200 to our credentials.
+
+    The confirmation proves the server on the port is ours: another user's server could answer
+    /health, but it cannot know the random key our model was started with.
+    """
+
+    url: str
+    confirm_url: str | None = None
+    confirm_headers: dict[str, str] = field(default_factory=dict)
+
+    async def __call__(self, client: httpx.AsyncClient) -> bool:
+        try:
+            if (await client.get(self.url)).status_code != 200:
+                return False
+            if self.confirm_url is None:
+                return True
+            r = await client.get(self.confirm_url, headers=self.confirm_headers)
+            return r.status_code == 200
+        except httpx.HTTPError:
+            return False
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Something already accepts connections on host:port (checked before we start a server there)."""
+    target = "127.0.0.1" if host in ("", "0.0.0.0") else host
+    try:
+        with socket.create_connection((target, port), timeout=0.5):
+            return True
+    except OSError:
+        return False

@@ -1,0 +1,259 @@
+"""Process trees we started: find every member (even ones that called setsid()), signal, wait, reap.
+
+Ownership is by ancestry and by a per-spawn tag, never by name or user:
+- the daemon is a child subreaper, so descendants orphaned by a dying parent re-parent to us
+  instead of init and stay findable as our descendants;
+- every child gets `WATCHDOG_LLM_TREE=<tag>` in its environment, inherited by its descendants, which
+  attributes such orphans to the right tree;
+- members are remembered as psutil.Process objects (pid + create time), so a recycled pid is never
+  signalled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import json
+import logging
+import os
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+TAG_ENV = "WATCHDOG_LLM_TREE"
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def set_child_subreaper() -> bool:
+    """Make orphaned descendants re-parent to this process (Linux >= 3.4). False if unsupported."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def is_gone(p: psutil.Process) -> bool:
+    """Exited (a zombie holds no memory or GPU context) or its pid now names another process."""
+    try:
+        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.AccessDenied:
+        return False
+
+
+def _tag_of(p: psutil.Process) -> str | None:
+    try:
+        return p.environ().get(TAG_ENV)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+class Tree:
+    """Every process of one spawn: the leader and each descendant seen since it started."""
+
+    def __init__(self, leader_pid: int, tag: str) -> None:
+        self.tag = tag
+        self.pgid = leader_pid  # start_new_session=True: the leader leads its own session and group
+        self.leader_pid = leader_pid
+        self._members: dict[tuple[int, float], psutil.Process] = {}
+        with contextlib.suppress(psutil.NoSuchProcess):
+            self._add(psutil.Process(leader_pid))
+
+    def _add(self, p: psutil.Process) -> None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            self._members.setdefault((p.pid, p.create_time()), p)
+
+    def scan(self) -> int:
+        """Record descendants that appeared since the last scan. Returns how many are known alive."""
+        for p in list(self._members.values()):
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
+                for c in p.children(recursive=True):
+                    self._add(c)
+        # Orphans of this tree re-parented to us (subreaper): recognised by the inherited tag.
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for c in psutil.Process().children():
+                if (c.pid, _ctime(c)) not in self._members and _tag_of(c) == self.tag:
+                    self._add(c)
+                    with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
+                        for gc in c.children(recursive=True):
+                            self._add(gc)
+        return len(self.alive())
+
+    def alive(self) -> list[psutil.Process]:
+        return [p for p in self._members.values() if not is_gone(p)]
+
+    def records(self) -> list[dict[str, float]]:
+        return [{"pid": p.pid, "create_time": ct} for (_, ct), p in self._members.items() if not is_gone(p)]
+
+    def group_alive(self) -> bool:
+        """True while a member still belongs to our process group, so killpg() cannot hit a stranger.
+
+        The kernel keeps a pgid number reserved while any process is in that group.
+        """
+        for p in self.alive():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if os.getpgid(p.pid) == self.pgid:
+                    return True
+        return False
+
+    def signal_group(self, sig: signal.Signals) -> bool:
+        if not self.group_alive():
+            return False
+        try:
+            os.killpg(self.pgid, sig)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    def signal_each(self, sig: signal.Signals) -> int:
+        """Signal every live member individually (those that left the group included)."""
+        n = 0
+        for p in self.alive():
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                p.send_signal(sig)  # psutil re-checks create time: a recycled pid is never hit
+                n += 1
+        return n
+
+    def reap(self, skip: Iterable[int] = ()) -> None:
+        """Collect exit statuses of members that became our children (orphans), never `skip` pids
+        (asyncio's child watcher owns those)."""
+        me = os.getpid()
+        skipped = set(skip)
+        for p in list(self._members.values()):
+            if p.pid in skipped:
+                continue
+            try:
+                if p.ppid() != me:
+                    continue
+            except psutil.NoSuchProcess:
+                continue
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(p.pid, os.WNOHANG)
+
+
+def _ctime(p: psutil.Process) -> float:
+    try:
+        return p.create_time()
+    except psutil.NoSuchProcess:
+        return -1.0
+
+
+async def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every process has exited, up to `timeout`. Returns those still alive.
+
+    Event-driven: a pidfd becomes readable when its process exits, for any process, not only our
+    children. Falls back to psutil's polling where pidfd_open is unavailable.
+    """
+    alive = [p for p in procs if not is_gone(p)]
+    if not alive or timeout <= 0:
+        return alive
+    loop = asyncio.get_running_loop()
+    fds: list[int] = []
+    waits: list[asyncio.Future[None]] = []
+    try:
+        for p in alive:
+            try:
+                fd = os.pidfd_open(p.pid)
+            except ProcessLookupError:
+                continue
+            except OSError as e:
+                if e.errno in (errno.ENOSYS, errno.EPERM, errno.EINVAL):
+                    return await asyncio.to_thread(_poll_wait, alive, timeout)
+                raise
+            fds.append(fd)
+            if is_gone(p):  # exited (or pid recycled) between the check and pidfd_open
+                continue
+            fut: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fd, _resolve, fut)
+            waits.append(fut)
+        if waits:
+            await asyncio.wait(waits, timeout=timeout)
+    finally:
+        for fd in fds:
+            loop.remove_reader(fd)
+            os.close(fd)
+    return [p for p in alive if not is_gone(p)]
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _poll_wait(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return [p for p in alive if not is_gone(p)]
+
+
+# ---- records of what we started, for leftovers after a crash of the daemon itself ------------
+
+
+@dataclass(frozen=True, slots=True)
+class Leftover:
+    child: str
+    pid: int
+    name: str
+
+
+class Records:
+    """`STATE_DIR/children.json`: pid + create time of every process we started, per child name."""
+
+    def __init__(self, path: Path, log: logging.Logger) -> None:
+        self.path = path
+        self.log = log
+        self._data: dict[str, list[dict[str, float]]] = {}
+        self._warned = False
+
+    def update(self, child: str, records: list[dict[str, float]]) -> None:
+        if self._data.get(child) == records:
+            return
+        self._data[child] = records
+        self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps({"daemon_pid": os.getpid(), "children": self._data}))
+            os.replace(tmp, self.path)
+        except OSError as e:
+            if not self._warned:  # once: the daemon keeps working, leftovers just can't be recorded
+                self.log.warning("cannot record child pids in %s: %s", self.path, e.strerror)
+                self._warned = True
+
+    def kill_leftovers(self) -> list[Leftover]:
+        """SIGKILL processes recorded by a previous run that are still the same processes."""
+        try:
+            data = json.loads(self.path.read_text())
+            children = data["children"]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.log.warning("ignoring unreadable %s: %s", self.path, e)
+            return []
+        killed: list[Leftover] = []
+        procs: list[psutil.Process] = []
+        for child, recs in children.items():
+            for rec in recs:
+                try:
+                    p = psutil.Process(int(rec["pid"]))
+                    if abs(p.create_time() - float(rec["create_time"])) > 0.01:
+                        continue  # the pid now names another process
+                    name = p.name()
+                    p.kill()
+                    killed.append(Leftover(child, p.pid, name))
+                    procs.append(p)
+                except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, TypeError, ValueError):
+                    continue
+        if procs:
+            psutil.wait_procs(procs, timeout=5)
+        self._data = {}
+        self._write()
+        return killed
