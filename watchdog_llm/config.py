@@ -15,11 +15,23 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 CONFIG_ENV_VAR = "WATCHDOG_LLM_CONFIG"
 DEFAULT_CONFIG = Path("config.env")
+
+
+# Flags the daemon sets itself: the same option in two places is a bug waiting to happen, and a key
+# on a command line is readable by every user of the node.
+RESERVED_VLLM_FLAGS = {
+    "--port": "use SERVER_PORT",
+    "--host": "use SERVER_HOST",
+    "--api-key": "use API_KEY (it reaches vLLM by environment, never argv)",
+}
+
+
+SECRET_SETTINGS = frozenset({"API_KEY", "TUNNEL_TOKEN"})
 
 
 class ConfigError(Exception):
@@ -55,6 +67,9 @@ class Settings(BaseSettings):
     num_gpus: int = Field(1, ge=0, le=64, description="GPUs the model uses")
     startup_timeout: float = Field(900.0, gt=0, description="seconds for the model to answer /health")
     health_path: str = Field("/health", description="readiness path of the model server")
+    api_key: SecretStr = Field(
+        SecretStr(""), description="key clients send to the model; empty: generated into STATE_DIR/api_key"
+    )
 
     # Yield and resume
     detection_mode: DetectionMode = Field(DetectionMode.CGROUP, description="cgroup | procfs")
@@ -79,7 +94,7 @@ class Settings(BaseSettings):
     tunnel_id: str = Field("", description="named tunnel id (with CLOUDFLARED_CREDS)")
     tunnel_hostname: str = Field("", description="public hostname routed to this node")
     cloudflared_creds: str = Field("", description="tunnel credentials JSON file")
-    tunnel_token: str = Field("", description="tunnel token (passed to cloudflared by environment)")
+    tunnel_token: SecretStr = Field(SecretStr(""), description="tunnel token (given to cloudflared by environment)")
     tunnel_token_file: str = Field("", description="file holding the tunnel token")
     tunnel_metrics: str = Field("127.0.0.1:0", description="cloudflared --metrics address (port 0: pick one)")
 
@@ -87,7 +102,7 @@ class Settings(BaseSettings):
     state_dir: Path = Field(default_factory=default_state_dir, description="status, logs, pid records")
     node_name: str = Field(default_factory=lambda: socket.gethostname(), description="name in messages")
     log_level: str = Field("INFO", description="DEBUG | INFO | WARNING | ERROR")
-    tree_scan_interval: float = Field(2.0, gt=0, le=60, description="how often the model's tree is recorded")
+    tree_scan_interval: float = Field(30.0, gt=0, le=3600, description="how often a serving model's tree is recorded")
 
     @field_validator("log_level")
     @classmethod
@@ -101,9 +116,13 @@ class Settings(BaseSettings):
     @classmethod
     def _shell_words(cls, v: str) -> str:
         try:
-            shlex.split(v)
+            words = shlex.split(v)
         except ValueError as e:
             raise ValueError(f"expected shell-quoted arguments ({e})") from None
+        for word in words:
+            flag = word.split("=", 1)[0]
+            if flag in RESERVED_VLLM_FLAGS:
+                raise ValueError(f"{flag} is not allowed here: {RESERVED_VLLM_FLAGS[flag]}")
         return v
 
     @field_validator("ntfy_server")
@@ -130,7 +149,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _tunnel_pairs(self) -> Settings:
-        if self.tunnel_token and self.tunnel_token_file:
+        if self.tunnel_token.get_secret_value() and self.tunnel_token_file:
             raise ValueError("TUNNEL_TOKEN and TUNNEL_TOKEN_FILE: set one, not both")
         if self.tunnel_id and not self.cloudflared_creds and not self.tunnel_token_credential:
             raise ValueError("TUNNEL_ID needs CLOUDFLARED_CREDS (credentials file) or a tunnel token")
@@ -143,7 +162,7 @@ class Settings(BaseSettings):
 
     @property
     def tunnel_token_credential(self) -> bool:
-        return bool(self.tunnel_token or self.tunnel_token_file)
+        return bool(self.tunnel_token.get_secret_value() or self.tunnel_token_file)
 
     @property
     def tunnel_enabled(self) -> bool:
@@ -185,7 +204,7 @@ def _describe(err: dict[str, Any], source: Path | None) -> str:
         hint = difflib.get_close_matches(loc, _field_names(), n=1)
         suggestion = f" (did you mean {hint[0]}?)" if hint else ""
         return f"unknown setting {loc}{where}{suggestion}"
-    value = err.get("input")
+    value = "<hidden>" if loc in SECRET_SETTINGS else err.get("input")
     msg = str(err["msg"]).removeprefix("Value error, ")
     if not loc:  # model-level check: the message names the settings itself
         return f"bad settings{where}: {msg}"

@@ -80,6 +80,7 @@ class ModelReady:
 class ModelExited:
     code: int | None
     run: int  # which start this exit belongs to (ignore stale ones)
+    why: str = ""  # e.g. "killed by SIGSEGV", "cannot run vllm: No such file or directory"
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,16 +226,16 @@ def decide(state: State, event: Event, now: float, limits: Limits, jitter: float
                 body = f"resumed after {now - was_down:.0f} s down"
             kind = "resumed" if state.last_yield is not None else "online"
             return Decision(new, (Notify(kind, "model online", body, "low"),))
-        case ModelExited(code=code, run=run):
+        case ModelExited(code=code, run=run, why=why):
             if run != state.run or p not in MODEL_RUNNING:
                 return Decision(state)  # exit during a stop we asked for, or of an older run
-            return _crashed(state, code, now, limits, jitter)
+            return _crashed(state, code, why, now, limits, jitter)
         case StopDone(elapsed_ms=ms, survivors=survivors):
             return _stop_done(state, ms, survivors, now, limits)
         case TimerFired(name=name, token=token):
             if token != state.timer_token:
                 return Decision(state)  # superseded timer
-            return _timer(state, name, now, limits)
+            return _timer(state, name, now, limits, jitter)
     raise TransitionError(f"unhandled event {event!r}")  # pragma: no cover
 
 
@@ -265,12 +266,12 @@ def _job_gone(state: State, job: str, now: float, limits: Limits) -> Decision:
     return Decision(state)
 
 
-def _crashed(state: State, code: int | None, now: float, limits: Limits, jitter: float) -> Decision:
+def _crashed(state: State, code: int | None, why: str, now: float, limits: Limits, jitter: float) -> Decision:
     fast = now - state.started_at < limits.min_uptime or state.phase is Phase.STARTING
     failures = state.fast_failures + 1 if fast else 1
     down = state.down_since if state.down_since is not None else now
     state = replace(state, last_exit=code, fast_failures=failures, serving_since=None, down_since=down)
-    what = f"model exited with code {code}" if code is not None else "model exited"
+    what = f"model {why}" if why else (f"model exited with code {code}" if code is not None else "model exited")
     if failures >= limits.restart_limit:
         body = f"{what}; {failures} fast failures in a row, giving up until restarted"
         new = _to(state, Phase.FAILED, now, body)
@@ -317,7 +318,7 @@ def _yield_notice(rec: YieldRecord | None) -> Notify:
     return Notify("yielded", "GPUs yielded", "; ".join(parts), "default")
 
 
-def _timer(state: State, name: str, now: float, limits: Limits) -> Decision:
+def _timer(state: State, name: str, now: float, limits: Limits, jitter: float) -> Decision:
     p = state.phase
     if name == "cooldown" and p is Phase.COOLDOWN:
         return _start(state, now, limits, "resuming after cooldown")
@@ -326,23 +327,26 @@ def _timer(state: State, name: str, now: float, limits: Limits) -> Decision:
     if name == "startup" and p is Phase.STARTING:
         # Never got ready: stop it and count a failure; the stop's ModelExited is ignored (not running).
         body = f"model not ready after {limits.startup_timeout:.0f} s"
-        return _startup_timeout(state, now, limits, body)
+        return _startup_timeout(state, now, limits, body, jitter)
     return Decision(state)
 
 
-def _startup_timeout(state: State, now: float, limits: Limits, body: str) -> Decision:
+def _startup_timeout(state: State, now: float, limits: Limits, body: str, jitter: float) -> Decision:
     failures = state.fast_failures + 1
     token = state.timer_token + 1
     state = replace(state, fast_failures=failures, timer_token=token)
     if failures >= limits.restart_limit:
         new = _to(state, Phase.FAILED, now, body + "; giving up until restarted")
         return Decision(new, (StopModel("startup-timeout"), Notify("failed", "model failed", new.reason, "high")))
-    delay = backoff_delay(failures - 1, cap=limits.restart_backoff_max, jitter=0.5)
+    delay = backoff_delay(failures - 1, cap=limits.restart_backoff_max, jitter=jitter)
     new = _to(state, Phase.BACKOFF, now, f"{body}; restarting in {delay:.1f} s")
     return Decision(
         new,
-        (StopModel("startup-timeout"), Notify("crashed", "model start timed out", new.reason, "high"),
-         SetTimer("backoff", delay, token)),
+        (
+            StopModel("startup-timeout"),
+            Notify("crashed", "model start timed out", new.reason, "high"),
+            SetTimer("backoff", delay, token),
+        ),
     )
 
 

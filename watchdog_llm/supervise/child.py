@@ -285,9 +285,7 @@ class Child:
             await asyncio.wait_for(cur.proc.wait(), KILL_WAIT)
         done = time.monotonic()
         if alive:
-            self.log.error(
-                "%s: %d process(es) survived SIGKILL: %s", self.spec.name, len(alive), _describe(alive)
-            )
+            self.log.error("%s: %d process(es) survived SIGKILL: %s", self.spec.name, len(alive), _describe(alive))
         self.records.update(self.spec.name, tree.records())
         return StopResult(t0, done, len(alive), killed)
 

@@ -1,0 +1,435 @@
+"""Composition root: builds the parts once, runs them on one event loop, shuts them down in order.
+
+Lifecycle (uvicorn-style named phases):
+  startup   state dir, lock, leftovers of a previous run, detector, notifier, children, signals
+  main      every input (detector signal, child report, timer, OS signal) goes through `_handle`,
+            which asks the pure policy what to do and carries it out: kills first, then the rest
+  shutdown  children stopped, final notification flushed, detector closed, lock released
+
+Signal handlers only feed a Shutdown event in; nothing exits from deep inside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import random
+import secrets
+import signal
+import socket
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import psutil
+import sdnotify
+import yaml
+
+from watchdog_llm import __version__
+from watchdog_llm.config import Settings
+from watchdog_llm.detect import DetectError, Detector, JobGone, JobSeen, Signal, make_detector
+from watchdog_llm.detect.slurm import own_jobs
+from watchdog_llm.notify import Message, Notifier
+from watchdog_llm.policy import (
+    Decision,
+    Event,
+    Exit,
+    Limits,
+    ModelExited,
+    ModelReady,
+    Notify,
+    Phase,
+    SetTimer,
+    Shutdown,
+    StartModel,
+    Startup,
+    State,
+    StopDone,
+    StopModel,
+    TimerFired,
+    decide,
+)
+from watchdog_llm.policy import JobGone as PolicyJobGone
+from watchdog_llm.policy import JobSeen as PolicyJobSeen
+from watchdog_llm.status import STATUS_FILE, write_atomic
+from watchdog_llm.supervise.backoff import backoff_delay
+from watchdog_llm.supervise.child import Child, ChildEvent, ChildExited, ChildReady, ChildStopped
+from watchdog_llm.supervise.specs import model_spec, resolve_bin, tunnel_config, tunnel_spec
+from watchdog_llm.supervise.states import ChildState
+from watchdog_llm.supervise.tree import Records, set_child_subreaper
+
+log = logging.getLogger("watchdog_llm")
+
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # SIGHUP: tmux session closed
+NOTIFY_FLUSH_TIMEOUT = 8.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message is one line that says what to fix."""
+
+
+def prepare_state_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (path / "logs").mkdir(exist_ok=True)
+        probe = path / f".write-test.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise StartupError(f"STATE_DIR={str(path)!r} is not writable: {e.strerror or e}") from None
+
+
+def load_api_key(s: Settings) -> str:
+    """API_KEY, or a random key kept in STATE_DIR/api_key (0600) so clients can read it once."""
+    if key := s.api_key.get_secret_value():
+        return key
+    path = s.state_dir / "api_key"
+    with contextlib.suppress(FileNotFoundError):
+        if key := path.read_text().strip():
+            return key
+    key = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.limits = Limits(
+            resume_cooldown=settings.resume_cooldown,
+            restart_backoff_max=settings.restart_backoff_max,
+            restart_limit=settings.restart_limit,
+            min_uptime=settings.min_uptime,
+            startup_timeout=settings.startup_timeout,
+        )
+        self.state = State()
+        self.sd = sdnotify.SystemdNotifier()
+        self.rng = random.Random()
+        self.started_wall = time.time()
+        self._exit = asyncio.Event()
+        self._exit_code = 0
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._yield_detected_at: float | None = None  # monotonic time the yielding job was seen
+        self._shutdown_signals = 0
+        self._tunnel_run = 0
+        self._tunnel_failures = 0
+        self._tunnel_url = ""
+        self._lock_fd: int | None = None
+        self.detector: Detector | None = None
+        self.model: Child | None = None
+        self.tunnel: Child | None = None
+        self.notifier: Notifier | None = None
+        self._notifier_task: asyncio.Task[None] | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until shut down. Raises StartupError before anything was started; never leaves
+        a child running when it returns."""
+        try:
+            await self._startup()
+        except BaseException:
+            await self._shutdown()
+            raise
+        try:
+            await self._exit.wait()
+        except BaseException:
+            log.exception("internal error; stopping everything")
+            self._exit_code = 1
+        finally:
+            await self._shutdown()
+        return self._exit_code
+
+    async def _startup(self) -> None:
+        s = self.s
+        prepare_state_dir(s.state_dir)
+        self._lock()
+        if not s.model_name:
+            raise StartupError("MODEL_NAME is empty: set the model to serve (hub id or local path)")
+        llm_bin = resolve_bin(s.llm_bin)
+        if llm_bin is None:
+            raise StartupError(f"LLM_BIN={s.llm_bin!r} not found or not executable (is vLLM installed?)")
+        records = Records(s.state_dir / "children.json", log)
+        for left in records.kill_leftovers():
+            log.warning("killed leftover %s process %d (%s) of a previous run", left.child, left.pid, left.name)
+        if not set_child_subreaper():
+            log.warning("cannot become a child subreaper: orphans of the model re-parent to init")
+        loop = asyncio.get_running_loop()
+        self.notifier = Notifier(s.notify_url_list, coalesce=s.notify_coalesce, node=s.node_name, log=log)
+        self._notifier_task = asyncio.create_task(self.notifier.run(), name="notifier")
+        api_key = load_api_key(s)
+        logs = s.state_dir / "logs"
+        self.model = Child(
+            model_spec(s, llm_bin, api_key),
+            grace=s.yield_grace,
+            log_dir=logs,
+            records=records,
+            post=self._on_child,
+            log=log,
+            scan_interval=s.tree_scan_interval,
+        )
+        self.model.launch()
+        if s.tunnel_enabled:
+            self.tunnel = self._make_tunnel(records, logs)
+            self.tunnel.launch()
+            self._start_tunnel()
+        own = own_jobs(dict(os.environ), _read(Path("/proc/self/cgroup")))
+        try:
+            self.detector = make_detector(
+                s.detection_mode, cgroup_root=s.cgroup_root, poll_interval=s.poll_interval, own=own, log=log
+            )
+            jobs = self.detector.start(lambda sig: loop.call_soon_threadsafe(self._on_detect, sig))
+        except DetectError as e:
+            raise StartupError(f"DETECTION_MODE={s.detection_mode.value}: {e}") from None
+        for line in self.detector.describe():
+            log.info("detect: %s", line)
+        if own:
+            log.info("running inside Slurm job(s) %s: never yielding to them", ", ".join(sorted(own)))
+        for sig in SHUTDOWN_SIGNALS:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        self._handle(Startup(jobs))
+        self.sd.notify("READY=1")
+        if usec := os.environ.get("WATCHDOG_USEC"):
+            asyncio.create_task(self._watchdog_pings(int(usec) / 1e6), name="sd-watchdog")
+
+    def _make_tunnel(self, records: Records, logs: Path) -> Child:
+        s = self.s
+        cloudflared = resolve_bin(s.cloudflared_bin)
+        if cloudflared is None:
+            raise StartupError(f"CLOUDFLARED_BIN={s.cloudflared_bin!r} not found or not executable")
+        host, _, port = s.tunnel_metrics.rpartition(":")
+        metrics = f"{host}:{free_port() if port == '0' else port}"
+        config_file = None
+        if s.tunnel_id and s.cloudflared_creds:
+            config_file = s.state_dir / "cloudflared.yml"
+            config_file.write_text(yaml.safe_dump(tunnel_config(s), sort_keys=False))
+        self._tunnel_url = f"https://{s.tunnel_hostname}" if s.tunnel_hostname else ""
+        spec = tunnel_spec(s, cloudflared, metrics, config_file)
+        return Child(spec, grace=min(s.yield_grace, 5.0), log_dir=logs, records=records, post=self._on_child, log=log)
+
+    def _lock(self) -> None:
+        """One daemon per STATE_DIR: a second one would kill the first one's children as leftovers."""
+        path = self.s.state_dir / "daemon.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StartupError(
+                f"another watchdog-llm (pid {other}) is running with STATE_DIR={str(self.s.state_dir)!r}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    async def _shutdown(self) -> None:
+        for handle in self._timers.values():
+            handle.cancel()
+        with contextlib.suppress(RuntimeError):
+            loop = asyncio.get_running_loop()
+            for sig in SHUTDOWN_SIGNALS:
+                loop.remove_signal_handler(sig)
+        if self.detector is not None:
+            self.detector.stop()
+        # Children last stopped by the policy are already down; close() stops anything left
+        # (the tunnel, or everything after an internal error) and ends their owner tasks.
+        for child in (self.model, self.tunnel):
+            if child is not None:
+                await child.close()
+        if self.notifier is not None:
+            await self.notifier.close(NOTIFY_FLUSH_TIMEOUT)
+        if self._notifier_task is not None:
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(self._notifier_task, 1.0)
+        if self._lock_fd is not None:  # we own STATE_DIR: record the final state
+            self._publish_status()
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def _watchdog_pings(self, usec: float) -> None:
+        while True:  # runs on the event loop, so a stuck loop stops the pings and systemd notices
+            self.sd.notify("WATCHDOG=1")
+            await asyncio.sleep(usec / 2)
+
+    # ---- inputs --------------------------------------------------------------------------------
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._shutdown_signals += 1
+        if self._shutdown_signals > 1:
+            log.warning("%s again: skipping the grace period, killing now", sig.name)
+            for child in (self.model, self.tunnel):
+                if child is not None:
+                    child.hurry()
+            return
+        log.info("%s received: stopping", sig.name)
+        self.sd.notify("STOPPING=1")
+        if self.tunnel is not None:
+            self.tunnel.stop()
+        self._handle(Shutdown(sig.name))
+
+    def _on_detect(self, sig: Signal) -> None:
+        if isinstance(sig, JobSeen):
+            age = f"{sig.age_ms:.1f} ms after its cgroup appeared" if sig.age_ms is not None else "(age unknown)"
+            log.info("job %s seen %s", sig.job, age)
+            self._handle(PolicyJobSeen(sig.job, sig.age_ms), detected_at=sig.at)
+        elif isinstance(sig, JobGone):
+            log.info("job %s gone", sig.job)
+            self._handle(PolicyJobGone(sig.job))
+
+    def _on_child(self, ev: ChildEvent) -> None:
+        if ev.name == "tunnel":
+            self._on_tunnel(ev)
+            return
+        match ev:
+            case ChildReady(run=run) if run == self.state.run:
+                self._handle(ModelReady())
+            case ChildExited(code=code, run=run, why=why, tail=tail):
+                if tail:
+                    log.warning("last lines of the model's output:\n  %s", "\n  ".join(tail))
+                self._handle(ModelExited(code, run, why))
+            case ChildStopped(result=r):
+                start = self._yield_detected_at or r.requested_at
+                self._yield_detected_at = None
+                self._handle(StopDone((r.finished_at - start) * 1000, r.survivors))
+
+    def _on_tunnel(self, ev: ChildEvent) -> None:
+        if isinstance(ev, ChildReady):
+            log.info("tunnel connected%s", f": {self._tunnel_url}" if self._tunnel_url else "")
+            self._publish_status()
+        elif isinstance(ev, ChildExited) and self.state.phase not in (Phase.STOPPING, Phase.STOPPED):
+            ran = time.monotonic() - (self.tunnel.run_started_at or 0) if self.tunnel else 0
+            self._tunnel_failures = 1 if ran >= self.s.min_uptime else self._tunnel_failures + 1
+            delay = backoff_delay(
+                min(self._tunnel_failures - 1, 30), cap=self.s.restart_backoff_max, jitter=self.rng.random()
+            )
+            body = f"tunnel {ev.why}; restarting in {delay:.1f} s"
+            log.warning("%s", body)
+            self._submit(Notify("tunnel", "tunnel down", body, "default"))
+            self._arm_callback("tunnel", delay, self._start_tunnel)
+            self._publish_status()
+
+    def _start_tunnel(self) -> None:
+        if self.tunnel is not None and self.state.phase not in (Phase.STOPPING, Phase.STOPPED):
+            self._tunnel_run += 1
+            self.tunnel.start(self._tunnel_run)
+
+    # ---- the one place decisions are made and carried out --------------------------------------
+
+    def _handle(self, event: Event, *, detected_at: float | None = None) -> None:
+        before = self.state
+        d: Decision = decide(before, event, time.monotonic(), self.limits, self.rng.random())
+        self.state = d.state
+        if d.state.phase is not before.phase:
+            log.info("%s -> %s: %s", before.phase, d.state.phase, d.state.reason)
+        notices: list[Notify] = []
+        for action in d.actions:  # kills and starts first: everything else is after the fact
+            match action:
+                case StopModel(reason=reason):
+                    if reason == "yield":
+                        self._yield_detected_at = detected_at
+                    assert self.model is not None
+                    self.model.stop()
+                case StartModel(run=run):
+                    assert self.model is not None
+                    self.model.start(run)
+                case SetTimer(name=name, delay=delay, token=token):
+                    self._arm_callback(name, delay, lambda n=name, t=token: self._handle(TimerFired(n, t)))
+                case Notify():
+                    notices.append(action)
+                case Exit(code=code):
+                    self._exit_code = code
+                    self._exit.set()
+        if d.state != before or notices:
+            # call_soon: runs after the child owner's wake-up that was queued above, so status
+            # files and notifications never delay a kill.
+            asyncio.get_running_loop().call_soon(self._publish, notices)
+
+    def _arm_callback(self, name: str, delay: float, fn: Any) -> None:
+        if (old := self._timers.pop(name, None)) is not None:
+            old.cancel()
+        self._timers[name] = asyncio.get_running_loop().call_later(delay, fn)
+
+    # ---- outputs (after the fact) --------------------------------------------------------------
+
+    def _publish(self, notices: list[Notify]) -> None:
+        self._publish_status()
+        self.sd.notify(f"STATUS={self.state.phase}: {self.state.reason}")
+        for n in notices:
+            self._submit(n)
+
+    def _submit(self, n: Notify) -> None:
+        if self.notifier is None:
+            return
+        body = n.body
+        if n.kind in ("online", "resumed"):
+            body += f"\nmodel: {self.s.model_name}\nGPUs: {self.s.num_gpus}\nURL: {self._tunnel_url or self.s.model_base_url}"
+        self.notifier.submit(Message(n.kind, n.title, body, n.priority))
+
+    def status(self) -> dict[str, Any]:
+        st = self.state
+        mono_to_wall = time.time() - time.monotonic()
+        last_yield = None
+        if st.last_yield is not None:
+            last_yield = asdict(st.last_yield)
+            last_yield["detected_at"] = st.last_yield.detected_at + mono_to_wall
+        return {
+            "version": __version__,
+            "daemon_pid": os.getpid(),
+            "daemon_create_time": psutil.Process().create_time(),
+            "node": self.s.node_name,
+            "state": st.phase.value,
+            "reason": st.reason,
+            "since": st.since + mono_to_wall,
+            "updated_at": time.time(),
+            "model": self.s.model_name,
+            "model_url": self.s.model_base_url,
+            "model_pids": self.model.pids if self.model else [],
+            "model_run": st.run,
+            "serving_since": None if st.serving_since is None else st.serving_since + mono_to_wall,
+            "jobs": sorted(st.jobs),
+            "last_yield": last_yield,
+            "last_exit": st.last_exit,
+            "fast_failures": st.fast_failures,
+            "tunnel": None
+            if self.tunnel is None
+            else {
+                "state": self.tunnel.state.value,
+                "url": self._tunnel_url,
+                "pids": self.tunnel.pids,
+                "ready": self.tunnel.state is ChildState.RUNNING,
+            },
+            "detector": self.s.detection_mode.value,
+            "notifications": None
+            if self.notifier is None
+            else {"sent": self.notifier.sent, "failed": self.notifier.failed, "dropped": self.notifier.dropped},
+        }
+
+    def _publish_status(self) -> None:
+        try:
+            write_atomic(self.s.state_dir / STATUS_FILE, self.status())
+        except OSError as e:
+            log.warning("cannot write %s: %s", self.s.state_dir / STATUS_FILE, e.strerror or e)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+async def serve(settings: Settings) -> int:
+    return await Daemon(settings).run()

@@ -1,0 +1,145 @@
+"""`watchdog-llm doctor`: check everything the daemon needs, one line per check, before running it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import TextIO
+
+from watchdog_llm.config import Settings
+from watchdog_llm.detect import DetectError, make_detector
+from watchdog_llm.detect.slurm import own_jobs
+from watchdog_llm.supervise.probes import port_in_use
+from watchdog_llm.supervise.specs import model_argv, resolve_bin
+
+
+class Report:
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.failures = 0
+
+    def ok(self, msg: str) -> None:
+        print(f"ok    {msg}", file=self.out)
+
+    def warn(self, msg: str) -> None:
+        print(f"warn  {msg}", file=self.out)
+
+    def fail(self, msg: str) -> None:
+        self.failures += 1
+        print(f"FAIL  {msg}", file=self.out)
+
+    def info(self, msg: str) -> None:
+        print(f"      {msg}", file=self.out)
+
+
+def run_doctor(s: Settings, *, send: bool, out: TextIO, environ: dict[str, str]) -> bool:
+    r = Report(out)
+    r.ok("config parsed")
+    _state_dir(r, s.state_dir)
+    _model(r, s)
+    _tunnel(r, s)
+    _detection(r, s, environ)
+    _gpus(r)
+    _notifications(r, s, send)
+    print(f"{'all checks passed' if not r.failures else f'{r.failures} check(s) failed'}", file=out)
+    return r.failures == 0
+
+
+def _state_dir(r: Report, path: Path) -> None:
+    from watchdog_llm.app import StartupError, prepare_state_dir
+
+    try:
+        prepare_state_dir(path)
+        r.ok(f"STATE_DIR {path} is writable")
+    except StartupError as e:
+        r.fail(str(e))
+
+
+def _model(r: Report, s: Settings) -> None:
+    if not s.model_name:
+        r.fail("MODEL_NAME is empty: set the model to serve")
+    llm = resolve_bin(s.llm_bin)
+    if llm is None:
+        r.fail(f"LLM_BIN={s.llm_bin!r} not found or not executable")
+    else:
+        r.ok(f"LLM_BIN {llm}")
+        r.info("would run: " + " ".join(model_argv(s, llm)))
+    if port_in_use(s.server_host, s.server_port):
+        r.warn(f"SERVER_PORT {s.server_port} is in use now (by us if the daemon runs; else pick another port)")
+    else:
+        r.ok(f"SERVER_PORT {s.server_port} is free")
+
+
+def _tunnel(r: Report, s: Settings) -> None:
+    if not s.tunnel_enabled:
+        r.info("tunnel: off (set TUNNEL_TOKEN, TUNNEL_TOKEN_FILE or TUNNEL_ID + CLOUDFLARED_CREDS)")
+        return
+    cf = resolve_bin(s.cloudflared_bin)
+    (r.ok if cf else r.fail)(f"CLOUDFLARED_BIN {cf or repr(s.cloudflared_bin) + ' not found'}")
+    for name, value in (("CLOUDFLARED_CREDS", s.cloudflared_creds), ("TUNNEL_TOKEN_FILE", s.tunnel_token_file)):
+        if value:
+            readable = os.access(value, os.R_OK)
+            (r.ok if readable else r.fail)(f"{name} {value} {'is readable' if readable else 'is not readable'}")
+
+
+def _detection(r: Report, s: Settings, environ: dict[str, str]) -> None:
+    try:
+        text = Path("/proc/self/cgroup").read_text()
+    except OSError:
+        text = ""
+    own = own_jobs(environ, text)
+    if own:
+        r.info(f"inside Slurm job(s) {', '.join(sorted(own))}: never yielding to them")
+    log = logging.getLogger("watchdog_llm.doctor")
+    try:
+        det = make_detector(
+            s.detection_mode, cgroup_root=s.cgroup_root, poll_interval=s.poll_interval, own=own, log=log
+        )
+        jobs = det.start(lambda _sig: None)
+    except DetectError as e:
+        r.fail(f"DETECTION_MODE={s.detection_mode.value}: {e}")
+        return
+    try:
+        r.ok(f"detection ({s.detection_mode.value}) works on {s.cgroup_root}")
+        for line in det.describe():
+            r.info(line)
+        r.info(f"jobs on this node now: {', '.join(sorted(jobs)) or 'none'}")
+    finally:
+        det.stop()
+
+
+def _gpus(r: Report) -> None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as e:  # NVML raises its own error classes, and ImportError if absent
+        r.warn(f"no GPU visible through NVML ({type(e).__name__}: {e})")
+        return
+    try:
+        n = pynvml.nvmlDeviceGetCount()
+        names = [pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(n)]
+        r.ok(f"{n} GPU(s) visible: {', '.join(str(x) for x in names)}")
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _notifications(r: Report, s: Settings, send: bool) -> None:
+    from watchdog_llm.notify import Message, NotifyConfigError, mask_url, parse_urls, send_once
+
+    urls = s.notify_url_list
+    if not urls:
+        r.warn("no notifications: set NTFY_TOPIC or NOTIFY_URLS")
+        return
+    try:
+        parse_urls(urls)
+    except NotifyConfigError as e:
+        r.fail(str(e))
+        return
+    r.ok(f"{len(urls)} notification URL(s) parse: {', '.join(mask_url(u) for u in urls)}")
+    if send:
+        msg = Message("test", f"[{s.node_name}] watchdog-llm doctor", "test notification from doctor", "low")
+        sent = asyncio.run(send_once(urls, msg, log=logging.getLogger("watchdog_llm")))
+        (r.ok if sent else r.fail)("test notification " + ("sent" if sent else "could not be sent"))

@@ -1,0 +1,90 @@
+"""What to run: the model server and the Cloudflare tunnel, built from Settings in one place."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from watchdog_llm.config import Settings
+from watchdog_llm.supervise.child import ChildSpec
+from watchdog_llm.supervise.probes import HttpProbe, port_in_use
+
+# Secrets the daemon holds that no child needs: removed from inherited environments.
+_DAEMON_SECRETS = ("API_KEY", "TUNNEL_TOKEN", "VLLM_API_KEY")
+
+
+def _base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.upper() not in _DAEMON_SECRETS}
+    env["PYTHONUNBUFFERED"] = "1"  # log lines reach our log file as they happen
+    return env
+
+
+def resolve_bin(name: str) -> str | None:
+    """Absolute path of an executable given as a name on PATH or a path; None if not runnable."""
+    found = shutil.which(name)
+    return os.path.abspath(found) if found else None
+
+
+def model_argv(s: Settings, llm_bin: str) -> list[str]:
+    argv = [
+        llm_bin,
+        "serve",
+        s.model_name,
+        *s.vllm_argv,
+        "--host",
+        s.server_host,
+        "--port",
+        str(s.server_port),
+    ]
+    if s.num_gpus > 1 and not any(a.split("=", 1)[0] in ("--tensor-parallel-size", "-tp") for a in s.vllm_argv):
+        argv[3:3] = ["--tensor-parallel-size", str(s.num_gpus)]
+    return argv
+
+
+def model_spec(s: Settings, llm_bin: str, api_key: str) -> ChildSpec:
+    env = _base_env()
+    env["VLLM_API_KEY"] = api_key  # by environment: argv is world-readable on a shared node
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # Slurm's GPU indices are in PCI bus order
+    base = s.model_base_url
+
+    def preflight() -> str | None:
+        if port_in_use(s.server_host, s.server_port):
+            return f"SERVER_PORT {s.server_port} is already in use by another process"
+        return None
+
+    probe = HttpProbe(
+        url=base + s.health_path,
+        confirm_url=base + "/v1/models",
+        confirm_headers={"Authorization": f"Bearer {api_key}"},
+    )
+    return ChildSpec("model", tuple(model_argv(s, llm_bin)), env, probe, preflight)
+
+
+def tunnel_config(s: Settings) -> dict[str, Any]:
+    """cloudflared's config for a named tunnel: everything for our hostname goes to the local model."""
+    rules: list[dict[str, str]] = []
+    if s.tunnel_hostname:
+        rules.append({"hostname": s.tunnel_hostname, "service": s.model_base_url})
+    else:
+        rules.append({"service": s.model_base_url})
+    if s.tunnel_hostname:
+        rules.append({"service": "http_status:404"})
+    return {"tunnel": s.tunnel_id, "credentials-file": s.cloudflared_creds, "ingress": rules}
+
+
+def tunnel_spec(s: Settings, cloudflared_bin: str, metrics: str, config_file: Path | None) -> ChildSpec:
+    """`cloudflared tunnel run`; a token travels by environment or file name, never on argv."""
+    env = _base_env()
+    argv = [cloudflared_bin, "tunnel", "--no-autoupdate", "--metrics", metrics]
+    if config_file is not None:
+        argv += ["--config", str(config_file)]
+    argv.append("run")
+    if token := s.tunnel_token.get_secret_value():
+        env["TUNNEL_TOKEN"] = token
+    elif s.tunnel_token_file:
+        argv += ["--token-file", s.tunnel_token_file]
+    elif s.tunnel_id:
+        argv.append(s.tunnel_id)
+    return ChildSpec("tunnel", tuple(argv), env, HttpProbe(url=f"http://{metrics}/ready"))
