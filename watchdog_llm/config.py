@@ -56,6 +56,7 @@ class Settings(BaseSettings):
         extra="forbid",
         env_file_encoding="utf-8",
         validate_default=True,
+        env_ignore_empty=True,  # `STATE_DIR=` in the file means "the default", not an empty path
     )
 
     # The model (vLLM)
@@ -205,6 +206,8 @@ def _describe(err: dict[str, Any], source: Path | None) -> str:
         suggestion = f" (did you mean {hint[0]}?)" if hint else ""
         return f"unknown setting {loc}{where}{suggestion}"
     value = "<hidden>" if loc in SECRET_SETTINGS else err.get("input")
+    if loc and loc in {k.upper() for k in os.environ}:
+        where = " (from the environment)"
     msg = str(err["msg"]).removeprefix("Value error, ")
     if not loc:  # model-level check: the message names the settings itself
         return f"bad settings{where}: {msg}"

@@ -126,22 +126,28 @@ def classify(name: str, parent: Kind) -> Kind:
 # --- /proc/<pid>/cgroup --------------------------------------------------------------------------
 
 
-def jobs_in_cgroup_text(text: str) -> set[str]:
-    """Jobs named in a /proc/<pid>/cgroup file (`hier:controllers:/path` lines).
+def job_paths_in_cgroup_text(text: str) -> dict[str, str]:
+    """Job -> its cgroup path (up to the job dir) in a /proc/<pid>/cgroup file (`hier:ctrls:/path`).
 
     Only a job component directly under `uid_N` (v1) or `*slurmstepd.scope` (v2) counts, so a
     user's own `job_1` directory somewhere else is not mistaken for a Slurm job.
     """
-    jobs: set[str] = set()
+    jobs: dict[str, str] = {}
     for line in text.splitlines():
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
         comps = parts[2].split("/")
-        for parent, comp in zip(comps, comps[1:], strict=False):
+        for i in range(1, len(comps)):
+            comp, parent = comps[i], comps[i - 1]
             if is_job_dir(comp) and (is_uid_dir(parent) or is_stepd_scope(parent)):
-                jobs.add(comp)
+                jobs.setdefault(comp, "/".join(comps[: i + 1]))
     return jobs
+
+
+def jobs_in_cgroup_text(text: str) -> set[str]:
+    """Jobs named in a /proc/<pid>/cgroup file; see `job_paths_in_cgroup_text`."""
+    return set(job_paths_in_cgroup_text(text))
 
 
 def own_jobs(environ: Mapping[str, str] | None = None, proc_self_cgroup_text: str | None = None) -> frozenset[str]:

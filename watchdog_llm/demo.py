@@ -1,0 +1,244 @@
+"""`watchdog-llm demo`: the real daemon, a STAND-IN model server, a scratch cgroup tree, a fake job.
+
+Nothing here needs a GPU, Slurm or root. The daemon runs as its own process exactly as `watchdog-llm
+run` would; only the model (vllm-standin, an OpenAI-compatible toy with vLLM's CLI and process tree)
+and the cgroup tree (plain directories with Slurm's cgroup v2 layout) are stand-ins. The timings it
+prints are measured, from outside the daemon, on this machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from watchdog_llm.config import Settings
+from watchdog_llm.status import read as read_status
+
+T0 = time.monotonic()
+
+
+def say(msg: str) -> None:
+    print(f"[{time.monotonic() - T0:6.2f} s] {msg}", flush=True)
+
+
+class _Sink(BaseHTTPRequestHandler):
+    """Records what apprise sends to an ntfy server."""
+
+    received: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = {"message": body.decode(errors="replace"), "title": self.headers.get("X-Title", "")}
+        self.received.append(data if isinstance(data, dict) else {"message": str(data)})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"id":"demo"}')
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(what: str, pred: Callable[[], Any], timeout: float, interval: float = 0.002) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if v := pred():
+            return v
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _bin(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} not found next to {sys.executable} or on PATH (run `make demo`)")
+    return found
+
+
+def run_demo(keep: bool = False) -> int:
+    scratch = Path(tempfile.mkdtemp(prefix="watchdog-llm-demo-"))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    daemon: subprocess.Popen[bytes] | None = None
+    try:
+        daemon = _start_daemon(scratch, server.server_address[1])
+        return _script(scratch, daemon)
+    except (TimeoutError, FileNotFoundError, RuntimeError) as e:
+        print(f"demo failed: {e}", file=sys.stderr)
+        log = scratch / "daemon.log"
+        if log.exists():
+            print("--- daemon log (last lines) ---\n" + "\n".join(log.read_text().splitlines()[-25:]), file=sys.stderr)
+        return 1
+    finally:
+        if daemon is not None:
+            _stop_daemon(daemon)
+        server.shutdown()
+        if _Sink.received:
+            print("\nnotifications received by the local ntfy stand-in:")
+            for n in _Sink.received:
+                print(f"  • {n.get('title', '')}: {str(n.get('message', '')).splitlines()[0]}")
+        if keep:
+            print(f"\nscratch directory kept: {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _start_daemon(scratch: Path, ntfy_port: int) -> subprocess.Popen[bytes]:
+    scope = scratch / "cgroup" / "system.slice" / "slurmstepd.scope"
+    scope.mkdir(parents=True)
+    (scope / "system").mkdir()  # slurmstepd's own cgroup: not a job
+    port = _free_port()
+    settings_names = {name.upper() for name in Settings.model_fields}
+    env = {k: v for k, v in os.environ.items() if k.upper() not in settings_names and k != "SLURM_JOB_ID"}
+    env.update(
+        LLM_BIN=_bin("vllm-standin"),
+        MODEL_NAME="standin/tiny-chat",
+        NUM_GPUS="2",
+        SERVER_PORT=str(port),
+        CGROUP_ROOT=str(scratch / "cgroup"),
+        STATE_DIR=str(scratch / "state"),
+        RESUME_COOLDOWN="2",
+        YIELD_GRACE="5",
+        NOTIFY_URLS=f"ntfy://127.0.0.1:{ntfy_port}/demo",
+        NOTIFY_COALESCE="0",
+        NTFY_TOPIC="",
+        NODE_NAME="demo-node",
+        STANDIN_STARTUP_S="1.0",
+    )
+    (scratch / "config.env").write_text("# demo: every setting comes from the environment\n")
+    argv = [sys.executable, "-m", "watchdog_llm", "--config", str(scratch / "config.env"), "run"]
+    say("starting the real daemon (`watchdog-llm run`) with the STAND-IN model server (not vLLM)")
+    say(f"  scratch cgroup tree: {scope}")
+    log = open(scratch / "daemon.log", "wb")  # noqa: SIM115 (the child keeps it open)
+    return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _status(scratch: Path) -> dict[str, Any]:
+    try:
+        return read_status(scratch / "state" / "status.json")
+    except (OSError, ValueError):
+        return {}
+
+
+def _state_is(scratch: Path, state: str) -> Callable[[], dict[str, Any] | None]:
+    def check() -> dict[str, Any] | None:
+        st = _status(scratch)
+        return st if st.get("state") == state else None
+
+    return check
+
+
+def _script(scratch: Path, daemon: subprocess.Popen[bytes]) -> int:
+    st = _wait("the model to be served", _state_is(scratch, "serving"), 60, 0.02)
+    pids = st["model_pids"]
+    tree = [psutil.Process(p) for p in pids]
+    names = ", ".join(sorted({_name(p) for p in tree}))
+    say(f"serving {st['model']} at {st['model_url']}: {len(pids)} processes ({names})")
+    key = (scratch / "state" / "api_key").read_text().strip()
+    say("chat through the official openai client: " + repr(_chat(st["model_url"], key)))
+
+    job = scratch / "cgroup" / "system.slice" / "slurmstepd.scope" / "job_4242"
+    say(f"a Slurm job starts: mkdir {job.relative_to(scratch)} (+ step_extern, as slurmstepd does)")
+    t_job = time.monotonic()
+    job.mkdir()
+    (job / "step_extern").mkdir()
+    _wait("the model tree to be gone", lambda: all(_gone(p) for p in tree), 30, 0.0005)
+    gone_ms = (time.monotonic() - t_job) * 1000
+    st = _wait("the yield to be recorded", lambda: (s := _status(scratch)).get("state") == "yielded" and s, 10)
+    y = st["last_yield"]
+    say(
+        f"yielded to {y['job']}: seen {y['detect_ms']:.1f} ms after the cgroup appeared; "
+        f"whole tree ({len(tree)} processes) gone {gone_ms:.0f} ms after the job started"
+    )
+    say(f"  a request now: {_chat_error(st['model_url'], key)} (the public gateway will answer 503 + Retry-After)")
+
+    say("the job ends: its cgroup is removed; waiting RESUME_COOLDOWN=2 s with no job")
+    t_end = time.monotonic()
+    (job / "step_extern").rmdir()
+    job.rmdir()
+    _wait("the model to start again", _state_is(scratch, "serving"), 60, 0.02)
+    say(f"serving again {time.monotonic() - t_end:.1f} s after the job ended (2 s cooldown + model start-up)")
+
+    new_pids = _status(scratch).get("model_pids", [])
+    say(f"SIGTERM to the daemon (pid {daemon.pid}), as Slurm or systemd would send it")
+    daemon.send_signal(signal.SIGTERM)
+    code = daemon.wait(30)
+    left = [p for p in new_pids if psutil.pid_exists(p) and not _gone(psutil.Process(p))]
+    say(f"daemon exited with code {code}; processes of ours left running: {len(left)}")
+    if code != 0 or left:
+        raise RuntimeError(f"unclean stop: exit code {code}, left {left}")
+    print(f"\ndaemon log: {scratch / 'daemon.log'} (use --keep to keep it)")
+    return 0
+
+
+def _name(p: psutil.Process) -> str:
+    try:
+        return p.name()
+    except psutil.Error:
+        return "?"
+
+
+def _gone(p: psutil.Process) -> bool:
+    try:
+        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _chat(base: str, key: str) -> str:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=10)
+    r = client.chat.completions.create(
+        model="standin/tiny-chat", messages=[{"role": "user", "content": "hello from the demo"}], max_tokens=16
+    )
+    return r.choices[0].message.content or ""
+
+
+def _chat_error(base: str, key: str) -> str:
+    try:
+        _chat(base, key)
+    except Exception as e:  # the demo shows whatever the client reports
+        return type(e).__name__
+    return "answered (unexpected)"
+
+
+def _stop_daemon(daemon: subprocess.Popen[bytes]) -> None:
+    if daemon.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        daemon.send_signal(signal.SIGTERM)
+    try:
+        daemon.wait(20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(psutil.Error):
+            for p in psutil.Process(daemon.pid).children(recursive=True):
+                p.kill()
+        daemon.kill()
+        daemon.wait()

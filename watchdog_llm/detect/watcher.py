@@ -1,0 +1,444 @@
+"""Slurm job cgroups seen through inotify (watchdog's low-level InotifyFD).
+
+Never reads cgroupfs files and never polls it: a predecessor that did contended on kernfs locks and
+hung prologs. We put watches on the few directories where job dirs can appear (see
+`slurm.WATCHED`) and list a directory only when we add its watch or after a queue overflow.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from watchdog.observers.inotify_c import (
+    CallbackId,
+    InotifyConstants,
+    InotifyEvent,
+    InotifyFD,
+    Mask,
+    WatchDescriptor,
+)
+
+from watchdog_llm.detect.slurm import (
+    WATCHED,
+    DetectError,
+    JobGone,
+    JobSeen,
+    Kind,
+    Sink,
+    classify,
+    emit,
+    root_kind,
+)
+
+_C = InotifyConstants
+# Directory entries only. Never watchdog's default mask: IN_OPEN/IN_CLOSE would report our own reads.
+# No IN_DELETE_SELF: kernfs never sends it; on other filesystems IN_IGNORED (always sent) covers it.
+MASK = Mask(_C.IN_CREATE | _C.IN_DELETE | _C.IN_MOVED_FROM | _C.IN_MOVED_TO | _C.IN_ONLYDIR)
+# While the root is missing we only care about the next path component appearing.
+ANCESTOR_MASK = Mask(_C.IN_CREATE | _C.IN_MOVED_TO | _C.IN_ONLYDIR)
+_QUIET_ERRNOS = (errno.ENOENT, errno.ENOTDIR)  # the dir vanished (or is not one): normal on a busy node
+
+
+@dataclass(eq=False)
+class _Dir:
+    path: Path
+    kind: Kind
+    wd: int
+    cid: int
+    ident: tuple[int, int]  # (st_dev, st_ino): tells a re-created dir from the one we watch
+    parent: _Dir | None
+    children: dict[str, _Dir] = field(default_factory=dict)  # watched subdirs
+    jobs: set[str] = field(default_factory=set)  # job dirs directly in here
+
+
+@dataclass(frozen=True)
+class _Ancestor:
+    path: Path
+    wd: int
+    cid: int
+
+
+class _Callback:
+    """InotifyFD calls these on its reader thread; one object so an overflow is reported once."""
+
+    __slots__ = ("_det",)
+
+    def __init__(self, det: CgroupDetector) -> None:
+        self._det = det
+
+    def on_event(self, event: InotifyEvent) -> None:
+        self._det._on_event(event)
+
+    def on_watch_deleted(self, wd: WatchDescriptor) -> None:
+        self._det._on_watch_deleted(wd)
+
+    def on_queue_overflow(self) -> None:
+        self._det._on_overflow()
+
+
+class CgroupDetector:
+    name = "cgroup"
+
+    def __init__(self, root: Path, own: frozenset[str], log: logging.Logger) -> None:
+        self._root = Path(os.path.abspath(root))
+        self._own = own
+        self._log = log
+        # RLock: handlers nest (a create lists a dir, which may drop it again).
+        self._lock = threading.RLock()
+        self._callback = _Callback(self)
+        self._cids = itertools.count(1)
+        self._ino: InotifyFD | None = None
+        self._sink: Sink | None = None  # None while start() runs: jobs found then are returned, not sent
+        self._stopped = False
+        self._root_dir: _Dir | None = None
+        self._anc: _Ancestor | None = None
+        self._dirs: dict[Path, _Dir] = {}
+        self._by_wd: dict[int, _Dir] = {}
+        self._where: dict[str, set[Path]] = {}  # job -> every job dir of it we know (v1: one per controller)
+        self.overflows = 0
+
+    # --- Detector API ------------------------------------------------------------------------
+
+    def start(self, sink: Sink) -> frozenset[str]:
+        if self._ino is not None or self._stopped:
+            raise RuntimeError("CgroupDetector.start() called twice")
+        if self._root.exists() and not self._root.is_dir():
+            raise DetectError(f"cgroup root {self._root} is not a directory")
+        try:
+            with self._lock:
+                try:
+                    ino = InotifyFD()
+                except OSError as e:
+                    raise DetectError(f"inotify unavailable: {e.strerror or e}") from e
+                # Start the reader at once: stop() relies on it to close the inotify fds.
+                ino.start()
+                self._ino = ino
+                self._attach_root(fatal=True)
+                self._sink = sink
+                return frozenset(self._where)
+        except BaseException:
+            # Outside the lock: stop() joins the reader thread, which may be waiting for it.
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._sink = None
+            ino, self._ino = self._ino, None
+            self._dirs.clear()
+            self._by_wd.clear()
+            self._where.clear()
+            self._root_dir = self._anc = None
+        if ino is not None:
+            ino.stop()  # closes the fd and every watch; the kernel drops them all at once
+            if threading.current_thread() is not ino:
+                ino.join()
+
+    def jobs(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._where)
+
+    def describe(self) -> list[str]:
+        with self._lock:
+            if self._ino is None:
+                return [f"cgroup detector not running (root {self._root})"]
+            lines: list[str] = []
+            if self._anc is not None:
+                lines.append(f"{self._root} does not exist yet; watching {self._anc.path} for it")
+            found = False
+            for d in sorted(self._dirs.values(), key=lambda d: d.path):
+                if d.kind is Kind.SLURM_V1:
+                    found = True
+                    ctrl = d.path.parent.name
+                    n = sum(1 for c in d.children.values() if c.kind is Kind.UID)
+                    lines.append(f"cgroup v1 {ctrl}: {d.path} ({n} uid dir{'' if n == 1 else 's'})")
+                elif d.kind is Kind.STEPD_SCOPE:
+                    found = True
+                    lines.append(f"cgroup v2: {d.path}")
+            if not found and self._root_dir is not None:
+                lines.append(f"no Slurm cgroup dirs yet; watching {self._root} for them")
+            lines.append(f"watching {len(self._dirs) + (self._anc is not None)} dirs")
+            lines.append(f"jobs now: {', '.join(sorted(self._where)) or 'none'}")
+            return lines
+
+    # --- inotify callbacks (reader thread) ----------------------------------------------------
+
+    def _on_event(self, event: InotifyEvent) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            try:
+                self._handle(event)
+            except Exception:
+                # Never let an exception end InotifyFD's thread: detection would stop silently.
+                self._log.exception("detect: failed on %r; rescanning", event)
+                self._rescan()
+
+    def _on_watch_deleted(self, wd: WatchDescriptor) -> None:
+        # tmpfs/ext4 drop a watch when its dir is removed (kernfs never does): the dir is gone.
+        with self._lock:
+            if self._stopped:
+                return
+            if self._anc is not None and wd == self._anc.wd:
+                self._anc = None
+                self._attach_root(fatal=False)
+                return
+            d = self._by_wd.get(wd)
+            if d is not None:
+                self._drop(d)
+                if self._root_dir is None:
+                    self._attach_root(fatal=False)
+
+    def _on_overflow(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self.overflows += 1
+            self._log.warning("detect: inotify queue overflowed; rescanning watched cgroup dirs")
+            self._rescan()
+
+    def _handle(self, event: InotifyEvent) -> None:
+        if self._anc is not None and event.wd == self._anc.wd:
+            self._attach_root(fatal=False)
+            return
+        d = self._by_wd.get(event.wd)
+        if d is None or not event.name:
+            return  # a late event for a watch we already dropped
+        name = os.fsdecode(event.name)
+        if event.is_create or event.is_moved_to:
+            self._appeared(d, name, is_dir=event.is_directory)
+        elif event.is_delete or event.is_moved_from:
+            self._vanished(d, name)
+
+    # --- the tree ------------------------------------------------------------------------------
+
+    def _attach_root(self, *, fatal: bool) -> None:
+        """Watch the root; while it is missing, watch its nearest existing ancestor instead."""
+        while not self._stopped and self._root_dir is None:
+            try:
+                if self._watch(self._root, root_kind(self._root), None, strict=True):
+                    if self._anc is not None:
+                        self._log.info("detect: %s appeared; watching it", self._root)
+                        self._unwatch(self._anc.wd, self._anc.cid)
+                        self._anc = None
+                    return
+            except OSError as e:
+                msg = f"cannot watch cgroup root {self._root}: {e.strerror or e}"
+                if fatal:
+                    raise DetectError(msg) from e
+                self._log.error("detect: %s", msg)
+                return
+            anc = self._root.parent
+            while not anc.is_dir():
+                anc = anc.parent
+            if self._anc is None or self._anc.path != anc:
+                got = self._add_watch(anc, ANCESTOR_MASK, strict=fatal)
+                if got is None:
+                    continue  # it vanished too: look again
+                if self._anc is not None:
+                    self._unwatch(self._anc.wd, self._anc.cid)
+                self._anc = _Ancestor(anc, *got)
+                self._log.warning("detect: %s does not exist; watching %s until it does", self._root, anc)
+            # The watch is in place; the next component may have appeared just before it.
+            nxt = anc / self._root.relative_to(anc).parts[0]
+            if not nxt.is_dir():
+                return
+
+    def _add_watch(self, path: Path, mask: Mask, *, strict: bool) -> tuple[int, int] | None:
+        """(wd, callback id), or None when the dir is gone. Other errors raise if strict, else log."""
+        assert self._ino is not None
+        cid = next(self._cids)
+        try:
+            wd = self._ino.add_callback(os.fsencode(path), mask, self._callback, CallbackId(cid))
+            if wd < 0:  # watchdog swallows EACCES and hands back -1
+                self._ino.remove_callbacks([(wd, CallbackId(cid))])
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        except OSError as e:
+            if e.errno in _QUIET_ERRNOS:
+                self._log.debug("detect: %s gone before its watch was added", path)
+                return None
+            if strict:
+                raise
+            self._log.error("detect: cannot watch %s: %s; jobs under it will be missed", path, e.strerror)
+            return None
+        return wd, cid
+
+    def _unwatch(self, wd: int, cid: int) -> None:
+        if self._ino is None:
+            return
+        try:
+            self._ino.remove_callbacks([(WatchDescriptor(wd), CallbackId(cid))])
+        except OSError as e:
+            self._log.debug("detect: removing watch %d: %s", wd, e)
+
+    def _watch(self, path: Path, kind: Kind, parent: _Dir | None, *, strict: bool = False) -> bool:
+        """Watch `path` first, then list it, so nothing created in between is missed."""
+        if path in self._dirs:
+            return True
+        got = self._add_watch(path, MASK, strict=strict)
+        if got is None:
+            return False
+        wd, cid = got
+        if wd in self._by_wd:  # same inode reachable by another path we already watch
+            self._unwatch(wd, cid)
+            self._log.debug("detect: %s is %s; not watched twice", path, self._by_wd[wd].path)
+            return False
+        try:
+            st = os.stat(path)
+        except OSError:
+            self._unwatch(wd, cid)
+            return False
+        d = _Dir(path, kind, wd, cid, (st.st_dev, st.st_ino), parent)
+        self._dirs[path] = d
+        self._by_wd[wd] = d
+        if parent is None:
+            self._root_dir = d
+        else:
+            parent.children[path.name] = d
+        try:
+            self._list(d, strict=strict)
+        except OSError:
+            self._drop(d)
+            raise
+        return self._dirs.get(path) is d
+
+    def _list(self, d: _Dir, *, strict: bool) -> None:
+        entries = self._scan(d, strict=strict)
+        if entries is None:
+            return
+        for name, is_dir in entries.items():
+            if is_dir:
+                self._appeared(d, name, is_dir=True)
+
+    def _scan(self, d: _Dir, *, strict: bool = False) -> dict[str, bool] | None:
+        """name -> is a dir; None (and `d` dropped if it vanished) when it cannot be listed."""
+        try:
+            with os.scandir(d.path) as it:
+                return {e.name: _is_dir(e) for e in it}
+        except OSError as e:
+            if e.errno in _QUIET_ERRNOS:
+                self._drop(d)
+                return None
+            if strict:
+                raise
+            self._log.error("detect: cannot list %s: %s", d.path, e.strerror)
+            return None
+
+    def _appeared(self, parent: _Dir, name: str, *, is_dir: bool) -> None:
+        kind = classify(name, parent.kind)
+        if kind in WATCHED:
+            self._watch(parent.path / name, kind, parent)
+        elif kind is Kind.JOB and is_dir and name not in self._own:
+            self._job_seen(parent, name)
+
+    def _vanished(self, parent: _Dir, name: str) -> None:
+        child = parent.children.get(name)
+        if child is not None:
+            # kernfs sends no IN_DELETE_SELF/IN_IGNORED: the parent's IN_DELETE is our only cue.
+            self._drop(child)
+        elif name in parent.jobs:
+            parent.jobs.discard(name)
+            self._job_path_gone(name, parent.path / name)
+
+    def _drop(self, d: _Dir) -> None:
+        """Forget `d` and everything beneath it; report jobs seen only there as gone."""
+        for child in list(d.children.values()):
+            self._drop(child)
+        for job in sorted(d.jobs):
+            self._job_path_gone(job, d.path / job)
+        d.jobs.clear()
+        if self._dirs.get(d.path) is d:
+            del self._dirs[d.path]
+        if self._by_wd.get(d.wd) is d:
+            del self._by_wd[d.wd]
+        if d.parent is not None:
+            if d.parent.children.get(d.path.name) is d:
+                del d.parent.children[d.path.name]
+        elif self._root_dir is d:
+            self._root_dir = None
+        self._unwatch(d.wd, d.cid)
+
+    def _job_seen(self, parent: _Dir, job: str) -> None:
+        if job in parent.jobs:
+            return
+        parent.jobs.add(job)
+        path = parent.path / job
+        places = self._where.get(job)
+        if places:
+            places.add(path)
+            return
+        self._where[job] = {path}
+        if self._sink is None:
+            return
+        at = time.monotonic()
+        emit(self._sink, JobSeen(job, str(path), at, _age_ms(path)), self._log)
+
+    def _job_path_gone(self, job: str, path: Path) -> None:
+        places = self._where.get(job)
+        if not places or path not in places:
+            return
+        places.discard(path)
+        if places:
+            return
+        del self._where[job]
+        if self._sink is not None:
+            emit(self._sink, JobGone(job, time.monotonic()), self._log)
+
+    def _rescan(self) -> None:
+        """After lost events: re-list every watched dir and reconcile, parents before children."""
+        if self._root_dir is None:
+            self._attach_root(fatal=False)
+            return
+        for d in sorted(self._dirs.values(), key=lambda d: len(d.path.parts)):
+            if self._dirs.get(d.path) is not d:
+                continue  # dropped with its parent
+            entries = self._scan(d)
+            if entries is None:
+                continue
+            for name, child in list(d.children.items()):
+                if not entries.get(name) or _ident(child.path) != child.ident:
+                    self._drop(child)  # gone, or removed and re-created (our watch is on the dead one)
+            for job in sorted(d.jobs):
+                if not entries.get(job):
+                    d.jobs.discard(job)
+                    self._job_path_gone(job, d.path / job)
+            for name, is_dir in entries.items():
+                if is_dir and name not in d.children and name not in d.jobs:
+                    self._appeared(d, name, is_dir=True)
+        if self._root_dir is None:
+            self._attach_root(fatal=False)
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _ident(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _age_ms(path: Path) -> float | None:
+    # kernfs and tmpfs keep a ns ctime set at mkdir: now - ctime is how late we are.
+    now = time.time()
+    try:
+        ctime = os.stat(path).st_ctime
+    except OSError:
+        return None
+    return max(0.0, (now - ctime) * 1000.0)
