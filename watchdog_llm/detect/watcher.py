@@ -52,7 +52,6 @@ class _Dir:
     kind: Kind
     wd: int
     cid: int
-    ident: tuple[int, int]  # (st_dev, st_ino): tells a re-created dir from the one we watch
     parent: _Dir | None
     children: dict[str, _Dir] = field(default_factory=dict)  # watched subdirs
     jobs: set[str] = field(default_factory=set)  # job dirs directly in here
@@ -293,12 +292,7 @@ class CgroupDetector:
             self._unwatch(wd, cid)
             self._log.debug("detect: %s is %s; not watched twice", path, self._by_wd[wd].path)
             return False
-        try:
-            st = os.stat(path)
-        except OSError:
-            self._unwatch(wd, cid)
-            return False
-        d = _Dir(path, kind, wd, cid, (st.st_dev, st.st_ino), parent)
+        d = _Dir(path, kind, wd, cid, parent)
         self._dirs[path] = d
         self._by_wd[wd] = d
         if parent is None:
@@ -394,6 +388,16 @@ class CgroupDetector:
         if self._sink is not None:
             emit(self._sink, JobGone(job, time.monotonic()), self._log)
 
+    def _still_watched(self, d: _Dir) -> bool:
+        """Is our watch on the dir now at d.path? Adding a watch again returns the same wd for the same
+        inode, so this holds even where inode numbers are reused (ext4)."""
+        got = self._add_watch(d.path, MASK, strict=False)
+        if got is None:
+            return False
+        wd, cid = got
+        self._unwatch(wd, cid)  # same wd: drops just this extra callback; else the new watch
+        return wd == d.wd
+
     def _rescan(self) -> None:
         """After lost events: re-list every watched dir and reconcile, parents before children."""
         if self._root_dir is None:
@@ -406,7 +410,7 @@ class CgroupDetector:
             if entries is None:
                 continue
             for name, child in list(d.children.items()):
-                if not entries.get(name) or _ident(child.path) != child.ident:
+                if not entries.get(name) or not self._still_watched(child):
                     self._drop(child)  # gone, or removed and re-created (our watch is on the dead one)
             for job in sorted(d.jobs):
                 if not entries.get(job):
@@ -426,16 +430,10 @@ def _is_dir(entry: os.DirEntry[str]) -> bool:
         return False
 
 
-def _ident(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
 def _age_ms(path: Path) -> float | None:
-    # kernfs and tmpfs keep a ns ctime set at mkdir: now - ctime is how late we are.
+    # An estimate of how late we are, good to a clock tick (ctime comes from the coarse clock). On kernfs
+    # ctime is set when the inode is first looked up, not at mkdir: slurmstepd does that itself when it
+    # creates step_extern, but a job dir nobody touched yet looks younger than it is.
     now = time.time()
     try:
         ctime = os.stat(path).st_ctime

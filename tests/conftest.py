@@ -1,0 +1,133 @@
+"""Shared fixtures: real processes, real HTTP, and a check that no process of ours outlives a test."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from helpers import alive, bin_path, free_port
+
+from watchdog_llm.config import Settings
+from watchdog_llm.supervise.tree import set_child_subreaper
+
+# Orphans of anything a test starts (a SIGKILLed daemon's model tree, say) re-parent to pytest
+# instead of init, so the leftover check below sees every process the test is responsible for.
+SUBREAPER = set_child_subreaper()
+
+
+def _descendants() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if alive([p])]
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    """Every test must leave no process behind: the daemon's first promise."""
+    before = {(p.pid, p.create_time()) for p in _descendants()}
+    yield
+    deadline = time.monotonic() + 5
+    left: list[psutil.Process] = []
+    while time.monotonic() < deadline:
+        left = [p for p in _descendants() if (p.pid, p.create_time()) not in before]
+        if not left:
+            break
+        time.sleep(0.05)
+    for p in left:  # clean up so one failure does not cascade, then fail loudly
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    for p in psutil.Process().children():  # reap orphans that re-parented to us
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(p.pid, os.WNOHANG)
+        except (psutil.NoSuchProcess, ChildProcessError):
+            pass
+    names = []
+    for p in left:
+        try:
+            names.append(f"{p.pid} {p.name()} {p.cmdline()[:4]}")
+        except psutil.Error:
+            names.append(str(p.pid))
+    assert not left, f"processes left running after the test: {names}"
+
+
+class NtfySink:
+    """A local HTTP server that records what apprise's ntfy plugin sends."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+        self.delay = 0.0
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if sink.delay:
+                    time.sleep(sink.delay)
+                try:
+                    data = json.loads(body)
+                except ValueError:
+                    data = {"message": body.decode(errors="replace")}
+                data["_path"] = self.path
+                sink.received.append(data)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b'{"id":"x"}')
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"ntfy://127.0.0.1:{self.port}/wdtest"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def titles(self) -> list[str]:
+        return [str(m.get("title", "")) for m in self.received]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def ntfy() -> Iterator[NtfySink]:
+    sink = NtfySink()
+    yield sink
+    sink.close()
+
+
+@pytest.fixture
+def daemon_env(tmp_path: Path, ntfy: NtfySink) -> dict[str, str]:
+    """Environment for a real daemon: stand-in model, scratch cgroup tree, local ntfy sink."""
+    root = tmp_path / "cgroup"
+    (root / "system.slice" / "slurmstepd.scope").mkdir(parents=True)
+    names = {n.upper() for n in Settings.model_fields}
+    env = {k: v for k, v in os.environ.items() if k.upper() not in names and not k.startswith(("SLURM_", "STANDIN_"))}
+    env.update(
+        LLM_BIN=bin_path("vllm-standin"),
+        MODEL_NAME="standin/test",
+        SERVER_PORT=str(free_port()),
+        CGROUP_ROOT=str(root),
+        STATE_DIR=str(tmp_path / "state"),
+        RESUME_COOLDOWN="0.5",
+        YIELD_GRACE="3",
+        NOTIFY_URLS=ntfy.url,
+        NOTIFY_COALESCE="0",
+        NODE_NAME="testnode",
+        STANDIN_STARTUP_S="0.3",
+        RESTART_BACKOFF_MAX="0.5",
+        MIN_UPTIME="5",
+        WATCHDOG_LLM_CONFIG=str(tmp_path / "config.env"),
+    )
+    (tmp_path / "config.env").write_text("# test: settings come from the environment\n")
+    return env

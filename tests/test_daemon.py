@@ -1,0 +1,321 @@
+"""The real daemon, end to end: stand-in model tree, scratch cgroup tree (real inotify), local ntfy.
+
+Each test starts `python -m watchdog_llm run` as a user would and checks what a user would notice:
+states in status.json, processes gone, notifications received, exit codes, log lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from daemon_harness import DaemonProc, env_with, gone, tree_names
+from helpers import alive, wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def daemons() -> list[DaemonProc]:
+    started: list[DaemonProc] = []
+    yield started  # type: ignore[misc]
+    for d in started:
+        d.cleanup()
+
+
+def start(daemons: list[DaemonProc], env: dict[str, str]) -> DaemonProc:
+    d = DaemonProc(env)
+    daemons.append(d)
+    return d
+
+
+def test_yield_and_resume_cycle(daemons, daemon_env, ntfy) -> None:
+    d = start(daemons, env_with(daemon_env, NUM_GPUS="2"))
+    st = d.wait_state("serving")
+    pids = st["model_pids"]
+    assert (
+        tree_names(pids) == ["VLLM::EngineCore", "VLLM::Worker_TP0", "VLLM::Worker_TP1", "vllm-standin"]
+        or len(pids) == 4
+    )
+
+    t0 = time.monotonic()
+    d.start_job("job_101")
+    gone(pids)
+    took = time.monotonic() - t0
+    st = d.wait_state("yielded")
+    y = st["last_yield"]
+    assert y["job"] == "job_101" and st["jobs"] == ["job_101"]
+    assert y["detect_ms"] is not None and y["stop_ms"] is not None and y["survivors"] == 0
+    assert took < 2.0, f"model tree took {took:.2f} s to go"
+
+    d.end_job("job_101")
+    st = d.wait_state("serving")
+    assert st["model_run"] == 2 and not set(st["model_pids"]) & set(pids)
+
+    assert d.terminate() == 0
+    gone(st["model_pids"])
+    wait_for(lambda: any("stopped" in t for t in ntfy.titles()), 10, what="stopped notification")
+    titles = ntfy.titles()
+    assert any("model online" in t for t in titles), titles
+    assert any("GPUs yielded" in t for t in titles), titles
+    yielded = next(m for m in ntfy.received if "yielded" in str(m.get("title")))
+    assert "job_101" in yielded["message"] and "ms" in yielded["message"]
+    resumed = [m for m in ntfy.received if "online" in str(m.get("title"))][-1]
+    assert "resumed after" in resumed["message"]
+    assert all(str(m.get("title", "")).startswith("[testnode]") for m in ntfy.received)
+    assert json.loads((d.state_dir / "status.json").read_text())["state"] == "stopped"
+
+
+def test_jobs_present_at_startup_wait(daemons, daemon_env) -> None:
+    root = Path(daemon_env["CGROUP_ROOT"])
+    job = root / "system.slice" / "slurmstepd.scope" / "job_7"
+    job.mkdir()
+    d = start(daemons, daemon_env)
+    st = d.wait_state("yielded")
+    assert st["jobs"] == ["job_7"] and st["model_pids"] == [] and st["model_run"] == 0
+    job.rmdir()
+    d.wait_state("serving")
+
+
+def test_job_arriving_during_startup_still_yields(daemons, daemon_env) -> None:
+    d = start(daemons, env_with(daemon_env, STANDIN_STARTUP_S="5"))
+    st = wait_for(lambda: (s := d.status()).get("state") == "starting" and len(s["model_pids"]) >= 2 and s, 20)
+    # Give the tree time to be recorded, then a job arrives before the model is ready.
+    time.sleep(0.6)
+    pids = [p for p in d.status()["model_pids"]] or st["model_pids"]
+    d.start_job("job_202")
+    st = d.wait_state("yielded")
+    gone(pids)
+    assert st["last_yield"]["job"] == "job_202"
+
+
+def test_job_inside_cooldown_keeps_us_yielded(daemons, daemon_env) -> None:
+    d = start(daemons, env_with(daemon_env, RESUME_COOLDOWN="1.5"))
+    d.wait_state("serving")
+    d.start_job("job_1")
+    d.wait_state("yielded")
+    d.end_job("job_1")
+    d.wait_state("cooldown")
+    d.start_job("job_2")
+    st = d.wait_state("yielded")
+    time.sleep(2.0)  # longer than the cooldown: the stale timer must not start the model
+    st = d.status()
+    assert st["state"] == "yielded" and st["model_run"] == 1 and st["jobs"] == ["job_2"]
+
+
+def test_own_job_is_never_a_reason_to_yield(daemons, daemon_env) -> None:
+    d = start(daemons, env_with(daemon_env, SLURM_JOB_ID="77"))
+    d.wait_state("serving")
+    d.start_job("job_77")
+    time.sleep(0.5)
+    assert d.status()["state"] == "serving"
+    d.start_job("job_78")
+    d.wait_state("yielded")
+
+
+def test_sigterm_ignoring_tree_is_killed_within_grace(daemons, daemon_env) -> None:
+    d = start(daemons, env_with(daemon_env, STANDIN_IGNORE_SIGTERM="1", YIELD_GRACE="1", NUM_GPUS="2"))
+    pids = d.wait_state("serving")["model_pids"]
+    t0 = time.monotonic()
+    d.start_job("job_3")
+    gone(pids, timeout=5)
+    took = time.monotonic() - t0
+    assert 0.9 < took < 1.5, f"tree gone after {took:.2f} s with YIELD_GRACE=1"
+    st = d.wait_state("yielded")
+    assert st["last_yield"]["survivors"] == 0
+    assert "SIGKILL" in d.log()
+
+
+def test_setsid_workers_are_killed_too(daemons, daemon_env) -> None:
+    env = env_with(daemon_env, STANDIN_SETSID_WORKER="1", STANDIN_IGNORE_SIGTERM="1", YIELD_GRACE="0.5", NUM_GPUS="2")
+    d = start(daemons, env)
+    d.wait_state("serving")
+    time.sleep(0.3)
+    pids = d.status()["model_pids"]
+    sids = {os.getsid(p) for p in alive(pids)}
+    assert len(sids) > 1, "the stand-in's workers should have left the session"
+    d.start_job("job_4")
+    d.wait_state("yielded")
+    gone(pids, timeout=3)
+
+
+def test_model_exiting_at_once_ends_in_failed_not_a_hot_loop(daemons, daemon_env, ntfy) -> None:
+    env = env_with(daemon_env, STANDIN_EXIT_AT_ONCE="3", RESTART_LIMIT="3", RESTART_BACKOFF_MAX="0.3")
+    d = start(daemons, env)
+    st = d.wait_state("failed", timeout=30)
+    assert st["model_run"] == 3 and st["last_exit"] == 3 and st["model_pids"] == []
+    wait_for(lambda: any("failed" in t for t in ntfy.titles()), 10, what="failed notification")
+    time.sleep(1.0)
+    assert d.status()["model_run"] == 3, "no restart after failed"
+    assert d.terminate() == 0
+
+
+def test_crash_while_serving_restarts_and_cleans_the_orphaned_engine(daemons, daemon_env, ntfy) -> None:
+    d = start(daemons, env_with(daemon_env, STANDIN_CRASH_AFTER_S="1.0", RESTART_LIMIT="10"))
+    st = d.wait_state("serving")
+    first = st["model_pids"]
+    d.wait_state("backoff")
+    gone(first, timeout=5)  # the API server died; its engine and workers must not be left behind
+    st = wait_for(lambda: (s := d.status()).get("model_run", 0) >= 2 and s, 20)
+    wait_for(lambda: any("crashed" in t for t in ntfy.titles()), 10, what="crash notification")
+
+
+def test_sigterm_during_model_startup(daemons, daemon_env) -> None:
+    d = start(daemons, env_with(daemon_env, STANDIN_STARTUP_S="30"))
+    st = wait_for(lambda: (s := d.status()).get("state") == "starting" and s.get("model_pids") and s, 20)
+    time.sleep(0.6)
+    pids = d.status()["model_pids"]
+    t0 = time.monotonic()
+    assert d.terminate() == 0
+    assert time.monotonic() - t0 < 5
+    gone(pids, timeout=2)
+    assert st
+
+
+def test_llm_bin_missing_is_one_clear_line(daemon_env, tmp_path) -> None:
+    env = env_with(daemon_env, LLM_BIN=str(tmp_path / "no-such-vllm"))
+    r = subprocess.run(
+        [sys.executable, "-m", "watchdog_llm", "run"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert r.returncode == 2
+    assert "LLM_BIN" in r.stderr and "no-such-vllm" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_settings_are_one_line_each(daemon_env, tmp_path) -> None:
+    cfg = tmp_path / "bad.env"
+    cfg.write_text("YIELD_GRACE=soon\nSERVER_PORT=99999\nMODLE_NAME=x\n")
+    env = env_with(daemon_env, WATCHDOG_LLM_CONFIG=str(cfg))
+    r = subprocess.run(
+        [sys.executable, "-m", "watchdog_llm", "run"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 3, lines
+    assert any("YIELD_GRACE='soon'" in line for line in lines)
+    assert any("SERVER_PORT=" in line and "99999" in line for line in lines)
+    assert any("MODLE_NAME" in line and "did you mean MODEL_NAME" in line for line in lines)
+
+
+def test_state_dir_not_writable(daemon_env, tmp_path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = env_with(daemon_env, STATE_DIR=str(blocker / "state"))
+    r = subprocess.run(
+        [sys.executable, "-m", "watchdog_llm", "run"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert r.returncode == 2 and "STATE_DIR" in r.stderr and "not writable" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cgroup_root_missing_at_start_then_created(daemons, daemon_env, tmp_path) -> None:
+    root = tmp_path / "later-cgroup"
+    d = start(daemons, env_with(daemon_env, CGROUP_ROOT=str(root)))
+    pids = d.wait_state("serving")["model_pids"]
+    (root / "system.slice" / "slurmstepd.scope" / "job_9").mkdir(parents=True)
+    d.wait_state("yielded")
+    gone(pids)
+
+
+def test_slow_ntfy_never_delays_a_yield(daemons, daemon_env, ntfy) -> None:
+    ntfy.delay = 10.0
+    d = start(daemons, daemon_env)
+    pids = d.wait_state("serving")["model_pids"]
+    t0 = time.monotonic()
+    d.start_job("job_5")
+    gone(pids)
+    assert time.monotonic() - t0 < 2.0
+    assert d.wait_state("yielded")["last_yield"]["stop_ms"] < 2000
+    t1 = time.monotonic()
+    assert d.terminate() == 0
+    assert time.monotonic() - t1 < 15  # the final flush is bounded
+
+
+def test_ntfy_down_is_logged_and_harmless(daemons, daemon_env) -> None:
+    from helpers import free_port
+
+    d = start(daemons, env_with(daemon_env, NOTIFY_URLS=f"ntfy://127.0.0.1:{free_port()}/x"))
+    d.wait_state("serving")
+    d.start_job("job_6")
+    d.wait_state("yielded")
+    wait_for(lambda: (d.status().get("notifications") or {}).get("failed", 0) >= 1, 15, what="a failed send")
+    assert d.terminate() == 0
+
+
+def test_leftovers_of_a_killed_daemon_are_cleaned_up(daemons, daemon_env) -> None:
+    d = start(daemons, env_with(daemon_env, NUM_GPUS="2"))
+    d.wait_state("serving")
+    time.sleep(0.3)
+    pids = d.status()["model_pids"]
+    d.kill_hard()
+    time.sleep(0.3)
+    assert alive(pids), "the model tree survives a SIGKILLed daemon (that is the point)"
+    d2 = start(daemons, daemon_env)
+    # Leftovers are killed before the new model starts on the same port.
+    d2.wait_state("serving")
+    gone(pids, timeout=5)
+    assert "leftover" in d2.log()
+
+
+def test_second_daemon_on_the_same_state_dir_is_refused(daemons, daemon_env) -> None:
+    d = start(daemons, daemon_env)
+    d.wait_state("serving")
+    r = subprocess.run(
+        [sys.executable, "-m", "watchdog_llm", "run"], env=daemon_env, capture_output=True, text=True, timeout=30
+    )
+    assert r.returncode == 2 and "another watchdog-llm" in r.stderr
+    assert d.status()["state"] == "serving" and alive(d.status()["model_pids"])
+
+
+def test_port_taken_by_someone_else_is_not_mistaken_for_our_model(daemons, daemon_env) -> None:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", int(daemon_env["SERVER_PORT"])))
+    s.listen()
+    try:
+        d = start(daemons, env_with(daemon_env, RESTART_LIMIT="2"))
+        st = d.wait_state("failed", timeout=20)
+        assert "already in use" in st["reason"]
+    finally:
+        s.close()
+
+
+def test_status_command(daemons, daemon_env) -> None:
+    d = start(daemons, daemon_env)
+    d.wait_state("serving")
+    r = subprocess.run(
+        [sys.executable, "-m", "watchdog_llm", "status", "--json"], env=daemon_env, capture_output=True, text=True
+    )
+    assert r.returncode == 0
+    data = json.loads(r.stdout)
+    assert data["running"] is True and data["state"] == "serving"
+    r = subprocess.run([sys.executable, "-m", "watchdog_llm", "status"], env=daemon_env, capture_output=True, text=True)
+    assert r.returncode == 0 and "serving" in r.stdout
+    d.terminate()
+    r = subprocess.run([sys.executable, "-m", "watchdog_llm", "status"], env=daemon_env, capture_output=True, text=True)
+    assert r.returncode == 3 and "not running" in r.stdout
+
+
+def test_tunnel_crash_is_restarted_and_never_orphaned(daemons, daemon_env, ntfy, tmp_path) -> None:
+    from helpers import bin_path
+
+    # Only the tunnel crashes: a wrapper sets the stand-in's fault knob for cloudflared alone.
+    wrapper = tmp_path / "cloudflared"
+    wrapper.write_text(f'#!/bin/sh\nSTANDIN_CRASH_AFTER_S=0.8 exec {bin_path("cloudflared-standin")} "$@"\n')
+    wrapper.chmod(0o755)
+    env = env_with(daemon_env, CLOUDFLARED_BIN=str(wrapper), TUNNEL_TOKEN="secret-token-value")
+    d = start(daemons, env)
+    d.wait_state("serving")
+    wait_for(lambda: (d.status().get("tunnel") or {}).get("ready"), 10, what="tunnel ready")
+    wait_for(lambda: any("tunnel down" in t for t in ntfy.titles()), 15, what="tunnel down notification")
+    wait_for(lambda: (d.status().get("tunnel") or {}).get("ready"), 15, what="tunnel ready again")
+    # The token reached cloudflared by environment, never by argv.
+    for pid in (d.status()["tunnel"] or {}).get("pids", []):
+        assert "secret-token-value" not in " ".join(psutil.Process(pid).cmdline())
+    assert d.terminate() == 0
