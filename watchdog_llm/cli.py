@@ -142,8 +142,8 @@ def _notify_test(s: config.Settings, args: argparse.Namespace) -> int:
     except NotifyConfigError as e:
         print(f"watchdog-llm: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    msg = Message("test", f"[{s.node_name}] watchdog-llm test", "If you can read this, alerts reach you.", "low")
-    ok = asyncio.run(send_once(urls, msg, log=logging.getLogger("watchdog_llm")))
+    msg = Message("test", "watchdog-llm test", "If you can read this, alerts reach you.", "low")
+    ok = asyncio.run(send_once(urls, msg, log=logging.getLogger("watchdog_llm"), node=s.node_name))
     print("sent" if ok else "sending failed (see the log above)")
     return EXIT_OK if ok else EXIT_FAIL
 

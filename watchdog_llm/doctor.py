@@ -140,6 +140,6 @@ def _notifications(r: Report, s: Settings, send: bool) -> None:
         return
     r.ok(f"{len(urls)} notification URL(s) parse: {', '.join(mask_url(u) for u in urls)}")
     if send:
-        msg = Message("test", f"[{s.node_name}] watchdog-llm doctor", "test notification from doctor", "low")
-        sent = asyncio.run(send_once(urls, msg, log=logging.getLogger("watchdog_llm")))
+        msg = Message("test", "watchdog-llm doctor", "test notification from doctor", "low")
+        sent = asyncio.run(send_once(urls, msg, log=logging.getLogger("watchdog_llm"), node=s.node_name))
         (r.ok if sent else r.fail)("test notification " + ("sent" if sent else "could not be sent"))

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from watchdog_llm.detect.slurm import (
     JobGone,
     JobSeen,
     Kind,
+    Signal,
     Sink,
     classify,
     emit,
@@ -95,6 +97,8 @@ class CgroupDetector:
         self._cids = itertools.count(1)
         self._ino: InotifyFD | None = None
         self._sink: Sink | None = None  # None while start() runs: jobs found then are returned, not sent
+        # Signals made under the lock, sent after it is released: a slow sink never blocks jobs().
+        self._pending: list[Signal] = []
         self._stopped = False
         self._root_dir: _Dir | None = None
         self._anc: _Ancestor | None = None
@@ -133,6 +137,7 @@ class CgroupDetector:
                 return
             self._stopped = True
             self._sink = None
+            self._pending.clear()
             ino, self._ino = self._ino, None
             self._dirs.clear()
             self._by_wd.clear()
@@ -173,38 +178,54 @@ class CgroupDetector:
     # --- inotify callbacks (reader thread) ----------------------------------------------------
 
     def _on_event(self, event: InotifyEvent) -> None:
+        self._guarded(lambda: self._handle(event), event)
+
+    def _on_watch_deleted(self, wd: WatchDescriptor) -> None:
+        self._guarded(lambda: self._watch_lost(wd), f"watch {wd} deleted")
+
+    def _on_overflow(self) -> None:
+        self._guarded(self._overflowed, "queue overflow")
+
+    def _guarded(self, fn: Callable[[], None], what: object) -> None:
         with self._lock:
             if self._stopped:
                 return
             try:
-                self._handle(event)
+                fn()
             except Exception:
                 # Never let an exception end InotifyFD's thread: detection would stop silently.
-                self._log.exception("detect: failed on %r; rescanning", event)
-                self._rescan()
+                self._log.exception("detect: failed on %s; rescanning", what)
+                try:
+                    self._rescan()
+                except Exception:
+                    self._log.exception("detect: rescan failed")
+            out = self._take_pending()
+        self._send(out)
 
-    def _on_watch_deleted(self, wd: WatchDescriptor) -> None:
+    def _watch_lost(self, wd: int) -> None:
         # tmpfs/ext4 drop a watch when its dir is removed (kernfs never does): the dir is gone.
-        with self._lock:
-            if self._stopped:
-                return
-            if self._anc is not None and wd == self._anc.wd:
-                self._anc = None
+        if self._anc is not None and wd == self._anc.wd:
+            self._anc = None
+            self._attach_root(fatal=False)
+        elif (d := self._by_wd.get(wd)) is not None:
+            self._drop(d)
+            if self._root_dir is None:
                 self._attach_root(fatal=False)
-                return
-            d = self._by_wd.get(wd)
-            if d is not None:
-                self._drop(d)
-                if self._root_dir is None:
-                    self._attach_root(fatal=False)
 
-    def _on_overflow(self) -> None:
-        with self._lock:
-            if self._stopped:
-                return
-            self.overflows += 1
-            self._log.warning("detect: inotify queue overflowed; rescanning watched cgroup dirs")
-            self._rescan()
+    def _overflowed(self) -> None:
+        self.overflows += 1
+        self._log.warning("detect: inotify queue overflowed; rescanning watched cgroup dirs")
+        self._rescan()
+
+    def _take_pending(self) -> tuple[Sink | None, list[Signal]]:
+        out, self._pending = self._pending, []
+        return self._sink, out
+
+    def _send(self, out: tuple[Sink | None, list[Signal]]) -> None:
+        sink, signals = out
+        if sink is not None:
+            for signal in signals:
+                emit(sink, signal, self._log)
 
     def _handle(self, event: InotifyEvent) -> None:
         if self._anc is not None and event.wd == self._anc.wd:
@@ -223,35 +244,33 @@ class CgroupDetector:
 
     def _attach_root(self, *, fatal: bool) -> None:
         """Watch the root; while it is missing, watch its nearest existing ancestor instead."""
-        while not self._stopped and self._root_dir is None:
-            try:
+        try:
+            while not self._stopped and self._root_dir is None:
                 if self._watch(self._root, root_kind(self._root), None, strict=True):
                     if self._anc is not None:
                         self._log.info("detect: %s appeared; watching it", self._root)
                         self._unwatch(self._anc.wd, self._anc.cid)
                         self._anc = None
                     return
-            except OSError as e:
-                msg = f"cannot watch cgroup root {self._root}: {e.strerror or e}"
-                if fatal:
-                    raise DetectError(msg) from e
-                self._log.error("detect: %s", msg)
-                return
-            anc = self._root.parent
-            while not anc.is_dir():
-                anc = anc.parent
-            if self._anc is None or self._anc.path != anc:
-                got = self._add_watch(anc, ANCESTOR_MASK, strict=fatal)
-                if got is None:
-                    continue  # it vanished too: look again
-                if self._anc is not None:
-                    self._unwatch(self._anc.wd, self._anc.cid)
-                self._anc = _Ancestor(anc, *got)
-                self._log.warning("detect: %s does not exist; watching %s until it does", self._root, anc)
-            # The watch is in place; the next component may have appeared just before it.
-            nxt = anc / self._root.relative_to(anc).parts[0]
-            if not nxt.is_dir():
-                return
+                anc = self._root.parent
+                while not anc.is_dir():
+                    anc = anc.parent
+                if self._anc is None or self._anc.path != anc:
+                    got = self._add_watch(anc, ANCESTOR_MASK, strict=True)
+                    if got is None:
+                        continue  # it vanished too: look again
+                    if self._anc is not None:
+                        self._unwatch(self._anc.wd, self._anc.cid)
+                    self._anc = _Ancestor(anc, *got)
+                    self._log.warning("detect: %s does not exist; watching %s until it does", self._root, anc)
+                # The watch is in place; the next component may have appeared just before it.
+                if not (anc / self._root.relative_to(anc).parts[0]).is_dir():
+                    return
+        except OSError as e:
+            msg = f"cannot watch cgroup root {self._root}: {e.strerror or e}"
+            if fatal:
+                raise DetectError(msg) from e
+            self._log.error("detect: %s", msg)
 
     def _add_watch(self, path: Path, mask: Mask, *, strict: bool) -> tuple[int, int] | None:
         """(wd, callback id), or None when the dir is gone. Other errors raise if strict, else log."""
@@ -372,10 +391,9 @@ class CgroupDetector:
             places.add(path)
             return
         self._where[job] = {path}
-        if self._sink is None:
-            return
-        at = time.monotonic()
-        emit(self._sink, JobSeen(job, str(path), at, _age_ms(path)), self._log)
+        if self._sink is not None:
+            at = time.monotonic()
+            self._pending.append(JobSeen(job, str(path), at, _age_ms(path)))
 
     def _job_path_gone(self, job: str, path: Path) -> None:
         places = self._where.get(job)
@@ -386,7 +404,7 @@ class CgroupDetector:
             return
         del self._where[job]
         if self._sink is not None:
-            emit(self._sink, JobGone(job, time.monotonic()), self._log)
+            self._pending.append(JobGone(job, time.monotonic()))
 
     def _still_watched(self, d: _Dir) -> bool:
         """Is our watch on the dir now at d.path? Adding a watch again returns the same wd for the same
@@ -431,9 +449,10 @@ def _is_dir(entry: os.DirEntry[str]) -> bool:
 
 
 def _age_ms(path: Path) -> float | None:
-    # An estimate of how late we are, good to a clock tick (ctime comes from the coarse clock). On kernfs
-    # ctime is set when the inode is first looked up, not at mkdir: slurmstepd does that itself when it
-    # creates step_extern, but a job dir nobody touched yet looks younger than it is.
+    # An estimate of how late we are. kernfs stamps ctime from the coarse clock, so this reads a few ms
+    # high (3-7 ms measured at HZ=250). kernfs also sets ctime when the inode is first looked up, not at
+    # mkdir: slurmstepd does that itself when it creates step_extern; a job dir nobody touched yet
+    # would look younger than it is.
     now = time.time()
     try:
         ctime = os.stat(path).st_ctime

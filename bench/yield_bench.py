@@ -1,0 +1,352 @@
+#!/usr/bin/env python3
+"""Yield benchmark: watchdog-llm vs a reconstruction of its predecessor, side by side in one run.
+
+Measures, for each:
+  - job arrival -> whole model tree gone (N arrivals; median, p99, max), from outside: the clock
+    starts just before the job's cgroup dir is created and stops when pidfds of every process of
+    the model tree (API server, EngineCore, workers) have signalled exit;
+  - detection latency alone (job dir created -> the daemon knows);
+  - the daemon's own CPU and RSS while idle (serving, no jobs) over IDLE seconds.
+
+The model is vllm-standin (tensor-parallel 2: four processes). The predecessor is the seed's bash
+loop: `find` over the cgroup tree every 0.25 s, `pkill -f "vllm serve"` to yield. Its pkill pattern
+here includes a random model name so that it can only ever match this benchmark's own processes.
+
+    .venv/bin/python bench/yield_bench.py [--arrivals 50] [--idle 60] [--cgroupfs] [--json out.json]
+
+--cgroupfs uses the real cgroup filesystem (root; cgroup v1 memory controller or v2) instead of a
+scratch directory. These numbers are for docs/PERFORMANCE.md, not assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from watchdog_llm.config import Settings
+from watchdog_llm.detect import JobSeen, make_detector
+from watchdog_llm.supervise.tree import wait_gone
+
+VENV_BIN = Path(sys.executable).parent
+
+PREDECESSOR = r"""#!/bin/bash
+# Reconstruction of the seed's spot-gpu loop (what watchdog-llm replaces). Do not deploy.
+ROOT="$1"; MODEL="$2"; PORT="$3"; LLM_BIN="$4"
+while true; do
+  if find "$ROOT" -maxdepth 6 -type d -name 'job_*' 2>/dev/null | grep -q .; then
+    if pgrep -f "serve $MODEL" >/dev/null; then
+      echo "noticed $(date +%s.%N)"
+      pkill -f "serve $MODEL"
+    fi
+  else
+    if ! pgrep -f "serve $MODEL" >/dev/null; then
+      setsid "$LLM_BIN" serve "$MODEL" --port "$PORT" --tensor-parallel-size 2 >/dev/null 2>&1 &
+    fi
+  fi
+  sleep 0.25
+done
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * len(xs) + 0.5) - 1))]
+
+
+def summary(xs: list[float]) -> dict[str, float]:
+    return {"n": len(xs), "median": statistics.median(xs), "p99": pct(xs, 99), "max": max(xs)} if xs else {}
+
+
+class Tree:
+    """Where job dirs are made: a scratch dir with the v2 layout, or the real cgroupfs."""
+
+    def __init__(self, real: bool) -> None:
+        self.real = real
+        if real:
+            base = Path("/sys/fs/cgroup/memory")
+            if not base.is_dir():
+                base = Path("/sys/fs/cgroup/system.slice")
+            self.root = Path("/sys/fs/cgroup")
+            self.parent = base / f"slurm_wdbench{uuid.uuid4().hex[:6]}" / "uid_0"
+            self.parent.mkdir(parents=True)
+            self._cleanup = base / self.parent.parent.name
+        else:
+            self.scratch = Path(tempfile.mkdtemp(prefix="wdbench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+            self.root = self.scratch / "cgroup"
+            self.parent = self.root / "system.slice" / "slurmstepd.scope"
+            self.parent.mkdir(parents=True)
+
+    def add(self, job: str) -> float:
+        d = self.parent / job
+        t = time.monotonic()
+        d.mkdir()
+        (d / "step_extern").mkdir()
+        return t
+
+    def remove(self, job: str) -> None:
+        d = self.parent / job
+        (d / "step_extern").rmdir()
+        d.rmdir()
+
+    def close(self) -> None:
+        if self.real:
+            for d in sorted(self._cleanup.rglob("*"), key=lambda p: -len(p.parts)):
+                d.rmdir()
+            self._cleanup.rmdir()
+        else:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def model_tree(leader: psutil.Process) -> list[psutil.Process]:
+    return [leader, *leader.children(recursive=True)]
+
+
+def wait_tree_gone(procs: list[psutil.Process], timeout: float = 30) -> float:
+    left = asyncio.run(wait_gone(procs, timeout))
+    if left:
+        raise RuntimeError(f"{len(left)} processes still alive")
+    return time.monotonic()
+
+
+def wait_until(pred: Any, timeout: float, interval: float = 0.01) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if v := pred():
+            return v
+        time.sleep(interval)
+    raise TimeoutError("timed out")
+
+
+def idle_cost(proc: psutil.Process, seconds: float, include_children: bool) -> dict[str, float]:
+    def cpu() -> float:
+        t = proc.cpu_times()
+        extra = t.children_user + t.children_system if include_children else 0.0
+        return t.user + t.system + extra
+
+    c0, w0 = cpu(), time.monotonic()
+    time.sleep(seconds)
+    c1, w1 = cpu(), time.monotonic()
+    return {"cpu_percent": (c1 - c0) / (w1 - w0) * 100, "rss_mb": proc.memory_info().rss / 2**20}
+
+
+# ---- watchdog-llm -----------------------------------------------------------------------------
+
+
+def bench_watchdog(tree: Tree, arrivals: int, idle: float) -> dict[str, Any]:
+    state = Path(tempfile.mkdtemp(prefix="wdbench-state-"))
+    names = {n.upper() for n in Settings.model_fields}
+    env = {k: v for k, v in os.environ.items() if k.upper() not in names and not k.startswith("SLURM_")}
+    env.update(
+        LLM_BIN=str(VENV_BIN / "vllm-standin"), MODEL_NAME="bench/standin", NUM_GPUS="2",
+        SERVER_PORT=str(free_port()), CGROUP_ROOT=str(tree.root), STATE_DIR=str(state),
+        RESUME_COOLDOWN="0.1", YIELD_GRACE="5", STANDIN_STARTUP_S="0.2", LOG_LEVEL="WARNING",
+        WATCHDOG_LLM_CONFIG=str(state / "none.env"),
+    )
+    (state / "none.env").write_text("")
+    daemon = subprocess.Popen([sys.executable, "-m", "watchdog_llm", "run"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=open(state / "daemon.log", "wb"))
+
+    def status() -> dict[str, Any]:
+        try:
+            return dict(json.loads((state / "status.json").read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def serving() -> dict[str, Any] | None:
+        s = status()
+        return s if s.get("state") == "serving" else None
+
+    gone_ms: list[float] = []
+    detect_ms: list[float] = []
+    try:
+        st = wait_until(serving, 60)
+        d_proc = psutil.Process(daemon.pid)
+        time.sleep(2)
+        cost = idle_cost(d_proc, idle, include_children=False)
+        for i in range(arrivals):
+            st = wait_until(serving, 60)
+            procs = [psutil.Process(p) for p in st["model_pids"]]
+            job = f"job_{1000 + i}"
+            t0 = tree.add(job)
+            t1 = wait_tree_gone(procs)
+            gone_ms.append((t1 - t0) * 1000)
+            y = wait_until(lambda j=job: (s := status()).get("state") == "yielded" and s["last_yield"]["job"] == j
+                           and s["last_yield"], 10)
+            if y.get("detect_ms") is not None:
+                detect_ms.append(y["detect_ms"])
+            tree.remove(job)
+            print(f"  watchdog-llm arrival {i + 1}/{arrivals}: tree gone in {gone_ms[-1]:.1f} ms", file=sys.stderr)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+        shutil.rmtree(state, ignore_errors=True)
+    return {"tree_gone_ms": summary(gone_ms), "detect_ms": summary(detect_ms), "idle": cost, "procs": len(procs)}
+
+
+def bench_detector_alone(tree: Tree, n: int) -> dict[str, Any]:
+    """In-process: job dir created -> the detector's sink is called (no daemon, no model)."""
+    seen: dict[str, float] = {}
+    ev = threading.Event()
+
+    def sink(sig: object) -> None:
+        if isinstance(sig, JobSeen):
+            seen[sig.job] = time.monotonic()
+            ev.set()
+
+    import logging
+
+    det = make_detector("cgroup", cgroup_root=tree.root, poll_interval=0.25, own=frozenset(),
+                        log=logging.getLogger("bench"))
+    det.start(sink)
+    lat: list[float] = []
+    try:
+        for i in range(n):
+            job = f"job_{5000 + i}"
+            ev.clear()
+            t0 = tree.add(job)
+            if not ev.wait(5):
+                raise RuntimeError(f"{job} not seen")
+            lat.append((seen[job] - t0) * 1000)
+            tree.remove(job)
+            time.sleep(0.01)
+    finally:
+        det.stop()
+    return summary(lat)
+
+
+# ---- the predecessor --------------------------------------------------------------------------
+
+
+def bench_predecessor(tree: Tree, arrivals: int, idle: float) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="wdbench-pred-"))
+    script = work / "spot-gpu.sh"
+    script.write_text(PREDECESSOR)
+    model = f"bench-pred-{uuid.uuid4().hex[:8]}"  # pkill -f can only match this run's processes
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "STANDIN_"))}
+    env.update(STANDIN_STARTUP_S="0.2", VLLM_API_KEY="")
+    out = open(work / "out.log", "w+")
+    loop = subprocess.Popen(["bash", str(script), str(tree.root), model, str(port), str(VENV_BIN / "vllm-standin")],
+                            env=env, stdout=out, stderr=subprocess.DEVNULL, start_new_session=True)
+    loop_p = psutil.Process(loop.pid)
+
+    def leader() -> psutil.Process | None:
+        import httpx
+
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if f"serve" in cmd and model in cmd and p.ppid() in (1, loop.pid, os.getpid()):
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                        return p
+                except httpx.HTTPError:
+                    return None
+        return None
+
+    gone_ms: list[float] = []
+    detect_ms: list[float] = []
+    try:
+        lead = wait_until(leader, 60, 0.05)
+        time.sleep(2)
+        cost = idle_cost(loop_p, idle, include_children=True)
+        for i in range(arrivals):
+            lead = wait_until(leader, 60, 0.05)
+            procs = model_tree(lead)
+            time.sleep(0.05)
+            job = f"job_{2000 + i}"
+            out.seek(0, os.SEEK_END)
+            wall0 = time.time()
+            t0 = tree.add(job)
+            t1 = wait_tree_gone(procs)
+            gone_ms.append((t1 - t0) * 1000)
+            line = wait_until(lambda: [ln for ln in out.read().splitlines() if ln.startswith("noticed")], 5)
+            detect_ms.append((float(line[-1].split()[1]) - wall0) * 1000)
+            tree.remove(job)
+            print(f"  predecessor arrival {i + 1}/{arrivals}: tree gone in {gone_ms[-1]:.1f} ms", file=sys.stderr)
+    finally:
+        os.killpg(loop.pid, signal.SIGKILL)
+        loop.wait()
+        for p in psutil.process_iter(["cmdline"]):  # the model it left (it uses setsid)
+            if model in (p.info["cmdline"] or []):
+                for q in model_tree(p):
+                    q.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    return {"tree_gone_ms": summary(gone_ms), "detect_ms": summary(detect_ms), "idle": cost}
+
+
+def machine() -> dict[str, str]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "kernel": platform.release(),
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+
+
+def fmt(s: dict[str, float]) -> str:
+    return f"{s['median']:.1f} / {s['p99']:.1f} / {s['max']:.1f}" if s else "-"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arrivals", type=int, default=50)
+    ap.add_argument("--idle", type=float, default=60.0)
+    ap.add_argument("--cgroupfs", action="store_true", help="use the real cgroup filesystem (root)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    tree = Tree(args.cgroupfs)
+    try:
+        det = bench_detector_alone(tree, max(200, args.arrivals))
+        ours = bench_watchdog(tree, args.arrivals, args.idle)
+        pred = bench_predecessor(tree, args.arrivals, args.idle)
+    finally:
+        tree.close()
+    result = {"machine": machine(), "tree": "cgroupfs" if args.cgroupfs else "scratch (tmpfs)",
+              "detector_alone_ms": det, "watchdog_llm": ours, "predecessor": pred}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    m = result["machine"]
+    print(f"\n{m['date']}, {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}; "
+          f"job dirs on {result['tree']}; {args.arrivals} arrivals, idle {args.idle:.0f} s\n")
+    print("| measure (median / p99 / max) | watchdog-llm | predecessor (0.25 s poll) | ratio of medians |")
+    print("| --- | --- | --- | --- |")
+    print(f"| job dir created -> detected, ms | {fmt(ours['detect_ms'])} (detector alone: {fmt(det)}) "
+          f"| {fmt(pred['detect_ms'])} | {pred['detect_ms']['median'] / max(ours['detect_ms']['median'], 1e-3):.0f}x |")
+    print(f"| job dir created -> model tree ({ours['procs']} processes) gone, ms | {fmt(ours['tree_gone_ms'])} "
+          f"| {fmt(pred['tree_gone_ms'])} | {pred['tree_gone_ms']['median'] / ours['tree_gone_ms']['median']:.1f}x |")
+    print(f"| idle CPU, % of one core | {ours['idle']['cpu_percent']:.3f} | {pred['idle']['cpu_percent']:.3f} | "
+          f"{pred['idle']['cpu_percent'] / max(ours['idle']['cpu_percent'], 1e-4):.0f}x |")
+    print(f"| idle RSS, MB | {ours['idle']['rss_mb']:.1f} | {pred['idle']['rss_mb']:.1f} (bash alone) | |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1178 @@
+"""STAND-IN for `vllm serve`: NOT vLLM. No model, no GPU; it reproduces what a supervisor sees of vLLM.
+
+watchdog-llm's tests (and `watchdog-llm demo`) run this where there is no GPU. It copies the parts of
+vLLM (V1 engine, 0.11-era) that a supervisor depends on, and nothing else:
+
+- the process tree: API server (this process, cmdline unchanged) -> `VLLM::EngineCore` -> one
+  `VLLM::Worker_TP{i}` per tensor-parallel rank. As in vLLM, with --tensor-parallel-size 1 there is
+  no worker process: the model runs inside the EngineCore. Children rename themselves like the
+  `setproctitle` package (comm and cmdline), so psutil's name() is "VLLM::EngineCore".
+  No child watches its parent: kill -9 of the API server alone leaves the engine (and, on a real
+  GPU, its memory) behind, which is exactly what happens with vLLM.
+- signals: SIGTERM/SIGINT to the API server shut it down in ~0.3 s: uvicorn stops, the engine gets
+  SIGTERM and terminates its workers (SIGKILL after 4 s), everyone exits 0. A dying worker takes the
+  engine down (exit 1), and a dying engine takes the API server down (exit 1).
+- start-up: the server socket is bound (SO_REUSEADDR + SO_REUSEPORT, as vLLM) before the model
+  "loads"; HTTP is served only when the engine reports ready, so until then a connection is accepted
+  but a request is not answered (see STANDIN_BIND_ONLY for real vLLM's exact behaviour).
+- the OpenAI-compatible API with vLLM's shapes, errors and auth rule (`--api-key` or VLLM_API_KEY
+  guards /v1/* only; /health, /version, /metrics and the dev endpoints stay open, as in vLLM 0.11).
+- logs on stdout in vLLM's format, `(APIServer pid=N) INFO mm-dd HH:MM:SS [file.py:line] message`.
+
+Replies are deterministic: "[stand-in]" followed by the words of the last user message (or prompt),
+one token per word, cut at max_tokens. Embeddings are a fixed 16-float unit vector per input.
+
+CLI:  vllm-standin serve MODEL [--host H] [--port P] [--api-key K ...] [--served-model-name N ...]
+      [--tensor-parallel-size|-tp N] [--max-model-len N] [--disable-uvicorn-access-log] [any vLLM flag]
+Unknown flags are accepted and logged as `non-default args` (real vLLM would reject a misspelt one).
+
+Environment (faults and timing):
+  VLLM_API_KEY=<key>            API key when --api-key is not given (as vLLM).
+  STANDIN_STARTUP_S=<s>         model "loading" time before HTTP is served (default 0.5).
+  STANDIN_EXIT_AT_ONCE=<code>   print a vLLM-like error and exit with <code> before binding the port
+                                or starting any child.
+  STANDIN_IGNORE_SIGTERM=1      every process of the tree ignores SIGTERM and SIGINT (only SIGKILL works).
+  STANDIN_SETSID_WORKER=1       workers call setsid(): they leave the process group and session.
+  STANDIN_CRASH_AFTER_S=<s>     the API server exits 1 s seconds after it starts serving, leaving the
+                                engine and workers running.
+  STANDIN_FAIL_HEALTH=1         /health answers 503 forever (everything else works).
+  STANDIN_TOKEN_DELAY_MS=<ms>   time per generated token, streamed or not (default 5).
+  STANDIN_BIND_ONLY=1           real vLLM's start-up exactly: the socket is bound but not listening until
+                                the model is loaded, so connections are refused (not left hanging) meanwhile.
+
+Dev endpoints (POST /sleep, POST /wake_up, GET /is_sleeping, POST /collective_rpc,
+POST /reset_prefix_cache) are always present here; real vLLM registers them only with
+VLLM_SERVER_DEV_MODE=1, without authentication. A gateway must never publish them.
+"""
+
+import argparse
+import asyncio
+import base64
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from watchdog_llm.standin._common import env_flag, env_float, exit_at_once_code, set_process_title
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+VERSION = "0.0.0-standin"
+BANNER = "STAND-IN: this is watchdog-llm's vllm-standin, not vLLM"
+ENGINE_TITLE = "VLLM::EngineCore"
+WORKER_TITLE = "VLLM::Worker_TP{rank}"
+ENGINE_SHUTDOWN_GRACE = 5.0  # API server -> engine, as vLLM's engine client
+WORKER_SHUTDOWN_GRACE = 4.0  # engine -> workers, as vLLM's MultiprocExecutor
+EMBED_DIM = 16
+READY = b"R"
+
+T = TypeVar("T")
+
+
+class Log:
+    """vLLM's log line, with the `(Role pid=N)` prefix vLLM >= 0.10.2 puts on each process's output."""
+
+    def __init__(self, role: str) -> None:
+        self.prefix = f"({role} pid={os.getpid()}) "
+
+    def __call__(self, level: str, where: str, msg: str) -> None:
+        stamp = time.strftime("%m-%d %H:%M:%S")
+        print(f"{self.prefix}{level} {stamp} [{where}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Engine and worker processes (standard library only: they must start fast)
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised by the SIGTERM/SIGINT handler of the engine and workers to unwind to their cleanup."""
+
+
+_stop_requested = False
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    # Only the first signal unwinds: a second SIGTERM (the API server's, after the group's) must not
+    # interrupt the cleanup that terminates the workers.
+    global _stop_requested
+    if not _stop_requested:
+        _stop_requested = True
+        raise _Stop(signum)
+
+
+def _install_child_signals() -> None:
+    handler: Any = signal.SIG_IGN if env_flag("STANDIN_IGNORE_SIGTERM") else _raise_stop
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
+def _terminate_all(procs: Sequence["subprocess.Popen[bytes]"], grace: float) -> None:
+    """SIGTERM each live process, wait up to `grace` seconds in all, then SIGKILL what is left."""
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            p.wait()
+
+
+def _spawn_self(role_args: list[str], pass_fd: int) -> "subprocess.Popen[bytes]":
+    # Same interpreter, same environment, same process group and session (Popen's defaults).
+    argv = [sys.executable, "-m", "watchdog_llm.standin.vllm", "--_role", *role_args]
+    return subprocess.Popen(argv, pass_fds=(pass_fd,))
+
+
+def _engine_main(ns: argparse.Namespace) -> int:
+    set_process_title(ENGINE_TITLE)
+    _install_child_signals()
+    log = Log("EngineCore_DP0")
+    log("INFO", "core.py:654", f"EngineCore started pid={os.getpid()} (parent pid={os.getppid()})")
+    log(
+        "INFO",
+        "core.py:77",
+        f"Initializing a V1 LLM engine (v{VERSION}) with config: model={ns.model!r}, "
+        f"served_model_name={ns.name}, tensor_parallel_size={ns.tp}, max_seq_len={ns.max_model_len}",
+    )
+    workers: list[subprocess.Popen[bytes]] = []
+    started = time.monotonic()
+    try:
+        if ns.tp == 1:
+            # vLLM's UniProcExecutor: the single worker lives inside the EngineCore process.
+            time.sleep(env_float("STANDIN_STARTUP_S", 0.5))
+        else:
+            pipes: list[int] = []
+            for rank in range(ns.tp):
+                r, w = os.pipe()
+                workers.append(_spawn_self(["worker", "--rank", str(rank), "--ready-fd", str(w)], w))
+                os.close(w)
+                pipes.append(r)
+            for rank, r in enumerate(pipes):
+                if os.read(r, 1) != READY:
+                    log("ERROR", "multiproc_executor.py:597", f"Worker_TP{rank} died during start-up.")
+                    log("ERROR", "core.py:708", "EngineCore failed to start.")
+                    return 1
+                os.close(r)
+        took = time.monotonic() - started
+        log("INFO", "core.py:210", f"init engine (profile, create kv cache, warmup model) took {took:.2f} seconds")
+        # The ready pipe stays open until this process dies: its EOF tells the API server we are gone.
+        os.write(ns.ready_fd, READY)
+        if not workers:
+            while True:
+                signal.pause()
+        # Wait (without reaping, so Popen keeps the real status) for any worker to die.
+        info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
+        dead = next((p for p in workers if info is not None and p.pid == info.si_pid), None)
+        code = dead.wait() if dead is not None else None
+        rank = workers.index(dead) if dead is not None else -1
+        log(
+            "ERROR",
+            "multiproc_executor.py:149",
+            f"Worker proc Worker_TP{rank} died unexpectedly (exit status {code}), shutting down executor.",
+        )
+        return 1
+    except _Stop:
+        log("INFO", "core.py:745", "EngineCore exiting: shutdown requested by signal.")
+        return 0
+    finally:
+        # Anything from here on must finish: ignore further SIGTERM/SIGINT (SIGKILL still works).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        _terminate_all(workers, WORKER_SHUTDOWN_GRACE)
+
+
+def _worker_main(ns: argparse.Namespace) -> int:
+    name = f"Worker_TP{ns.rank}"
+    set_process_title(WORKER_TITLE.format(rank=ns.rank))
+    if env_flag("STANDIN_SETSID_WORKER"):
+        os.setsid()
+    _install_child_signals()
+    log = Log(name)
+    log(
+        "INFO",
+        "multiproc_executor.py:436",
+        f"{name} started pid={os.getpid()} (parent pid={os.getppid()}, pgid={os.getpgid(0)}, sid={os.getsid(0)})",
+    )
+    try:
+        startup = env_float("STANDIN_STARTUP_S", 0.5)
+        time.sleep(startup)
+        log("INFO", "gpu_model_runner.py:2602", f"Model loading took 0.0000 GiB and {startup:.2f} seconds")
+        with contextlib.suppress(OSError):  # the engine may be gone already; we stay, as vLLM's would
+            os.write(ns.ready_fd, READY)
+            os.close(ns.ready_fd)
+        while True:
+            signal.pause()
+    except _Stop:
+        return 0
+
+
+def _internal_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="vllm-standin --_role")
+    p.add_argument("role", choices=["engine", "worker"])
+    p.add_argument("--ready-fd", type=int, required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--model", default="")
+    p.add_argument("--name", default="")
+    p.add_argument("--max-model-len", type=int, default=0)
+    ns = p.parse_args(argv)
+    return _engine_main(ns) if ns.role == "engine" else _worker_main(ns)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Requests and replies (pure functions: the HTTP layer below only moves them)
+# ---------------------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An error answered in vLLM's ErrorResponse shape."""
+
+    def __init__(self, status: int, err_type: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.err_type = err_type
+        self.message = message
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.err_type, self.message, self.param)
+
+
+def error_body(code: int, err_type: str, message: str, param: str | None = None) -> dict[str, Any]:
+    # vLLM >= 0.10: {"error": {...}} (older versions put the fields at the top level, with "object": "error").
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+
+
+class BodyInvalid(Exception):
+    """Pydantic-style validation errors; answered 400 "Bad Request" like vLLM's RequestValidationError."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__(str(errors))
+        self.errors = errors
+
+
+def _invalid(name: str, kind: str, msg: str, value: Any) -> BodyInvalid:
+    return BodyInvalid([{"type": kind, "loc": ("body", name), "msg": msg, "input": value}])
+
+
+def _opt_int(body: dict[str, Any], name: str, minimum: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _invalid(name, "int_type", "Input should be a valid integer", value)
+    if value < minimum:
+        raise ApiError(400, "BadRequestError", f"{name} must be at least {minimum}, got {value}.", name)
+    return value
+
+
+def _opt_bool(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _invalid(name, "bool_type", "Input should be a valid boolean", value)
+    return value
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+def _content_text(content: Any) -> str:
+    """A message's text: a string, or the text parts of an OpenAI content-part list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return ""
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    tokens: list[str]  # each with its leading space, so "".join(tokens) is the text
+    prompt_tokens: int
+    finish_reason: str  # "stop" | "length"
+
+    @property
+    def text(self) -> str:
+        return "".join(self.tokens)
+
+
+def generate(source: str, prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> Generation:
+    """The deterministic "model": "[stand-in]" then the source's words, one token each."""
+    if prompt_tokens >= max_model_len:
+        raise ApiError(
+            400,
+            "BadRequestError",
+            f"This model's maximum context length is {max_model_len} tokens. However, your request has "
+            f"{prompt_tokens} input tokens. Please reduce the length of the input messages.",
+            "input_tokens",
+        )
+    if max_tokens is not None and prompt_tokens + max_tokens > max_model_len:
+        raise ApiError(
+            400,
+            "BadRequestError",
+            f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum "
+            f"context length is {max_model_len} tokens and your request has {prompt_tokens} input tokens "
+            f"({max_tokens} > {max_model_len} - {prompt_tokens}).",
+            "max_tokens",
+        )
+    limit = max_model_len - prompt_tokens if max_tokens is None else max_tokens
+    words = ["[stand-in]", *_words(source)]
+    tokens = [w if i == 0 else " " + w for i, w in enumerate(words)]
+    finish = "length" if len(tokens) > limit else "stop"
+    return Generation(tokens[:limit], prompt_tokens, finish)
+
+
+def embedding(text: str) -> list[float]:
+    digest = hashlib.sha512(text.encode()).digest()
+    raw = [(x / 0xFFFFFFFF) * 2.0 - 1.0 for x in struct.unpack("<16I", digest)]
+    norm = sum(v * v for v in raw) ** 0.5 or 1.0
+    return [v / norm for v in raw]
+
+
+@dataclass
+class ServerConfig:
+    model: str
+    served_names: list[str]
+    max_model_len: int
+    tp: int
+    api_keys: list[str]
+    host: str
+    port: int
+    access_log: bool
+    token_delay: float
+    fail_health: bool
+    started: float = field(default_factory=time.time)
+
+    @property
+    def name(self) -> str:
+        return self.served_names[0]
+
+
+@dataclass
+class ServerState:
+    engine_dead: bool = False
+    sleeping: bool = False
+    requests: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0})
+    running: int = 0
+
+
+def _check_model(cfg: ServerConfig, body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if model is None:
+        return cfg.name  # vLLM: an omitted model means the first served name
+    if not isinstance(model, str):
+        raise _invalid("model", "string_type", "Input should be a valid string", model)
+    if model not in cfg.served_names:
+        raise ApiError(404, "NotFoundError", f"The model `{model}` does not exist.", "model")
+    return model
+
+
+def _stream_options(body: dict[str, Any], stream: bool) -> bool:
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not stream:
+        raise ApiError(400, "BadRequestError", "Stream options can only be defined when `stream=True`.")
+    if not isinstance(opts, dict):
+        raise _invalid("stream_options", "model_type", "Input should be a valid dictionary", opts)
+    return bool(opts.get("include_usage", True))
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A validated generation request."""
+
+    kind: str  # "chat" | "completion"
+    model: str
+    gens: list[Generation]  # one per choice
+    prompt_tokens: int  # each prompt once, however many choices it has
+    stream: bool
+    include_usage: bool
+
+    def usage(self) -> dict[str, Any]:
+        completion = sum(len(g.tokens) for g in self.gens)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "total_tokens": self.prompt_tokens + completion,
+            "completion_tokens": completion,
+            "prompt_tokens_details": None,
+        }
+
+
+def plan_chat(cfg: ServerConfig, body: dict[str, Any]) -> Plan:
+    model = _check_model(cfg, body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("messages", "missing" if messages is None else "list_type", "Field required", messages)
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise _invalid("messages", "model_type", "Each message needs a string `role`", m)
+    user = [m for m in messages if m.get("role") == "user"]
+    source = _content_text((user or messages)[-1].get("content"))
+    prompt_tokens = sum(len(_words(_content_text(m.get("content")))) + 4 for m in messages)  # + template
+    max_tokens = _opt_int(body, "max_completion_tokens", 1) or _opt_int(body, "max_tokens", 1)
+    n = _opt_int(body, "n", 1) or 1
+    stream = _opt_bool(body, "stream")
+    include_usage = _stream_options(body, stream)
+    gen = generate(source, prompt_tokens, max_tokens, cfg.max_model_len)
+    return Plan("chat", model, [gen] * n, prompt_tokens, stream, include_usage)
+
+
+def plan_completion(cfg: ServerConfig, body: dict[str, Any]) -> Plan:
+    model = _check_model(cfg, body)
+    prompt = body.get("prompt")
+    prompts: list[str]
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [" ".join(f"<{t}>" for t in prompt)]  # token ids: each id is one word
+    else:
+        raise _invalid("prompt", "missing" if prompt is None else "union_tag_invalid", "Field required", prompt)
+    max_tokens = _opt_int(body, "max_tokens", 1)
+    if max_tokens is None:
+        max_tokens = 16  # the OpenAI completions default, which vLLM keeps
+    n = _opt_int(body, "n", 1) or 1
+    stream = _opt_bool(body, "stream")
+    include_usage = _stream_options(body, stream)
+    counts = [max(1, len(_words(p))) for p in prompts]
+    gens = [generate(p, c, max_tokens, cfg.max_model_len) for p, c in zip(prompts, counts, strict=True)]
+    return Plan("completion", model, [g for g in gens for _ in range(n)], sum(counts), stream, include_usage)
+
+
+def full_response(plan: Plan) -> dict[str, Any]:
+    created = int(time.time())
+    if plan.kind == "chat":
+        choices: list[dict[str, Any]] = [
+            {
+                "index": i,
+                "message": {
+                    "role": "assistant",
+                    "content": g.text,
+                    "refusal": None,
+                    "annotations": None,
+                    "audio": None,
+                    "function_call": None,
+                    "tool_calls": [],
+                    "reasoning_content": None,
+                },
+                "logprobs": None,
+                "finish_reason": g.finish_reason,
+                "stop_reason": None,
+            }
+            for i, g in enumerate(plan.gens)
+        ]
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": created,
+            "model": plan.model,
+            "choices": choices,
+            "service_tier": None,
+            "system_fingerprint": None,
+            "usage": plan.usage(),
+            "prompt_logprobs": None,
+            "kv_transfer_params": None,
+        }
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": created,
+        "model": plan.model,
+        "choices": [
+            {
+                "index": i,
+                "text": g.text,
+                "logprobs": None,
+                "finish_reason": g.finish_reason,
+                "stop_reason": None,
+                "prompt_logprobs": None,
+            }
+            for i, g in enumerate(plan.gens)
+        ],
+        "service_tier": None,
+        "system_fingerprint": None,
+        "usage": plan.usage(),
+        "kv_transfer_params": None,
+    }
+
+
+def stream_chunks(plan: Plan) -> Iterator[dict[str, Any] | None]:
+    """The SSE payloads of a streamed reply; None marks where one token's worth of time passes."""
+    created = int(time.time())
+    chat = plan.kind == "chat"
+    head = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": plan.model,
+    }
+    if chat:
+        yield {
+            **head,
+            "choices": [
+                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for i in range(len(plan.gens))
+            ],
+        }
+    for step in range(max(len(g.tokens) for g in plan.gens)):
+        yield None
+        for i, g in enumerate(plan.gens):
+            if step >= len(g.tokens):
+                continue
+            finish = g.finish_reason if step == len(g.tokens) - 1 else None
+            choice: dict[str, Any]
+            if chat:
+                choice = {"index": i, "delta": {"content": g.tokens[step]}, "logprobs": None}
+            else:
+                choice = {"index": i, "text": g.tokens[step], "logprobs": None}
+            choice.update(finish_reason=finish, stop_reason=None)
+            yield {**head, "choices": [choice]}
+    if plan.include_usage:
+        yield {**head, "choices": [], "usage": plan.usage()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# HTTP (FastAPI, imported lazily in a thread while the engine "loads")
+# ---------------------------------------------------------------------------------------------------
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+
+
+def build_app(cfg: ServerConfig, state: ServerState, log: Log) -> "FastAPI":
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+    app = FastAPI(title="vllm-standin (not vLLM)", version=VERSION, openapi_url=None, docs_url=None)
+    token_hashes = [hashlib.sha256(k.encode()).digest() for k in cfg.api_keys]
+
+    class AuthenticationMiddleware:
+        """vLLM 0.11's rule: with an API key, paths under /v1 need `Authorization: Bearer <key>`."""
+
+        def __init__(self, app: ASGIApp) -> None:
+            self.app = app
+
+        def _ok(self, scope: Scope) -> bool:
+            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            scheme, _, param = header.partition(" ")
+            if scheme.lower() != "bearer":
+                return False
+            digest = hashlib.sha256(param.encode()).digest()
+            return any(secrets.compare_digest(digest, h) for h in token_hashes)
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            if (
+                scope["type"] in ("http", "websocket")
+                and scope.get("method") != "OPTIONS"
+                and str(scope["path"]).startswith("/v1")
+                and not self._ok(scope)
+            ):
+                await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+
+    if token_hashes:
+        app.add_middleware(AuthenticationMiddleware)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> Response:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    def bad_request(exc: RequestValidationError) -> Response:
+        # vLLM turns FastAPI's 422 into 400 "Bad Request" with both renderings of the errors.
+        exc_str, errors_str = str(exc), str(exc.errors())
+        message = f"{exc_str} {errors_str}" if exc.errors() and errors_str != exc_str else exc_str
+        return JSONResponse(error_body(400, "Bad Request", message), status_code=400)
+
+    @app.exception_handler(BodyInvalid)
+    async def _body_invalid(_: Request, exc: BodyInvalid) -> Response:
+        return bad_request(RequestValidationError(exc.errors))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> Response:
+        return bad_request(exc)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> Response:
+        from http import HTTPStatus
+
+        body = error_body(exc.status_code, HTTPStatus(exc.status_code).phrase, str(exc.detail))
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    async def json_body(request: Request) -> dict[str, Any]:
+        media = request.headers.get("content-type", "").lower().split(";", 1)[0].strip()
+        if media != "application/json":
+            raise BodyInvalid(
+                [
+                    {
+                        "loc": ["header", "content-type"],
+                        "msg": "Unsupported Media Type: Only 'application/json' is allowed",
+                        "type": "value_error",
+                    }
+                ]
+            )
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            pos = getattr(e, "pos", 0)
+            err = {"type": "json_invalid", "loc": ("body", pos), "msg": "JSON decode error", "input": {}}
+            raise BodyInvalid([{**err, "ctx": {"error": getattr(e, "msg", str(e))}}]) from None
+        if not isinstance(body, dict):
+            msg = "Input should be a valid dictionary or object to extract fields from"
+            raise BodyInvalid([{"type": "model_attributes_type", "loc": ("body",), "msg": msg, "input": body}])
+        return body
+
+    async def run_plan(plan: Plan) -> Response:
+        state.running += 1
+        if not plan.stream:
+            try:
+                await asyncio.sleep(cfg.token_delay * max(len(g.tokens) for g in plan.gens))
+            finally:
+                state.running -= 1
+            for g in plan.gens:
+                state.requests[g.finish_reason] += 1
+            return JSONResponse(full_response(plan))
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                for chunk in stream_chunks(plan):
+                    if chunk is None:
+                        await asyncio.sleep(cfg.token_delay)
+                    else:
+                        yield _sse(chunk)
+                yield b"data: [DONE]\n\n"
+                for g in plan.gens:
+                    state.requests[g.finish_reason] += 1
+            finally:
+                state.running -= 1
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.get("/health")
+    async def health() -> Response:
+        # vLLM: 200 with an empty body; 503 once the engine is dead.
+        return Response(status_code=503 if cfg.fail_health or state.engine_dead else 200)
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:
+        return await health()
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": VERSION}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        label = f'model_name="{cfg.name}"'
+        lines = [
+            "# TYPE vllm:num_requests_running gauge",
+            f"vllm:num_requests_running{{{label}}} {state.running}",
+            "# TYPE vllm:num_requests_waiting gauge",
+            f"vllm:num_requests_waiting{{{label}}} 0",
+            "# TYPE vllm:request_success_total counter",
+            *(
+                f'vllm:request_success_total{{finished_reason="{k}",{label}}} {v}'
+                for k, v in sorted(state.requests.items())
+            ),
+        ]
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        def card(name: str) -> dict[str, Any]:
+            perm = {
+                "id": f"modelperm-{uuid.uuid4().hex}",
+                "object": "model_permission",
+                "created": int(cfg.started),
+                "allow_create_engine": False,
+                "allow_sampling": True,
+                "allow_logprobs": True,
+                "allow_search_indices": False,
+                "allow_view": True,
+                "allow_fine_tuning": False,
+                "organization": "*",
+                "group": None,
+                "is_blocking": False,
+            }
+            return {
+                "id": name,
+                "object": "model",
+                "created": int(cfg.started),
+                "owned_by": "vllm",
+                "root": cfg.model,
+                "parent": None,
+                "max_model_len": cfg.max_model_len,
+                "permission": [perm],
+            }
+
+        return {"object": "list", "data": [card(n) for n in cfg.served_names]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await run_plan(plan_chat(cfg, await json_body(request)))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await run_plan(plan_completion(cfg, await json_body(request)))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> dict[str, Any]:
+        body = await json_body(request)
+        model = _check_model(cfg, body)
+        raw = body.get("input")
+        if isinstance(raw, str):
+            texts = [raw]
+        elif isinstance(raw, list) and raw and all(isinstance(x, str) for x in raw):
+            texts = list(raw)
+        elif isinstance(raw, list) and raw and all(isinstance(x, int) for x in raw):
+            texts = [" ".join(map(str, raw))]
+        elif isinstance(raw, list) and raw and all(isinstance(x, list) for x in raw):
+            texts = [" ".join(map(str, x)) for x in raw]
+        else:
+            raise _invalid("input", "missing" if raw is None else "union_tag_invalid", "Field required", raw)
+        fmt = body.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise _invalid("encoding_format", "literal_error", "Input should be 'float' or 'base64'", fmt)
+        data = []
+        for i, text in enumerate(texts):
+            vec = embedding(text)
+            emb: Any = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode() if fmt == "base64" else vec
+            data.append({"index": i, "object": "embedding", "embedding": emb})
+        prompt = sum(max(1, len(_words(t))) for t in texts)
+        return {
+            "id": f"embd-{uuid.uuid4().hex}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": model,
+            "data": data,
+            "usage": {
+                "prompt_tokens": prompt,
+                "total_tokens": prompt,
+                "completion_tokens": 0,
+                "prompt_tokens_details": None,
+            },
+        }
+
+    # vLLM's development endpoints (VLLM_SERVER_DEV_MODE=1 there): unauthenticated, never to be published.
+    @app.post("/sleep")
+    async def sleep() -> Response:
+        state.sleeping = True
+        return Response(status_code=200)
+
+    @app.post("/wake_up")
+    async def wake_up() -> Response:
+        state.sleeping = False
+        return Response(status_code=200)
+
+    @app.get("/is_sleeping")
+    async def is_sleeping() -> dict[str, bool]:
+        return {"is_sleeping": state.sleeping}
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> Response:
+        return Response(status_code=200)
+
+    @app.post("/collective_rpc")
+    async def collective_rpc(request: Request) -> Response:
+        body = await json_body(request)
+        method = body.get("method")
+        if not method:
+            return JSONResponse(error_body(400, "BadRequestError", "method is required"), status_code=400)
+        log("INFO", "api_server.py:1105", f"collective_rpc {method!r} (stand-in: nothing runs)")
+        return JSONResponse({"results": [None] * cfg.tp})
+
+    return app
+
+
+def _uvicorn_log_config(prefix: str) -> dict[str, Any]:
+    """uvicorn's own lines ("INFO:     Application startup complete.") behind vLLM's process prefix."""
+    access_fmt = prefix + '%(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s'
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "default": {
+                "()": "uvicorn.logging.DefaultFormatter",
+                "fmt": prefix + "%(levelprefix)s %(message)s",
+                "use_colors": False,
+            },
+            "access": {"()": "uvicorn.logging.AccessFormatter", "fmt": access_fmt, "use_colors": False},
+        },
+        "handlers": {
+            "default": {"formatter": "default", "class": "logging.StreamHandler", "stream": "ext://sys.stdout"},
+            "access": {"formatter": "access", "class": "logging.StreamHandler", "stream": "ext://sys.stdout"},
+        },
+        "loggers": {
+            "uvicorn": {"handlers": ["default"], "level": "INFO", "propagate": False},
+            "uvicorn.error": {"level": "INFO"},
+            "uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# The API server process
+# ---------------------------------------------------------------------------------------------------
+
+
+def _in_thread(fn: Callable[[], T]) -> "concurrent.futures.Future[T]":
+    """Run fn in a daemon thread (unlike asyncio.to_thread, exiting never waits for it)."""
+    fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(fn())
+        except BaseException as e:  # handed to the waiter
+            fut.set_exception(e)
+
+    threading.Thread(target=run, name="standin-import", daemon=True).start()
+    return fut
+
+
+class EngineLink:
+    """The engine's ready pipe: one byte when the model is loaded, EOF when the engine process is gone."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[bool] = self.loop.create_future()
+        self.dead: asyncio.Future[None] = self.loop.create_future()
+        os.set_blocking(fd, False)
+        self.loop.add_reader(fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.fd, 64)
+        except BlockingIOError:
+            return
+        if data:
+            if not self.ready.done():
+                self.ready.set_result(True)
+            return
+        self.close()
+        if not self.ready.done():
+            self.ready.set_result(False)
+        if not self.dead.done():  # a waiter that was cancelled cancels it too
+            self.dead.set_result(None)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.loop.remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _routes_of(app: "FastAPI") -> list[tuple[str, str]]:
+    out = []
+    for r in app.routes:
+        path, methods = getattr(r, "path", None), getattr(r, "methods", None)
+        if isinstance(path, str) and methods:
+            out.append((path, ", ".join(sorted(methods))))
+    return out
+
+
+async def serve_api(cfg: ServerConfig, sock: socket.socket, log: Log, ignore_sigterm: bool) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    if not ignore_sigterm:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+    r, w = os.pipe()
+    engine_args = ["engine", "--ready-fd", str(w), "--tp", str(cfg.tp), "--model", cfg.model]
+    engine_args += ["--name", cfg.name, "--max-model-len", str(cfg.max_model_len)]
+    engine = _spawn_self(engine_args, w)
+    os.close(w)
+    link = EngineLink(r)
+    state = ServerState()
+    built = _in_thread(lambda: build_app(cfg, state, log))
+
+    async def startup() -> bool:
+        if not await link.ready:
+            return False
+        await asyncio.wrap_future(built)
+        return True
+
+    start_task = asyncio.ensure_future(startup())
+    stop_task = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({start_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    if not start_task.done():
+        start_task.cancel()
+        log("INFO", "launcher.py:99", "Shutting down during start-up (signal).")
+        _terminate_all([engine], ENGINE_SHUTDOWN_GRACE)
+        link.close()
+        if not built.done():
+            # The import thread holds the import lock; leave without finalising the interpreter.
+            sys.stdout.flush()
+            os._exit(0)
+        return 0
+    stop_task.cancel()
+    if not start_task.result():
+        link.close()
+        code = _wait_code(engine)
+        log("ERROR", "core_client.py:566", f"Engine core proc EngineCore_DP0 died unexpectedly (exit {code}).")
+        print(
+            "RuntimeError: Engine core initialization failed. See root cause above. "
+            f"Failed core proc(s): {{'EngineCore_DP0': {code}}}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
+
+    import uvicorn
+
+    app = built.result()
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # Our own handlers (or SIG_IGN) stay in place; uvicorn must not re-raise the signal at exit.
+            yield
+
+    prefix = log.prefix
+    config = uvicorn.Config(
+        app,
+        log_config=_uvicorn_log_config(prefix),
+        access_log=cfg.access_log,
+        # vLLM aborts in-flight requests on SIGTERM. uvicorn hands this to asyncio.wait_for, which takes
+        # any number, though its annotation says int.
+        timeout_graceful_shutdown=cast(int, 0.1),
+        lifespan="on",
+    )
+    server = Server(config)
+    exit_code = 0
+
+    log("INFO", "api_server.py:1634", "Supported_tasks: ['generate']")
+    log("WARNING", "api_server.py:1215", "SECURITY WARNING: Development endpoints are enabled! (stand-in: always)")
+    host = f"[{cfg.host}]" if ":" in cfg.host else (cfg.host or "0.0.0.0")
+    log("INFO", "api_server.py:1912", f"Starting vLLM API server 0 on http://{host}:{cfg.port}")
+    log("INFO", "launcher.py:34", "Available routes are:")
+    for path, methods in _routes_of(app):
+        log("INFO", "launcher.py:42", f"Route: {path}, Methods: {methods}")
+
+    async def on_stop() -> None:
+        await stop.wait()
+        server.should_exit = True
+        # The engine winds down while uvicorn does, as vLLM's engine client shuts it down on exit.
+        with contextlib.suppress(ProcessLookupError):
+            engine.send_signal(signal.SIGTERM)
+
+    async def on_engine_death() -> None:
+        nonlocal exit_code
+        await link.dead
+        # A signal to the whole group reaches the engine too, and it may exit before our handler has
+        # run: that is a requested shutdown, not an engine failure.
+        await asyncio.sleep(0.05)
+        if stop.is_set():
+            return
+        state.engine_dead = True
+        exit_code = 1
+        log("ERROR", "async_llm.py:480", "AsyncLLM output_handler failed.")
+        log(
+            "ERROR",
+            "async_llm.py:480",
+            "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue. "
+            "See stack trace (above) for the root cause.",
+        )
+        server.should_exit = True
+
+    async def crash_later(after: float) -> None:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(after)
+        log("ERROR", "api_server.py:1950", f"stand-in fault: API server crashing (STANDIN_CRASH_AFTER_S={after})")
+        print("RuntimeError: API server crashed (stand-in fault)", file=sys.stderr, flush=True)
+        os._exit(1)  # no cleanup: the engine and workers stay behind
+
+    tasks = [asyncio.ensure_future(on_stop()), asyncio.ensure_future(on_engine_death())]
+    crash_after = env_float("STANDIN_CRASH_AFTER_S", -1.0)
+    if crash_after >= 0:
+        tasks.append(asyncio.ensure_future(crash_later(crash_after)))
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        for t in tasks:
+            t.cancel()
+        link.close()
+    if state.engine_dead:
+        log("ERROR", "api_server.py:1960", f"Engine died (exit {_wait_code(engine)}); API server exiting.")
+    else:
+        _terminate_all([engine], ENGINE_SHUTDOWN_GRACE)
+    return exit_code
+
+
+def _wait_code(proc: "subprocess.Popen[bytes]") -> int | None:
+    try:
+        return proc.wait(2.0)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------
+
+
+def _model_len(text: str) -> int:
+    """vLLM's human-readable lengths: 4096, 4k (x1000), 4K (x1024), 1m, 1M."""
+    mult = {"k": 1000, "K": 1024, "m": 1000**2, "M": 1024**2}.get(text[-1:], 1)
+    try:
+        return int(float(text[:-1] if mult > 1 else text) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid length {text!r}") from None
+
+
+def make_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The `vllm-standin` parser and its `serve` subparser (whose defaults decide what is logged)."""
+    p = argparse.ArgumentParser(prog="vllm-standin", description="STAND-IN for `vllm serve` (not vLLM).")
+    p.add_argument("--version", action="version", version=VERSION)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible API (stand-in)")
+    s.add_argument("model_tag", nargs="?", help="model name or path")
+    s.add_argument("--model", default=None)
+    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", action="extend", nargs="+", default=None)
+    s.add_argument("--served-model-name", nargs="+", default=None)
+    s.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
+    s.add_argument("--max-model-len", type=_model_len, default=4096)
+    s.add_argument("--disable-uvicorn-access-log", action="store_true")
+    return p, s
+
+
+def _extra_args(extra: list[str]) -> dict[str, Any]:
+    """Unknown `--flag value` / `--flag=value` / `--flag` arguments, keyed as vLLM logs them."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(extra):
+        arg = extra[i]
+        if arg.startswith("-"):
+            key, eq, value = arg.lstrip("-").partition("=")
+            key = key.replace("-", "_")
+            if eq:
+                out[key] = value
+            elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+                out[key] = extra[i + 1]
+                i += 1
+            else:
+                out[key] = True
+        else:
+            out.setdefault("unparsed", []).append(arg)
+        i += 1
+    return out
+
+
+def _non_default(args: argparse.Namespace, serve: argparse.ArgumentParser, extra: list[str]) -> dict[str, Any]:
+    defaults = vars(serve.parse_args([]))
+    out = {k: v for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+    out.update(_extra_args(extra))
+    return out
+
+
+def _bind(host: str, port: int, listen: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+        if listen:
+            sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _serve_main(argv: list[str]) -> int:
+    print(BANNER, flush=True)
+    parser, serve = make_parser()
+    args, extra = parser.parse_known_args(argv)
+    log = Log("APIServer")
+    log("INFO", "api_server.py:1839", f"vLLM API server version {VERSION}")
+    model = args.model_tag or args.model
+    if not model:
+        parser.error("serve: a MODEL is required (vllm-standin serve MODEL)")
+    args.model = model
+    log("INFO", "utils.py:233", f"non-default args: {_non_default(args, serve, extra)}")
+
+    code = exit_at_once_code()
+    if code is not None:
+        print("Traceback (most recent call last):", file=sys.stderr)
+        print('  File "vllm/engine/arg_utils.py", line 1150, in create_model_config', file=sys.stderr)
+        print(
+            f"ValueError: Invalid repository ID or local directory specified: {model!r}. "
+            f"(stand-in fault: STANDIN_EXIT_AT_ONCE={code})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return code
+
+    keys = [k for k in (args.api_key or [os.environ.get("VLLM_API_KEY", "")]) if k]
+    ignore_sigterm = env_flag("STANDIN_IGNORE_SIGTERM")
+    if ignore_sigterm:
+        # Set before the children exist: they inherit SIG_IGN from their first instruction on.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+    try:
+        sock = _bind(args.host, args.port, listen=not env_flag("STANDIN_BIND_ONLY"))
+    except OSError as e:
+        print(f"OSError: [Errno {e.errno}] {e.strerror}", file=sys.stderr, flush=True)
+        return 1
+    cfg = ServerConfig(
+        model=model,
+        served_names=args.served_model_name or [model],
+        max_model_len=args.max_model_len,
+        tp=max(1, args.tensor_parallel_size),
+        api_keys=keys,
+        host=args.host,
+        port=sock.getsockname()[1],
+        access_log=not args.disable_uvicorn_access_log,
+        token_delay=max(0.0, env_float("STANDIN_TOKEN_DELAY_MS", 5.0)) / 1000.0,
+        fail_health=env_flag("STANDIN_FAIL_HEALTH"),
+    )
+    code = asyncio.run(serve_api(cfg, sock, log, ignore_sigterm))
+    sys.stdout.flush()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--_role"]:
+        return _internal_main(argv[1:])
+    return _serve_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
