@@ -33,10 +33,12 @@ class DaemonProc:
     # ---- observing ---------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        """This daemon's status (a previous daemon's file on the same STATE_DIR does not count)."""
         try:
-            return dict(json.loads((self.state_dir / "status.json").read_text()))
+            data = dict(json.loads((self.state_dir / "status.json").read_text()))
         except (OSError, ValueError):
             return {}
+        return data if data.get("daemon_pid") == self.proc.pid else {}
 
     def wait_state(self, state: str, timeout: float = 20.0) -> dict[str, Any]:
         def check() -> dict[str, Any] | None:

@@ -191,6 +191,7 @@ def test_bad_settings_are_one_line_each(daemon_env, tmp_path) -> None:
     cfg = tmp_path / "bad.env"
     cfg.write_text("YIELD_GRACE=soon\nSERVER_PORT=99999\nMODLE_NAME=x\n")
     env = env_with(daemon_env, WATCHDOG_LLM_CONFIG=str(cfg))
+    del env["YIELD_GRACE"], env["SERVER_PORT"]  # the environment would override the file
     r = subprocess.run(
         [sys.executable, "-m", "watchdog_llm", "run"], env=env, capture_output=True, text=True, timeout=30
     )

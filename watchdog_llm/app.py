@@ -33,7 +33,7 @@ from watchdog_llm import __version__
 from watchdog_llm.config import Settings
 from watchdog_llm.detect import DetectError, Detector, JobGone, JobSeen, Signal, make_detector
 from watchdog_llm.detect.slurm import own_jobs
-from watchdog_llm.notify import Message, Notifier
+from watchdog_llm.notify import Message, Notifier, NotifyConfigError
 from watchdog_llm.policy import (
     Decision,
     Event,
@@ -57,7 +57,7 @@ from watchdog_llm.policy import JobGone as PolicyJobGone
 from watchdog_llm.policy import JobSeen as PolicyJobSeen
 from watchdog_llm.status import STATUS_FILE, write_atomic
 from watchdog_llm.supervise.backoff import backoff_delay
-from watchdog_llm.supervise.child import Child, ChildEvent, ChildExited, ChildReady, ChildStopped
+from watchdog_llm.supervise.child import Child, ChildChanged, ChildEvent, ChildExited, ChildReady, ChildStopped
 from watchdog_llm.supervise.specs import model_spec, resolve_bin, tunnel_config, tunnel_spec
 from watchdog_llm.supervise.states import ChildState
 from watchdog_llm.supervise.tree import Records, set_child_subreaper
@@ -132,6 +132,7 @@ class Daemon:
         self.tunnel: Child | None = None
         self.notifier: Notifier | None = None
         self._notifier_task: asyncio.Task[None] | None = None
+        self._pinger: asyncio.Task[None] | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -167,7 +168,10 @@ class Daemon:
         if not set_child_subreaper():
             log.warning("cannot become a child subreaper: orphans of the model re-parent to init")
         loop = asyncio.get_running_loop()
-        self.notifier = Notifier(s.notify_url_list, coalesce=s.notify_coalesce, node=s.node_name, log=log)
+        try:
+            self.notifier = Notifier(s.notify_url_list, coalesce=s.notify_coalesce, node=s.node_name, log=log)
+        except NotifyConfigError as e:
+            raise StartupError(f"NOTIFY_URLS/NTFY_TOPIC: {e}") from None
         self._notifier_task = asyncio.create_task(self.notifier.run(), name="notifier")
         api_key = load_api_key(s)
         logs = s.state_dir / "logs"
@@ -190,7 +194,7 @@ class Daemon:
             self.detector = make_detector(
                 s.detection_mode, cgroup_root=s.cgroup_root, poll_interval=s.poll_interval, own=own, log=log
             )
-            jobs = self.detector.start(lambda sig: loop.call_soon_threadsafe(self._on_detect, sig))
+            jobs = self.detector.start(lambda sig: _discard(loop.call_soon_threadsafe(self._on_detect, sig)))
         except DetectError as e:
             raise StartupError(f"DETECTION_MODE={s.detection_mode.value}: {e}") from None
         for line in self.detector.describe():
@@ -202,7 +206,7 @@ class Daemon:
         self._handle(Startup(jobs))
         self.sd.notify("READY=1")
         if usec := os.environ.get("WATCHDOG_USEC"):
-            asyncio.create_task(self._watchdog_pings(int(usec) / 1e6), name="sd-watchdog")
+            self._pinger = asyncio.create_task(self._watchdog_pings(int(usec) / 1e6), name="sd-watchdog")
 
     def _make_tunnel(self, records: Records, logs: Path) -> Child:
         s = self.s
@@ -238,6 +242,8 @@ class Daemon:
     async def _shutdown(self) -> None:
         for handle in self._timers.values():
             handle.cancel()
+        if self._pinger is not None:
+            self._pinger.cancel()
         with contextlib.suppress(RuntimeError):
             loop = asyncio.get_running_loop()
             for sig in SHUTDOWN_SIGNALS:
@@ -290,6 +296,9 @@ class Daemon:
             self._handle(PolicyJobGone(sig.job))
 
     def _on_child(self, ev: ChildEvent) -> None:
+        if isinstance(ev, ChildChanged):
+            self._publish_status()
+            return
         if ev.name == "tunnel":
             self._on_tunnel(ev)
             return
@@ -375,7 +384,8 @@ class Daemon:
             return
         body = n.body
         if n.kind in ("online", "resumed"):
-            body += f"\nmodel: {self.s.model_name}\nGPUs: {self.s.num_gpus}\nURL: {self._tunnel_url or self.s.model_base_url}"
+            url = self._tunnel_url or self.s.model_base_url
+            body += f"\nmodel: {self.s.model_name}\nGPUs: {self.s.num_gpus}\nURL: {url}"
         self.notifier.submit(Message(n.kind, n.title, body, n.priority))
 
     def status(self) -> dict[str, Any]:
@@ -422,6 +432,10 @@ class Daemon:
             write_atomic(self.s.state_dir / STATUS_FILE, self.status())
         except OSError as e:
             log.warning("cannot write %s: %s", self.s.state_dir / STATUS_FILE, e.strerror or e)
+
+
+def _discard(_: object) -> None:
+    return None
 
 
 def _read(path: Path) -> str:

@@ -64,6 +64,8 @@ def _setup_logging(level: str) -> None:
         datefmt="%Y-%m-%dT%H:%M:%S",
         stream=sys.stderr,
     )
+    # Health probes run every 0.5 s while a model loads; one INFO line each would drown the log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _run(s: config.Settings, args: argparse.Namespace) -> int:

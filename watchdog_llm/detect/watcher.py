@@ -357,8 +357,11 @@ class CgroupDetector:
     def _vanished(self, parent: _Dir, name: str) -> None:
         child = parent.children.get(name)
         if child is not None:
-            # kernfs sends no IN_DELETE_SELF/IN_IGNORED: the parent's IN_DELETE is our only cue.
-            self._drop(child)
+            # A late event about an earlier dir of that name (uid_N goes and comes back) must not drop
+            # our watch on the one there now, which we may have added while handling its creation.
+            if not self._still_watched(child):
+                # kernfs sends no IN_DELETE_SELF/IN_IGNORED: the parent's IN_DELETE is our only cue.
+                self._drop(child)
         elif name in parent.jobs:
             parent.jobs.discard(name)
             self._job_path_gone(name, parent.path / name)

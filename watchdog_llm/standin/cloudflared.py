@@ -187,7 +187,9 @@ def parse_yaml_subset(text: str) -> dict[str, Any]:
         if not body or body in ("---", "..."):
             continue
         indent = len(line) - len(line.lstrip(" "))
-        if indent == 0:
+        is_item = body == "-" or body.startswith("- ")
+        # PyYAML's safe_dump writes list items at the key's own indentation ("ingress:\n- service: x").
+        if indent == 0 and not (is_item and block is not None):
             key, sep, value = body.partition(":")
             if not sep:
                 raise ValueError(f"line {lineno}: expected `key: value`, got {body!r}")
@@ -202,7 +204,7 @@ def parse_yaml_subset(text: str) -> dict[str, Any]:
             continue
         if block is None:
             continue
-        if body == "-" or body.startswith("- "):
+        if is_item:
             item = {}
             block.append(item)
             item_indent = indent + 2

@@ -92,7 +92,9 @@ class Log:
 
     def __call__(self, level: str, where: str, msg: str) -> None:
         stamp = time.strftime("%m-%d %H:%M:%S")
-        print(f"{self.prefix}{level} {stamp} [{where}] {msg}", flush=True)
+        # Like Python's logging, a closed output must not kill the process (vLLM logs via logging).
+        with contextlib.suppress(OSError, ValueError):
+            print(f"{self.prefix}{level} {stamp} [{where}] {msg}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -177,7 +179,9 @@ def _engine_main(ns: argparse.Namespace) -> int:
         took = time.monotonic() - started
         log("INFO", "core.py:210", f"init engine (profile, create kv cache, warmup model) took {took:.2f} seconds")
         # The ready pipe stays open until this process dies: its EOF tells the API server we are gone.
-        os.write(ns.ready_fd, READY)
+        # If the API server is already gone, carry on regardless, as vLLM's engine does.
+        with contextlib.suppress(OSError):
+            os.write(ns.ready_fd, READY)
         if not workers:
             while True:
                 signal.pause()

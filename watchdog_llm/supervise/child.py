@@ -81,7 +81,14 @@ class ChildStopped:
     result: StopResult
 
 
-ChildEvent = ChildReady | ChildExited | ChildStopped
+@dataclass(frozen=True, slots=True)
+class ChildChanged:
+    """The set of live processes changed (the tree grew while starting, say): for status only."""
+
+    name: str
+
+
+ChildEvent = ChildReady | ChildExited | ChildStopped | ChildChanged
 
 
 @dataclass(slots=True)
@@ -325,7 +332,8 @@ class Child:
             fast = self.state is ChildState.STARTING
             await asyncio.sleep(STARTING_SCAN_INTERVAL if fast else self.scan_interval)
             cur.tree.scan()
-            self.records.update(self.spec.name, cur.tree.records())
+            if self.records.update(self.spec.name, cur.tree.records()):
+                self.post(ChildChanged(self.spec.name))
 
     async def _pump(self, stream: asyncio.StreamReader) -> None:
         """Child output -> rotating log file + bounded tail. Reads chunks: a line may be any length."""

@@ -212,11 +212,13 @@ class Records:
         self._data: dict[str, list[dict[str, float]]] = {}
         self._warned = False
 
-    def update(self, child: str, records: list[dict[str, float]]) -> None:
+    def update(self, child: str, records: list[dict[str, float]]) -> bool:
+        """Record `child`'s live processes; True if they changed."""
         if self._data.get(child) == records:
-            return
+            return False
         self._data[child] = records
         self._write()
+        return True
 
     def _write(self) -> None:
         tmp = self.path.with_suffix(".tmp")
