@@ -30,6 +30,7 @@ import openai
 import psutil
 import pytest
 
+from watchdog_llm.standin import cloudflared as standin_cloudflared
 from watchdog_llm.standin import vllm as standin_vllm
 
 pytestmark = pytest.mark.timeout(30)
@@ -353,6 +354,7 @@ def test_during_startup_a_connection_is_accepted_but_not_answered(procs: Procs) 
     with pytest.raises(httpx.ReadTimeout):  # a probe without a read timeout would hang here
         HTTP.get(f"http://127.0.0.1:{port}/health", timeout=httpx.Timeout(0.2, connect=1.0))
     assert s.proc.poll() is None
+    wait_tree(s, procs, workers=0)  # tensor parallel 1: the worker lives inside the EngineCore, as in vLLM
 
 
 def test_bind_only_refuses_connections_while_loading_like_real_vllm(procs: Procs) -> None:
@@ -379,9 +381,10 @@ def test_sigterm_to_the_group_stops_every_process_within_a_second(procs: Procs) 
     assert "Application shutdown complete." in s.text()
 
 
-def test_setsid_workers_leave_the_group_and_survive_killpg(procs: Procs) -> None:
+def test_hung_setsid_workers_leave_the_group_and_survive_killpg(procs: Procs) -> None:
     port = free_port()
-    s = procs.start(vllm_argv(port, "-tp", "2"), vllm_env(STANDIN_SETSID_WORKER="1"), "setsid")
+    env = vllm_env(STANDIN_SETSID_WORKER="1", STANDIN_IGNORE_SIGTERM="1")  # hung: deaf to the death pipe
+    s = procs.start(vllm_argv(port, "-tp", "2"), env, "setsid")
     tree = wait_tree(s, procs)
 
     def left() -> bool:
@@ -399,12 +402,23 @@ def test_setsid_workers_leave_the_group_and_survive_killpg(procs: Procs) -> None
     assert all(alive(w) for w in tree.workers)  # only a search by ancestry or tag still finds them
 
 
+def test_workers_exit_when_their_engine_dies_and_so_does_the_api_server(procs: Procs) -> None:
+    port = free_port()
+    s = procs.start(vllm_argv(port, "-tp", "2"), vllm_env(STANDIN_SETSID_WORKER="1"), "engine-death")
+    wait_serving(s, port)
+    tree = wait_tree(s, procs)
+    tree.engine.kill()
+    wait_until(lambda: not any(alive(w) for w in tree.workers), 2, "the workers to see the engine go")
+    assert s.proc.wait(5) == 1
+    assert "EngineDeadError" in s.text()
+
+
 def test_ignore_sigterm_leaves_only_sigkill(procs: Procs) -> None:
     port = free_port()
     s = procs.start(vllm_argv(port, "-tp", "2"), vllm_env(STANDIN_IGNORE_SIGTERM="1"), "ignore")
     tree = wait_tree(s, procs)
     os.killpg(s.pid, signal.SIGTERM)
-    time.sleep(0.5)
+    time.sleep(0.3)
     assert all(alive(p) for p in tree.everyone)
     os.killpg(s.pid, signal.SIGKILL)
     wait_until(lambda: not any(alive(p) for p in tree.everyone), 2, "SIGKILL to work")
@@ -431,7 +445,7 @@ def test_exit_at_once_fails_before_any_child_exists(procs: Procs) -> None:
 
 def test_fail_health_then_crash_leaves_the_engine_behind(procs: Procs) -> None:
     port = free_port()
-    env = vllm_env(STANDIN_FAIL_HEALTH="1", STANDIN_CRASH_AFTER_S="1.5")
+    env = vllm_env(STANDIN_FAIL_HEALTH="1", STANDIN_CRASH_AFTER_S="1.0")
     s = procs.start(vllm_argv(port, "-tp", "2"), env, "crash")
     wait_serving(s, port, status=503)
     auth = {"Authorization": f"Bearer {KEY}"}
@@ -525,6 +539,25 @@ def test_tunnel_without_usable_credentials_exits_1(procs: Procs, tmp_path: Path,
         assert "TUNNEL_TOKEN" in s.text()  # says what is missing
 
 
+def test_config_reader_takes_the_yaml_cloudflared_configs_use_and_json(tmp_path: Path) -> None:
+    rules = [{"hostname": "h.example.com", "service": "http://127.0.0.1:8000"}, {"service": "http_status:404"}]
+    pyyaml_style = (
+        "tunnel: abc\ncredentials-file: /c.json\ningress:\n"
+        "- hostname: h.example.com\n  service: http://127.0.0.1:8000\n- service: http_status:404\n"
+    )
+    hand_written = (
+        "# a comment\ntunnel: 'abc'  # the id\ncredentials-file: \"/c.json\"\ningress:\n"
+        "  - hostname: h.example.com\n    service: http://127.0.0.1:8000\n"
+        "    originRequest:\n      noTLSVerify: true\n"
+        "  -\n    service: http_status:404\n"
+    )
+    as_json = json.dumps({"tunnel": "abc", "credentials-file": "/c.json", "ingress": rules})
+    for n, text in enumerate([pyyaml_style, hand_written, as_json]):
+        (tmp_path / f"c{n}.yml").write_text(text)
+        cfg = standin_cloudflared.load_config(str(tmp_path / f"c{n}.yml"))
+        assert (cfg["tunnel"], cfg["credentials-file"], cfg["ingress"]) == ("abc", "/c.json", rules), text
+
+
 class Origin(ThreadingHTTPServer):
     """A local origin: /bytes answers a fixed payload; /sse sends one event, waits, then another."""
 
@@ -570,16 +603,14 @@ def test_edge_proxies_to_the_ingress_service_streaming_and_502s_when_it_is_down(
     origin = Origin()
     creds = tmp_path / "creds.json"
     creds.write_text(json.dumps({"AccountTag": "a", "TunnelSecret": "cw==", "TunnelID": str(uuid.uuid4())}))
-    config = tmp_path / "config.yml"
+    config = tmp_path / "config.yml"  # as the daemon writes it (PyYAML's safe_dump style)
     config.write_text(
         f"tunnel: {uuid.uuid4()}\n"
         f"credentials-file: {creds}\n"
         "ingress:\n"
-        "  - hostname: llm.example.com  # comment\n"
-        f"    service: http://127.0.0.1:{origin.port}\n"
-        "    originRequest:\n"
-        "      noTLSVerify: true\n"
-        "  - service: http_status:404\n"
+        "- hostname: llm.example.com\n"
+        f"  service: http://127.0.0.1:{origin.port}\n"
+        "- service: http_status:404\n"
     )
     edge = free_port()
     argv = cloudflared_argv("tunnel", "--metrics", "127.0.0.1:0", "--config", str(config), "run")

@@ -311,8 +311,9 @@ class Daemon:
                 self._handle(ModelExited(code, run, why))
             case ChildStopped(result=r):
                 start = self._yield_detected_at or r.requested_at
-                self._yield_detected_at = None
                 self._handle(StopDone((r.finished_at - start) * 1000, r.survivors))
+                if self.state.phase is not Phase.YIELDING:  # that was the yield's own stop
+                    self._yield_detected_at = None
 
     def _on_tunnel(self, ev: ChildEvent) -> None:
         if isinstance(ev, ChildReady):

@@ -166,6 +166,7 @@ class State:
     last_yield: YieldRecord | None = None
     reason: str = ""  # why we are in this phase, for people
     exit_code: int | None = None
+    stops_pending: int = 0  # StopModel actions whose StopDone has not arrived (they finish in order)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +202,17 @@ def _blocked_reason(jobs: frozenset[str]) -> str:
 
 def decide(state: State, event: Event, now: float, limits: Limits, jitter: float = 0.5) -> Decision:
     """Pure transition function. `jitter` in [0, 1) spreads restart backoff."""
+    if isinstance(event, StopDone):
+        # Stops complete in the order they were asked for: only the last one ends a yield/shutdown.
+        state = replace(state, stops_pending=max(0, state.stops_pending - 1))
+        if state.stops_pending:
+            return Decision(state)
+    d = _decide(state, event, now, limits, jitter)
+    stops = sum(isinstance(a, StopModel) for a in d.actions)
+    return Decision(replace(d.state, stops_pending=d.state.stops_pending + stops), d.actions) if stops else d
+
+
+def _decide(state: State, event: Event, now: float, limits: Limits, jitter: float) -> Decision:
     p = state.phase
     match event:
         case Shutdown(reason=why):
@@ -208,12 +220,13 @@ def decide(state: State, event: Event, now: float, limits: Limits, jitter: float
         case Startup(jobs=jobs):
             if p is not Phase.INIT:
                 raise TransitionError(f"startup in {p}")
+            jobs = state.jobs | jobs
             state = replace(state, jobs=jobs, down_since=now)
             if jobs:  # start-up while jobs are present waits
                 return Decision(_to(state, Phase.YIELDED, now, _blocked_reason(jobs)))
             return _start(state, now, limits, "node idle at start-up")
         case JobSeen(job=job, detect_ms=detect_ms):
-            return _job_seen(state, job, detect_ms, now)
+            return _job_seen(state, job, detect_ms, now, limits)
         case JobGone(job=job):
             return _job_gone(state, job, now, limits)
         case ModelReady():
@@ -239,9 +252,11 @@ def decide(state: State, event: Event, now: float, limits: Limits, jitter: float
     raise TransitionError(f"unhandled event {event!r}")  # pragma: no cover
 
 
-def _job_seen(state: State, job: str, detect_ms: float | None, now: float) -> Decision:
+def _job_seen(state: State, job: str, detect_ms: float | None, now: float, limits: Limits) -> Decision:
     jobs = state.jobs | {job}
     p = state.phase
+    if p is Phase.SERVING and now - state.started_at >= limits.min_uptime:
+        state = replace(state, fast_failures=0)  # a healthy run ends the row of fast failures
     if p in MODEL_RUNNING:
         # A job arriving during start-up yields too: the model may already hold GPU memory.
         rec = YieldRecord(job=job, detected_at=now, detect_ms=detect_ms)
@@ -300,9 +315,7 @@ def _stop_done(state: State, ms: float, survivors: int, now: float, limits: Limi
         # The job(s) left while we were stopping.
         d = _cooldown(state, now, limits)
         return Decision(d.state, (notify, *d.actions))
-    if p is Phase.STARTING:  # startup timeout stop finished: treat like a failed run
-        return Decision(state)
-    return Decision(state)
+    return Decision(state)  # the stop of a failed start-up: nothing more to do
 
 
 def _yield_notice(rec: YieldRecord | None) -> Notify:
@@ -356,10 +369,10 @@ def _shutdown(state: State, now: float, why: str) -> Decision:
         return Decision(state)
     token = state.timer_token + 1
     reason = f"shutdown ({why})"
-    if p in MODEL_RUNNING or p in MODEL_STOPPING:
-        # A yield in progress is superseded: the stop it started still runs to completion.
+    if p in MODEL_RUNNING or p in MODEL_STOPPING or state.stops_pending:
+        # A stop in progress (a yield's, or a failed start's) still runs to completion: wait for it.
         new = _to(state, Phase.STOPPING, now, reason, timer_token=token)
-        actions: tuple[Action, ...] = () if p in MODEL_STOPPING else (StopModel("shutdown"),)
+        actions: tuple[Action, ...] = (StopModel("shutdown"),) if p in MODEL_RUNNING else ()
         return Decision(new, actions)
     new = _to(state, Phase.STOPPED, now, reason, timer_token=token, exit_code=0)
     return Decision(new, (Notify("stopped", "watchdog-llm stopped", reason, "low"), Exit(0)))

@@ -236,7 +236,7 @@ class CgroupDetector:
             return  # a late event for a watch we already dropped
         name = os.fsdecode(event.name)
         if event.is_create or event.is_moved_to:
-            self._appeared(d, name, is_dir=event.is_directory)
+            self._appeared(d, name, is_dir=event.is_directory, from_event=True)
         elif event.is_delete or event.is_moved_from:
             self._vanished(d, name)
 
@@ -311,6 +311,26 @@ class CgroupDetector:
             self._unwatch(wd, cid)
             self._log.debug("detect: %s is %s; not watched twice", path, self._by_wd[wd].path)
             return False
+        try:
+            with os.scandir(path) as it:
+                entries = {e.name: _is_dir(e) for e in it}
+        except OSError as e:
+            self._unwatch(wd, cid)
+            if e.errno in _QUIET_ERRNOS:
+                return False
+            if strict:
+                raise
+            self._log.error("detect: cannot list %s: %s", path, e.strerror)
+            return False
+        # The listing must be of the dir we watch. If the path leads to another dir now (removed and
+        # made again meanwhile, as uid_N is), drop this one: the parent's event for the new one is queued.
+        again = self._add_watch(path, MASK, strict=False)
+        if again is not None:
+            self._unwatch(*again)  # same wd: drops only this extra callback
+        if again is None or again[0] != wd:
+            self._unwatch(wd, cid)
+            self._log.debug("detect: %s changed while being listed", path)
+            return False
         d = _Dir(path, kind, wd, cid, parent)
         self._dirs[path] = d
         self._by_wd[wd] = d
@@ -318,22 +338,12 @@ class CgroupDetector:
             self._root_dir = d
         else:
             parent.children[path.name] = d
-        try:
-            self._list(d, strict=strict)
-        except OSError:
-            self._drop(d)
-            raise
-        return self._dirs.get(path) is d
-
-    def _list(self, d: _Dir, *, strict: bool) -> None:
-        entries = self._scan(d, strict=strict)
-        if entries is None:
-            return
         for name, is_dir in entries.items():
             if is_dir:
                 self._appeared(d, name, is_dir=True)
+        return self._dirs.get(path) is d
 
-    def _scan(self, d: _Dir, *, strict: bool = False) -> dict[str, bool] | None:
+    def _scan(self, d: _Dir) -> dict[str, bool] | None:
         """name -> is a dir; None (and `d` dropped if it vanished) when it cannot be listed."""
         try:
             with os.scandir(d.path) as it:
@@ -341,15 +351,18 @@ class CgroupDetector:
         except OSError as e:
             if e.errno in _QUIET_ERRNOS:
                 self._drop(d)
-                return None
-            if strict:
-                raise
-            self._log.error("detect: cannot list %s: %s", d.path, e.strerror)
+            else:
+                self._log.error("detect: cannot list %s: %s", d.path, e.strerror)
             return None
 
-    def _appeared(self, parent: _Dir, name: str, *, is_dir: bool) -> None:
+    def _appeared(self, parent: _Dir, name: str, *, is_dir: bool, from_event: bool = False) -> None:
         kind = classify(name, parent.kind)
         if kind in WATCHED:
+            # A late event from an earlier dir at parent.path (removed and made again since, as uid_N
+            # is): a watch added by path would land in the new dir and be dropped with the old one.
+            # The new dir's own creation event brings its children in.
+            if from_event and not self._still_watched(parent):
+                return
             self._watch(parent.path / name, kind, parent)
         elif kind is Kind.JOB and is_dir and name not in self._own:
             self._job_seen(parent, name)

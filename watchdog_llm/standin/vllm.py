@@ -7,14 +7,18 @@ vLLM (V1 engine, 0.11-era) that a supervisor depends on, and nothing else:
   `VLLM::Worker_TP{i}` per tensor-parallel rank. As in vLLM, with --tensor-parallel-size 1 there is
   no worker process: the model runs inside the EngineCore. Children rename themselves like the
   `setproctitle` package (comm and cmdline), so psutil's name() is "VLLM::EngineCore".
-  No child watches its parent: kill -9 of the API server alone leaves the engine (and, on a real
-  GPU, its memory) behind, which is exactly what happens with vLLM.
+  The EngineCore does not watch the API server (no PDEATHSIG, no pipe): kill -9 of the API server
+  alone leaves the engine (and, on a real GPU, its memory) behind, as with vLLM. Workers do watch
+  the EngineCore, as vLLM's do (a "death pipe"): when it dies they SIGTERM themselves, so a worker
+  that ignores SIGTERM (STANDIN_IGNORE_SIGTERM, standing for one hung in a CUDA call) outlives it.
 - signals: SIGTERM/SIGINT to the API server shut it down in ~0.3 s: uvicorn stops, the engine gets
   SIGTERM and terminates its workers (SIGKILL after 4 s), everyone exits 0. A dying worker takes the
   engine down (exit 1), and a dying engine takes the API server down (exit 1).
 - start-up: the server socket is bound (SO_REUSEADDR + SO_REUSEPORT, as vLLM) before the model
-  "loads"; HTTP is served only when the engine reports ready, so until then a connection is accepted
-  but a request is not answered (see STANDIN_BIND_ONLY for real vLLM's exact behaviour).
+  "loads", and HTTP is served only once the engine reports ready. By default the socket also
+  listens at once, so during start-up a connection is accepted but a request is never answered (a
+  probe without a read timeout hangs). Real vLLM only binds early and listens when it starts serving,
+  so connections are refused meanwhile: STANDIN_BIND_ONLY=1 reproduces that exactly.
 - the OpenAI-compatible API with vLLM's shapes, errors and auth rule (`--api-key` or VLLM_API_KEY
   guards /v1/* only; /health, /version, /metrics and the dev endpoints stay open, as in vLLM 0.11).
 - logs on stdout in vLLM's format, `(APIServer pid=N) INFO mm-dd HH:MM:SS [file.py:line] message`.
@@ -38,7 +42,8 @@ Environment (faults and timing):
   STANDIN_FAIL_HEALTH=1         /health answers 503 forever (everything else works).
   STANDIN_TOKEN_DELAY_MS=<ms>   time per generated token, streamed or not (default 5).
   STANDIN_BIND_ONLY=1           real vLLM's start-up exactly: the socket is bound but not listening until
-                                the model is loaded, so connections are refused (not left hanging) meanwhile.
+                                the model is loaded, so connections are refused (not left hanging) meanwhile
+                                and the port still cannot be bound by another user.
 
 Dev endpoints (POST /sleep, POST /wake_up, GET /is_sleeping, POST /collective_rpc,
 POST /reset_prefix_cache) are always present here; real vLLM registers them only with
@@ -80,6 +85,7 @@ ENGINE_SHUTDOWN_GRACE = 5.0  # API server -> engine, as vLLM's engine client
 WORKER_SHUTDOWN_GRACE = 4.0  # engine -> workers, as vLLM's MultiprocExecutor
 EMBED_DIM = 16
 READY = b"R"
+IMPORT_THREAD = "standin-import"
 
 T = TypeVar("T")
 
@@ -140,10 +146,10 @@ def _terminate_all(procs: Sequence["subprocess.Popen[bytes]"], grace: float) -> 
             p.wait()
 
 
-def _spawn_self(role_args: list[str], pass_fd: int) -> "subprocess.Popen[bytes]":
+def _spawn_self(role_args: list[str], pass_fds: tuple[int, ...]) -> "subprocess.Popen[bytes]":
     # Same interpreter, same environment, same process group and session (Popen's defaults).
     argv = [sys.executable, "-m", "watchdog_llm.standin.vllm", "--_role", *role_args]
-    return subprocess.Popen(argv, pass_fds=(pass_fd,))
+    return subprocess.Popen(argv, pass_fds=pass_fds)
 
 
 def _engine_main(ns: argparse.Namespace) -> int:
@@ -164,12 +170,17 @@ def _engine_main(ns: argparse.Namespace) -> int:
             # vLLM's UniProcExecutor: the single worker lives inside the EngineCore process.
             time.sleep(env_float("STANDIN_STARTUP_S", 0.5))
         else:
+            # The death pipe's write end lives only here (never written): its EOF tells the workers
+            # that this process is gone, as vLLM's MultiprocExecutor does.
+            death_r, _death_w = os.pipe()
             pipes: list[int] = []
             for rank in range(ns.tp):
                 r, w = os.pipe()
-                workers.append(_spawn_self(["worker", "--rank", str(rank), "--ready-fd", str(w)], w))
+                role = ["worker", "--rank", str(rank), "--ready-fd", str(w), "--death-fd", str(death_r)]
+                workers.append(_spawn_self(role, (w, death_r)))
                 os.close(w)
                 pipes.append(r)
+            os.close(death_r)
             for rank, r in enumerate(pipes):
                 if os.read(r, 1) != READY:
                     log("ERROR", "multiproc_executor.py:597", f"Worker_TP{rank} died during start-up.")
@@ -213,6 +224,8 @@ def _worker_main(ns: argparse.Namespace) -> int:
         os.setsid()
     _install_child_signals()
     log = Log(name)
+    if ns.death_fd >= 0:
+        threading.Thread(target=_watch_engine, args=(ns.death_fd, log), name="WorkerDeathMonitor", daemon=True).start()
     log(
         "INFO",
         "multiproc_executor.py:436",
@@ -222,7 +235,7 @@ def _worker_main(ns: argparse.Namespace) -> int:
         startup = env_float("STANDIN_STARTUP_S", 0.5)
         time.sleep(startup)
         log("INFO", "gpu_model_runner.py:2602", f"Model loading took 0.0000 GiB and {startup:.2f} seconds")
-        with contextlib.suppress(OSError):  # the engine may be gone already; we stay, as vLLM's would
+        with contextlib.suppress(OSError):  # the engine may be gone already: the death pipe says so
             os.write(ns.ready_fd, READY)
             os.close(ns.ready_fd)
         while True:
@@ -231,10 +244,20 @@ def _worker_main(ns: argparse.Namespace) -> int:
         return 0
 
 
+def _watch_engine(fd: int, log: Log) -> None:
+    """vLLM's WorkerDeathMonitor: EOF on the death pipe means the EngineCore is gone."""
+    with contextlib.suppress(OSError):
+        while os.read(fd, 64):
+            pass
+    log("INFO", "multiproc_executor.py:526", "Parent process exited, terminating worker")
+    os.kill(os.getpid(), signal.SIGTERM)  # ignored under STANDIN_IGNORE_SIGTERM: a hung worker stays
+
+
 def _internal_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="vllm-standin --_role")
     p.add_argument("role", choices=["engine", "worker"])
     p.add_argument("--ready-fd", type=int, required=True)
+    p.add_argument("--death-fd", type=int, default=-1)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--model", default="")
@@ -860,7 +883,7 @@ def _in_thread(fn: Callable[[], T]) -> "concurrent.futures.Future[T]":
         except BaseException as e:  # handed to the waiter
             fut.set_exception(e)
 
-    threading.Thread(target=run, name="standin-import", daemon=True).start()
+    threading.Thread(target=run, name=IMPORT_THREAD, daemon=True).start()
     return fut
 
 
@@ -916,7 +939,7 @@ async def serve_api(cfg: ServerConfig, sock: socket.socket, log: Log, ignore_sig
     r, w = os.pipe()
     engine_args = ["engine", "--ready-fd", str(w), "--tp", str(cfg.tp), "--model", cfg.model]
     engine_args += ["--name", cfg.name, "--max-model-len", str(cfg.max_model_len)]
-    engine = _spawn_self(engine_args, w)
+    engine = _spawn_self(engine_args, (w,))
     os.close(w)
     link = EngineLink(r)
     state = ServerState()
@@ -936,10 +959,6 @@ async def serve_api(cfg: ServerConfig, sock: socket.socket, log: Log, ignore_sig
         log("INFO", "launcher.py:99", "Shutting down during start-up (signal).")
         _terminate_all([engine], ENGINE_SHUTDOWN_GRACE)
         link.close()
-        if not built.done():
-            # The import thread holds the import lock; leave without finalising the interpreter.
-            sys.stdout.flush()
-            os._exit(0)
         return 0
     stop_task.cancel()
     if not start_task.result():
@@ -1168,6 +1187,9 @@ def _serve_main(argv: list[str]) -> int:
     )
     code = asyncio.run(serve_api(cfg, sock, log, ignore_sigterm))
     sys.stdout.flush()
+    sys.stderr.flush()
+    if any(t.name == IMPORT_THREAD and t.is_alive() for t in threading.enumerate()):
+        os._exit(code)  # stopped while FastAPI was still importing: skip finalising under that import
     return code
 
 
