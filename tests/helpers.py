@@ -45,3 +45,15 @@ def bin_path(name: str) -> str:
     path = Path(sys.executable).parent / name
     assert path.exists(), f"{path} missing: is the package installed (pip install -e .)?"
     return str(path)
+
+
+def run_async(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run an async test function in a fresh event loop (no plugin needed)."""
+    import asyncio
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return asyncio.run(fn(*args, **kwargs))
+
+    return wrapper

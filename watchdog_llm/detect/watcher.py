@@ -236,7 +236,7 @@ class CgroupDetector:
             return  # a late event for a watch we already dropped
         name = os.fsdecode(event.name)
         if event.is_create or event.is_moved_to:
-            self._appeared(d, name, is_dir=event.is_directory, from_event=True)
+            self._appeared(d, name, is_dir=event.is_directory)
         elif event.is_delete or event.is_moved_from:
             self._vanished(d, name)
 
@@ -300,7 +300,14 @@ class CgroupDetector:
             self._log.debug("detect: removing watch %d: %s", wd, e)
 
     def _watch(self, path: Path, kind: Kind, parent: _Dir | None, *, strict: bool = False) -> bool:
-        """Watch `path` first, then list it, so nothing created in between is missed."""
+        """Watch `path` first, then list it, so nothing created in between is missed.
+
+        Watches are added by path, and a path can lead to a newer dir than the one we watch (uid_N and
+        slurm_<host> go and come back, faster than we read events on a busy node). So the listing must
+        be of the dir now watched, and the parent must still be the one we watch: otherwise the new
+        dir would be filed under a dead one and dropped with it, and its jobs reported twice.
+        Whenever that check fails, an event for the newer dir is already queued and brings it in.
+        """
         if path in self._dirs:
             return True
         got = self._add_watch(path, MASK, strict=strict)
@@ -322,14 +329,10 @@ class CgroupDetector:
                 raise
             self._log.error("detect: cannot list %s: %s", path, e.strerror)
             return False
-        # The listing must be of the dir we watch. If the path leads to another dir now (removed and
-        # made again meanwhile, as uid_N is), drop this one: the parent's event for the new one is queued.
-        again = self._add_watch(path, MASK, strict=False)
-        if again is not None:
-            self._unwatch(*again)  # same wd: drops only this extra callback
-        if again is None or again[0] != wd:
+        same = self._watches(path, wd) and (parent is None or self._watches(parent.path, parent.wd))
+        if not same:
             self._unwatch(wd, cid)
-            self._log.debug("detect: %s changed while being listed", path)
+            self._log.debug("detect: %s changed while being watched; its new dir's event is queued", path)
             return False
         d = _Dir(path, kind, wd, cid, parent)
         self._dirs[path] = d
@@ -355,14 +358,9 @@ class CgroupDetector:
                 self._log.error("detect: cannot list %s: %s", d.path, e.strerror)
             return None
 
-    def _appeared(self, parent: _Dir, name: str, *, is_dir: bool, from_event: bool = False) -> None:
+    def _appeared(self, parent: _Dir, name: str, *, is_dir: bool) -> None:
         kind = classify(name, parent.kind)
         if kind in WATCHED:
-            # A late event from an earlier dir at parent.path (removed and made again since, as uid_N
-            # is): a watch added by path would land in the new dir and be dropped with the old one.
-            # The new dir's own creation event brings its children in.
-            if from_event and not self._still_watched(parent):
-                return
             self._watch(parent.path / name, kind, parent)
         elif kind is Kind.JOB and is_dir and name not in self._own:
             self._job_seen(parent, name)
@@ -422,15 +420,17 @@ class CgroupDetector:
         if self._sink is not None:
             self._pending.append(JobGone(job, time.monotonic()))
 
-    def _still_watched(self, d: _Dir) -> bool:
-        """Is our watch on the dir now at d.path? Adding a watch again returns the same wd for the same
-        inode, so this holds even where inode numbers are reused (ext4)."""
-        got = self._add_watch(d.path, MASK, strict=False)
+    def _watches(self, path: Path, wd: int) -> bool:
+        """Does watch `wd` sit on the dir now at `path`? Adding a watch again gives the same wd for the
+        same inode, so this holds even where inode numbers are reused (ext4)."""
+        got = self._add_watch(path, MASK, strict=False)
         if got is None:
             return False
-        wd, cid = got
-        self._unwatch(wd, cid)  # same wd: drops just this extra callback; else the new watch
-        return wd == d.wd
+        self._unwatch(*got)  # same wd: drops only this extra callback; else the new watch
+        return got[0] == wd
+
+    def _still_watched(self, d: _Dir) -> bool:
+        return self._watches(d.path, d.wd)
 
     def _rescan(self) -> None:
         """After lost events: re-list every watched dir and reconcile, parents before children."""

@@ -13,12 +13,14 @@ import logging
 import logging.handlers
 import os
 import signal
+import subprocess
 import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import httpx
 import psutil
@@ -94,7 +96,8 @@ ChildEvent = ChildReady | ChildExited | ChildStopped | ChildChanged
 @dataclass(slots=True)
 class _Run:
     run: int
-    proc: asyncio.subprocess.Process
+    proc: subprocess.Popen[bytes]
+    exited: asyncio.Future[int]  # resolves with the leader's exit status as soon as it exits
     tree: Tree
     started_at: float
     helpers: list[asyncio.Task[None]] = field(default_factory=list)  # scanner, probe: end with the run
@@ -194,11 +197,13 @@ class Child:
         tag = f"{spec.name}-{uuid.uuid4().hex[:16]}"
         self._hurry.clear()
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *spec.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
+            # Popen, not asyncio's subprocess: asyncio's wait() only returns once every pipe is
+            # closed, and vLLM's engine keeps the API server's stdout open after the server dies.
+            proc = subprocess.Popen(
+                spec.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
                 env={**spec.env, TAG_ENV: tag},
                 cwd=spec.cwd,
                 start_new_session=True,  # own session and group: signalled as a group, never by name
@@ -209,14 +214,13 @@ class Child:
             self._set(frozenset({ChildState.STARTING}), ChildState.EXITED)
             self.post(ChildExited(spec.name, run, None, why))
             return
-        cur = _Run(run, proc, Tree(proc.pid, tag), time.monotonic())
+        cur = _Run(run, proc, _watch_exit(proc), Tree(proc.pid, tag), time.monotonic())
         self._current = cur
         self._output.info("---- %s run %d started: pid %d: %s", spec.name, run, proc.pid, " ".join(spec.argv))
         self.log.info("%s started (run %d, pid %d)", spec.name, run, proc.pid)
         self.records.update(spec.name, cur.tree.records())
         assert proc.stdout is not None
-        # The pump drains output to EOF and the waiter reports the exit: both end on their own.
-        self._background(self._pump(proc.stdout))
+        self._read_output(proc.stdout)
         self._background(self._wait_exit(cur))
         cur.helpers.append(asyncio.create_task(self._scan(cur)))
         if spec.probe is None:
@@ -289,7 +293,7 @@ class Child:
             alive = await wait_gone(tree.alive(), KILL_WAIT)
         tree.reap(skip=[cur.proc.pid])
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(cur.proc.wait(), KILL_WAIT)
+            await asyncio.wait_for(asyncio.shield(cur.exited), KILL_WAIT)
         done = time.monotonic()
         if alive:
             self.log.error("%s: %d process(es) survived SIGKILL: %s", self.spec.name, len(alive), _describe(alive))
@@ -314,7 +318,7 @@ class Child:
         task.add_done_callback(self._tasks.discard)
 
     async def _wait_exit(self, cur: _Run) -> None:
-        await cur.proc.wait()
+        await cur.exited
         self._requests.put_nowait(("exited", cur.run))
 
     async def _probe(self, cur: _Run, probe: Probe) -> None:
@@ -335,20 +339,62 @@ class Child:
             if self.records.update(self.spec.name, cur.tree.records()):
                 self.post(ChildChanged(self.spec.name))
 
-    async def _pump(self, stream: asyncio.StreamReader) -> None:
-        """Child output -> rotating log file + bounded tail. Reads chunks: a line may be any length."""
+    def _read_output(self, stream: IO[bytes]) -> None:
+        """Child output -> rotating log file + bounded tail, read as it arrives (any line length).
+
+        Reading continues after the leader exits: its descendants may still be writing."""
+        loop = asyncio.get_running_loop()
+        fd = stream.fileno()
+        os.set_blocking(fd, False)
         partial = b""
-        while chunk := await stream.read(65536):
+
+        def readable() -> None:
+            nonlocal partial
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:  # every writer has exited
+                loop.remove_reader(fd)
+                stream.close()  # the file object owns the fd
+                if partial:
+                    self._line(partial)
+                return
             *lines, partial = (partial + chunk).split(b"\n")
             for raw in lines:
                 self._line(raw)
-        if partial:
-            self._line(partial)
+
+        loop.add_reader(fd, readable)
 
     def _line(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").rstrip("\r")
         self.tail.append(line)
         self._output.info("%s", line)
+
+
+def _watch_exit(proc: subprocess.Popen[bytes]) -> asyncio.Future[int]:
+    """A future for the leader's exit status: a pidfd wakes the loop the moment it exits, and
+    poll() reaps it. Without pidfd_open (Linux < 5.3), a thread waits instead."""
+    loop = asyncio.get_running_loop()
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except OSError:
+        return asyncio.ensure_future(asyncio.to_thread(proc.wait))
+    fut: asyncio.Future[int] = loop.create_future()
+
+    def exited() -> None:
+        code = proc.poll()
+        if code is None:
+            return
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        if not fut.done():
+            fut.set_result(code)
+
+    loop.add_reader(pidfd, exited)
+    return fut
 
 
 def _describe(procs: list[psutil.Process]) -> str:

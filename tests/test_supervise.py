@@ -1,0 +1,235 @@
+"""Supervision with real processes: one Child at a time, in-process, against the stand-in model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from helpers import alive, bin_path, free_port, run_async
+
+from watchdog_llm.config import Settings
+from watchdog_llm.supervise.child import Child, ChildEvent, ChildExited, ChildReady, ChildSpec, ChildStopped
+from watchdog_llm.supervise.probes import HttpProbe
+from watchdog_llm.supervise.specs import model_argv, model_spec, tunnel_config, tunnel_spec
+from watchdog_llm.supervise.tree import TAG_ENV, Records, Tree, wait_gone
+
+pytestmark = pytest.mark.timeout(60)
+log = logging.getLogger("test")
+
+
+class Harness:
+    def __init__(self, spec: ChildSpec, tmp: Path, grace: float = 3.0) -> None:
+        self.events: asyncio.Queue[ChildEvent] = asyncio.Queue()
+        self.records = Records(tmp / "children.json", log)
+        self.child = Child(
+            spec, grace=grace, log_dir=tmp / "logs", records=self.records, post=self.events.put_nowait, log=log
+        )
+        self.child.launch()
+
+    async def next(self, kind: type, timeout: float = 15) -> ChildEvent:
+        while True:
+            ev = await asyncio.wait_for(self.events.get(), timeout)
+            if isinstance(ev, kind):
+                return ev
+
+
+def standin_spec(tmp: Path, *, tp: int = 2, key: str = "k", **fault: str) -> ChildSpec:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STANDIN_")}
+    env.update({"VLLM_API_KEY": key, "STANDIN_STARTUP_S": "0.3", **fault})
+    argv = (bin_path("vllm-standin"), "serve", "m", "--port", str(port), "--tensor-parallel-size", str(tp))
+    base = f"http://127.0.0.1:{port}"
+    probe = HttpProbe(base + "/health", base + "/v1/models", {"Authorization": f"Bearer {key}"})
+    return ChildSpec("model", argv, env, probe)
+
+
+@run_async
+async def test_start_ready_stop_leaves_nothing(tmp_path: Path) -> None:
+    h = Harness(standin_spec(tmp_path), tmp_path)
+    h.child.start(1)
+    assert isinstance(await h.next(ChildReady), ChildReady)
+    await asyncio.sleep(0.6)  # one scan after ready
+    pids = h.child.pids
+    names = sorted(psutil.Process(p).name() for p in pids)
+    assert names[:3] == ["VLLM::EngineCore", "VLLM::Worker_TP0", "VLLM::Worker_TP1"], names
+    recorded = json.loads((tmp_path / "children.json").read_text())["children"]["model"]
+    assert {r["pid"] for r in recorded} == set(pids)
+    h.child.stop()
+    stopped = await h.next(ChildStopped)
+    assert isinstance(stopped, ChildStopped)
+    assert stopped.result.survivors == 0 and stopped.result.killed == 0
+    assert stopped.result.elapsed_ms < 2000
+    assert not alive(pids)
+    assert "Starting vLLM API server" in (tmp_path / "logs" / "model.log").read_text()
+    assert any("Starting vLLM API server" in line for line in h.child.tail)
+    await h.child.close()
+
+
+@run_async
+async def test_missing_binary_is_reported_not_raised(tmp_path: Path) -> None:
+    spec = ChildSpec("model", (str(tmp_path / "nope"), "serve", "m"), dict(os.environ))
+    h = Harness(spec, tmp_path)
+    h.child.start(1)
+    ev = await h.next(ChildExited)
+    assert isinstance(ev, ChildExited) and ev.code is None and "cannot run" in ev.why and "nope" in ev.why
+    await h.child.close()
+
+
+@run_async
+async def test_exit_at_once_is_reported_with_its_code_and_output(tmp_path: Path) -> None:
+    h = Harness(standin_spec(tmp_path, STANDIN_EXIT_AT_ONCE="3"), tmp_path)
+    h.child.start(1)
+    ev = await h.next(ChildExited)
+    assert isinstance(ev, ChildExited) and ev.code == 3 and "code 3" in ev.why
+    assert any("stand-in fault" in line or "Error" in line for line in ev.tail), ev.tail
+    await h.child.close()
+
+
+@run_async
+async def test_stop_while_starting_never_reports_ready(tmp_path: Path) -> None:
+    spec = standin_spec(tmp_path, STANDIN_STARTUP_S="30")
+    h = Harness(spec, tmp_path)
+    h.child.start(1)
+    await asyncio.sleep(0.8)
+    pids = h.child.pids
+    assert pids
+    h.child.stop()
+    stopped = await h.next(ChildStopped)
+    assert isinstance(stopped, ChildStopped) and not alive(pids)
+    assert all(not isinstance(e, ChildReady) for e in _drain(h.events))
+    await h.child.close()
+
+
+@run_async
+async def test_hurry_skips_the_grace(tmp_path: Path) -> None:
+    h = Harness(standin_spec(tmp_path, STANDIN_IGNORE_SIGTERM="1"), tmp_path, grace=30)
+    h.child.start(1)
+    await h.next(ChildReady)
+    h.child.stop()
+    await asyncio.sleep(0.2)
+    t0 = time.monotonic()
+    h.child.hurry()
+    stopped = await h.next(ChildStopped, timeout=10)
+    assert isinstance(stopped, ChildStopped) and time.monotonic() - t0 < 3 and stopped.result.killed >= 1
+    await h.child.close()
+
+
+@run_async
+async def test_orphaned_setsid_grandchild_is_found_by_tag_and_killed(tmp_path: Path) -> None:
+    """The classic daemonize: fork, setsid, parent exits. The orphan re-parents to the subreaper
+    (pytest here, the daemon in production) and is attributed to its tree by the inherited tag."""
+    script = tmp_path / "daemonize.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, sys, time
+            if os.fork() == 0:
+                os.setsid()
+                if os.fork() == 0:
+                    open(sys.argv[1], "w").write(str(os.getpid()))
+                    time.sleep(600)
+                os._exit(0)
+            time.sleep(0.3)
+            """
+        )
+    )
+    pidfile = tmp_path / "orphan.pid"
+    spec = ChildSpec("model", (sys.executable, str(script), str(pidfile)), dict(os.environ))
+    h = Harness(spec, tmp_path)
+    h.child.start(1)
+    await h.next(ChildReady)
+    ev = await h.next(ChildExited)  # the leader exits after 0.3 s; its tree is cleaned up
+    assert isinstance(ev, ChildExited) and ev.code == 0
+    orphan = int(pidfile.read_text())
+    assert not alive([orphan]), "the setsid()ed orphan must not outlive its tree"
+    await h.child.close()
+
+
+@run_async
+async def test_tree_scan_and_tag_attribution_ignore_strangers(tmp_path: Path) -> None:
+    """A process we started without the tag is not attributed to a tree, even as our child."""
+    stranger = await asyncio.create_subprocess_exec(sys.executable, "-c", "import time; time.sleep(30)")
+    tagged = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import time; time.sleep(30)", env={**os.environ, TAG_ENV: "t1"}, start_new_session=True
+    )
+    try:
+        tree = Tree(tagged.pid, "t1")
+        tree.scan()
+        assert {p.pid for p in tree.alive()} == {tagged.pid}
+        assert tree.signal_group(__import__("signal").SIGTERM)
+        assert await wait_gone(tree.alive(), 5) == []
+    finally:
+        stranger.kill()
+        await stranger.wait()
+        await tagged.wait()
+
+
+def test_leftovers_are_killed_only_if_pid_and_start_time_match(tmp_path: Path) -> None:
+    import subprocess
+
+    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        recs = {
+            "daemon_pid": 1,
+            "children": {
+                "model": [
+                    {"pid": ours.pid, "create_time": psutil.Process(ours.pid).create_time()},
+                    # Same pid as a live process but another start time: a recycled pid, not ours.
+                    {"pid": other.pid, "create_time": psutil.Process(other.pid).create_time() - 100},
+                ]
+            },
+        }
+        (tmp_path / "children.json").write_text(json.dumps(recs))
+        killed = Records(tmp_path / "children.json", log).kill_leftovers()
+        assert [k.pid for k in killed] == [ours.pid]
+        assert not alive([ours.pid])
+        assert alive([other.pid])
+    finally:
+        for p in (ours, other):
+            p.kill()
+            p.wait()
+
+
+def test_model_argv_keeps_the_key_off_the_command_line(tmp_path: Path) -> None:
+    s = Settings(model_name="org/m", vllm_args="--max-model-len 4096", num_gpus=2, server_port=8123, api_key="sekrit")
+    spec = model_spec(s, "/usr/bin/vllm", "sekrit")
+    assert spec.argv == (
+        "/usr/bin/vllm", "serve", "org/m", "--tensor-parallel-size", "2", "--max-model-len", "4096",
+        "--host", "127.0.0.1", "--port", "8123",
+    )  # fmt: skip
+    assert "sekrit" not in " ".join(spec.argv) and spec.env["VLLM_API_KEY"] == "sekrit"
+    assert spec.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    s2 = Settings(model_name="m", vllm_args="-tp 4", num_gpus=2)
+    assert model_argv(s2, "vllm").count("-tp") == 1 and "--tensor-parallel-size" not in model_argv(s2, "vllm")
+
+
+def test_tunnel_token_never_on_argv(tmp_path: Path) -> None:
+    s = Settings(model_name="m", tunnel_token="tok-123")
+    spec = tunnel_spec(s, "/bin/cloudflared", "127.0.0.1:2000", None)
+    assert "tok-123" not in " ".join(spec.argv) and spec.env["TUNNEL_TOKEN"] == "tok-123"
+    assert spec.argv[:5] == ("/bin/cloudflared", "tunnel", "--no-autoupdate", "--metrics", "127.0.0.1:2000")
+    f = tmp_path / "token"
+    spec = tunnel_spec(Settings(model_name="m", tunnel_token_file=str(f)), "cf", "127.0.0.1:1", None)
+    assert spec.argv[-2:] == ("--token-file", str(f)) and "TUNNEL_TOKEN" not in spec.env
+    named = Settings(model_name="m", tunnel_id="abc", cloudflared_creds="/c.json", tunnel_hostname="llm.example.org")
+    cfg = tunnel_config(named)
+    assert cfg["ingress"][0] == {"hostname": "llm.example.org", "service": "http://127.0.0.1:8000"}
+    assert cfg["ingress"][-1] == {"service": "http_status:404"}
+    spec = tunnel_spec(named, "cf", "127.0.0.1:1", tmp_path / "cf.yml")
+    assert spec.argv[-3:] == (str(tmp_path / "cf.yml"), "run", "abc")
+
+
+def _drain(q: asyncio.Queue[ChildEvent]) -> list[ChildEvent]:
+    out = []
+    while not q.empty():
+        out.append(q.get_nowait())
+    return out
