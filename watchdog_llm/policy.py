@@ -368,7 +368,7 @@ def _shutdown(state: State, now: float, why: str) -> Decision:
     if p in (Phase.STOPPING, Phase.STOPPED):
         return Decision(state)
     token = state.timer_token + 1
-    reason = f"shutdown ({why})"
+    reason = f"{why} received"
     if p in MODEL_RUNNING or p in MODEL_STOPPING or state.stops_pending:
         # A stop in progress (a yield's, or a failed start's) still runs to completion: wait for it.
         new = _to(state, Phase.STOPPING, now, reason, timer_token=token)

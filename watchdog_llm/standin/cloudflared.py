@@ -360,7 +360,8 @@ def metrics_response(path: str, st: TunnelState) -> tuple[int, str, bytes]:
     if path == "/ready":
         code = 200 if st.connected else 503
         body = {"status": code, "readyConnections": st.connected, "connectorId": st.connector_id}
-        return code, "application/json", (json.dumps(body, separators=(",", ":")) + "\n").encode()
+        # Go's json.Marshal (no newline); no Content-Type is set, so Go sniffs text/plain.
+        return code, "text/plain; charset=utf-8", json.dumps(body, separators=(",", ":")).encode()
     if path == "/healthcheck":
         return 200, "text/plain; charset=utf-8", b"OK\n"
     if path == "/quicktunnel":

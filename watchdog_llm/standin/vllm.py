@@ -20,7 +20,8 @@ vLLM (V1 engine, 0.11-era) that a supervisor depends on, and nothing else:
   probe without a read timeout hangs). Real vLLM only binds early and listens when it starts serving,
   so connections are refused meanwhile: STANDIN_BIND_ONLY=1 reproduces that exactly.
 - the OpenAI-compatible API with vLLM's shapes, errors and auth rule (`--api-key` or VLLM_API_KEY
-  guards /v1/* only; /health, /version, /metrics and the dev endpoints stay open, as in vLLM 0.11).
+  guards /v1/* only; /health, /version, /metrics, /docs, /openapi.json and the dev endpoints stay open,
+  as in vLLM 0.11; newer vLLM guards every route but /health, /ping, /load, /version, /metrics, docs).
 - logs on stdout in vLLM's format, `(APIServer pid=N) INFO mm-dd HH:MM:SS [file.py:line] message`.
 
 Replies are deterministic: "[stand-in]" followed by the words of the last user message (or prompt),
@@ -600,7 +601,8 @@ def build_app(cfg: ServerConfig, state: ServerState, log: Log) -> "FastAPI":
     from starlette.exceptions import HTTPException
     from starlette.types import ASGIApp, Receive, Scope, Send
 
-    app = FastAPI(title="vllm-standin (not vLLM)", version=VERSION, openapi_url=None, docs_url=None)
+    # /docs, /redoc and /openapi.json stay on, as in vLLM (unless --disable-fastapi-docs), unauthenticated.
+    app = FastAPI(title="vllm-standin (not vLLM)", version=VERSION)
     token_hashes = [hashlib.sha256(k.encode()).digest() for k in cfg.api_keys]
 
     class AuthenticationMiddleware:
