@@ -42,6 +42,8 @@ Environment (faults and timing):
                                 engine and workers running.
   STANDIN_FAIL_HEALTH=1         /health answers 503 forever (everything else works).
   STANDIN_TOKEN_DELAY_MS=<ms>   time per generated token, streamed or not (default 5).
+  STANDIN_FAST_EXIT=1           every process exits at once on SIGTERM (no graceful shutdown): a child
+                                that "exits promptly", to measure the supervisor rather than the model.
   STANDIN_BIND_ONLY=1           real vLLM's start-up exactly: the socket is bound but not listening until
                                 the model is loaded, so connections are refused (not left hanging) meanwhile
                                 and the port still cannot be bound by another user.
@@ -125,8 +127,14 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
         raise _Stop(signum)
 
 
+def _exit_now(signum: int, frame: FrameType | None) -> None:
+    os._exit(0)
+
+
 def _install_child_signals() -> None:
     handler: Any = signal.SIG_IGN if env_flag("STANDIN_IGNORE_SIGTERM") else _raise_stop
+    if env_flag("STANDIN_FAST_EXIT") and handler is _raise_stop:
+        handler = _exit_now
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handler)
 
@@ -935,8 +943,9 @@ async def serve_api(cfg: ServerConfig, sock: socket.socket, log: Log, ignore_sig
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     if not ignore_sigterm:
+        fast = env_flag("STANDIN_FAST_EXIT")
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, (lambda: os._exit(0)) if fast else stop.set)
 
     r, w = os.pipe()
     engine_args = ["engine", "--ready-fd", str(w), "--tp", str(cfg.tp), "--model", cfg.model]
