@@ -288,9 +288,10 @@ class Daemon:
 
     def _on_detect(self, sig: Signal) -> None:
         if isinstance(sig, JobSeen):
-            age = f"{sig.age_ms:.1f} ms after its cgroup appeared" if sig.age_ms is not None else "(age unknown)"
-            log.info("job %s seen %s", sig.job, age)
             self._handle(PolicyJobSeen(sig.job, sig.age_ms), detected_at=sig.at)
+            # Logged after the kill: a slow log sink (a full pipe, journald) must never delay a yield.
+            age = f"{sig.age_ms:.1f} ms after its cgroup appeared" if sig.age_ms is not None else "(age unknown)"
+            asyncio.get_running_loop().call_soon(log.info, "job %s seen %s", sig.job, age)
         elif isinstance(sig, JobGone):
             log.info("job %s gone", sig.job)
             self._handle(PolicyJobGone(sig.job))
@@ -342,8 +343,6 @@ class Daemon:
         before = self.state
         d: Decision = decide(before, event, time.monotonic(), self.limits, self.rng.random())
         self.state = d.state
-        if d.state.phase is not before.phase:
-            log.info("%s -> %s: %s", before.phase, d.state.phase, d.state.reason)
         notices: list[Notify] = []
         for action in d.actions:  # kills and starts first: everything else is after the fact
             match action:
@@ -363,9 +362,10 @@ class Daemon:
                     self._exit_code = code
                     self._exit.set()
         if d.state != before or notices:
-            # call_soon: runs after the child owner's wake-up that was queued above, so status
-            # files and notifications never delay a kill.
-            asyncio.get_running_loop().call_soon(self._publish, notices)
+            # call_soon: runs after the child owner's wake-up that was queued above, so logs,
+            # status files and notifications never delay a kill.
+            prev = before.phase if d.state.phase is not before.phase else None
+            asyncio.get_running_loop().call_soon(self._publish, notices, prev)
 
     def _arm_callback(self, name: str, delay: float, fn: Any) -> None:
         if (old := self._timers.pop(name, None)) is not None:
@@ -374,7 +374,9 @@ class Daemon:
 
     # ---- outputs (after the fact) --------------------------------------------------------------
 
-    def _publish(self, notices: list[Notify]) -> None:
+    def _publish(self, notices: list[Notify], prev: Phase | None = None) -> None:
+        if prev is not None:
+            log.info("%s -> %s: %s", prev, self.state.phase, self.state.reason)
         self._publish_status()
         self.sd.notify(f"STATUS={self.state.phase}: {self.state.reason}")
         for n in notices:

@@ -1,0 +1,135 @@
+"""The command line and the launch contracts: systemd notifications, signals, doctor, notify-test, demo."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from daemon_harness import DaemonProc, env_with, gone
+from helpers import wait_for
+
+pytestmark = pytest.mark.timeout(90)
+CLI = [sys.executable, "-m", "watchdog_llm"]
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_systemd_ready_status_watchdog_and_stopping(daemon_env: dict[str, str], tmp_path: Path) -> None:
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(0.2)
+    messages: list[str] = []
+
+    def drain() -> list[str]:
+        while True:
+            try:
+                messages.extend(sock.recv(4096).decode().splitlines())
+            except TimeoutError:
+                return messages
+
+    d = DaemonProc(env_with(daemon_env, NOTIFY_SOCKET=str(sock_path), WATCHDOG_USEC="400000"))
+    try:
+        d.wait_state("serving")
+        wait_for(lambda: "READY=1" in drain() and any(m.startswith("STATUS=serving") for m in messages), 10)
+        pings = messages.count("WATCHDOG=1")
+        wait_for(lambda: drain().count("WATCHDOG=1") >= pings + 2, 5, what="watchdog pings every WATCHDOG_USEC/2")
+        assert d.terminate() == 0
+        assert "STOPPING=1" in drain()
+    finally:
+        d.cleanup()
+        sock.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_sigint_and_sighup_stop_cleanly(daemon_env: dict[str, str], sig: signal.Signals) -> None:
+    d = DaemonProc(daemon_env)
+    try:
+        pids = d.wait_state("serving")["model_pids"]
+        d.proc.send_signal(sig)
+        assert d.proc.wait(20) == 0
+        gone(pids, 2)
+        assert f"{sig.name} received" in d.log()
+    finally:
+        d.cleanup()
+
+
+def test_a_second_signal_skips_the_grace_period(daemon_env: dict[str, str]) -> None:
+    d = DaemonProc(env_with(daemon_env, STANDIN_IGNORE_SIGTERM="1", YIELD_GRACE="60"))
+    try:
+        pids = d.wait_state("serving")["model_pids"]
+        d.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert d.proc.poll() is None, "still inside the 60 s grace"
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(10) == 0
+        assert time.monotonic() - t0 < 5
+        gone(pids, 2)
+    finally:
+        d.cleanup()
+
+
+def test_doctor_reports_each_check(daemon_env: dict[str, str], ntfy) -> None:  # type: ignore[no-untyped-def]
+    r = cli(daemon_env, "doctor", "--send")
+    out = r.stdout
+    assert "ok    config parsed" in out and "LLM_BIN" in out and "would run:" in out
+    assert "detection (cgroup) works" in out and "cgroup v2" in out
+    assert "notification URL(s) parse" in out and "test notification sent" in out
+    assert "GPU" in out  # none here: a warning, not a failure
+    assert r.returncode == 0, out + r.stderr
+    wait_for(lambda: any("doctor" in t for t in ntfy.titles()), 5)
+
+
+def test_doctor_fails_on_a_missing_model_binary(daemon_env: dict[str, str], tmp_path: Path) -> None:
+    r = cli(env_with(daemon_env, LLM_BIN=str(tmp_path / "nope")), "doctor")
+    assert r.returncode == 1 and "FAIL  LLM_BIN=" in r.stdout and "Traceback" not in r.stderr
+
+
+def test_notify_test_sends_and_reports(daemon_env: dict[str, str], ntfy) -> None:  # type: ignore[no-untyped-def]
+    r = cli(daemon_env, "notify-test")
+    assert r.returncode == 0 and "sent" in r.stdout
+    assert ntfy.titles() == ["[testnode] watchdog-llm test"]
+    r = cli(env_with(daemon_env, NOTIFY_URLS="notaservice://x"), "notify-test")
+    assert r.returncode == 2 and "notaservice" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_notification_url_stops_startup_with_one_line(daemon_env: dict[str, str]) -> None:
+    r = cli(env_with(daemon_env, NOTIFY_URLS="notaservice://x"), "run")
+    assert r.returncode == 2 and "NOTIFY_URLS" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_status_without_a_daemon(daemon_env: dict[str, str]) -> None:
+    r = cli(daemon_env, "status")
+    assert r.returncode == 3 and "not running" in r.stdout
+
+
+def test_missing_config_file_named_explicitly(daemon_env: dict[str, str], tmp_path: Path) -> None:
+    r = cli(daemon_env, "--config", str(tmp_path / "nope.env"), "run")
+    assert r.returncode == 2 and "nope.env" in r.stderr and "not found" in r.stderr
+
+
+def test_config_example_documents_every_setting() -> None:
+    from watchdog_llm.config import Settings
+
+    example = (Path(__file__).parent.parent / "config.env.example").read_text()
+    names = {line.split("=", 1)[0] for line in example.splitlines() if line and not line.startswith("#")}
+    assert names == {n.upper() for n in Settings.model_fields}
+
+
+def test_demo_runs_and_leaves_nothing(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STANDIN_", "SLURM_"))}
+    r = subprocess.run([*CLI, "demo"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    for needle in ("STAND-IN", "serving", "yielded to job_4242", "serving again", "exited with code 0",
+                   "processes of ours left running: 0", "GPUs yielded"):  # fmt: skip
+        assert needle in out, f"{needle!r} missing from the demo's output:\n{out}"
