@@ -331,7 +331,7 @@ def bench_predecessor(tree: Tree, arrivals: int, idle: float) -> dict[str, Any]:
             else:
                 gone_ms.append((t1 - t0) * 1000)
             line = wait_until(lambda: [ln for ln in notices.read().splitlines() if ln.startswith("noticed")], 5)
-            detect_ms.append((float(line[-1].split()[1]) - wall0) * 1000)
+            detect_ms.append((float(line[0].split()[1]) - wall0) * 1000)  # first notice of this job
             tree.remove(job)
             what = f"{len(left)} processes left running" if left else f"tree gone in {gone_ms[-1]:.1f} ms"
             print(f"  predecessor arrival {i + 1}/{arrivals}: {what}", file=sys.stderr)

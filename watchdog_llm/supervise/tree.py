@@ -72,19 +72,31 @@ class Tree:
             self._members.setdefault((p.pid, p.create_time()), p)
 
     def scan(self) -> int:
-        """Record descendants that appeared since the last scan. Returns how many are known alive."""
-        for p in list(self._members.values()):
-            with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
-                for c in p.children(recursive=True):
-                    self._add(c)
+        """Record descendants that appeared since the last scan. Returns how many are known alive.
+
+        One pass over /proc builds the parent map (psutil's children() would make one per call)."""
+        kids: dict[int, list[int]] = {}
+        for p in psutil.process_iter(["ppid"]):
+            kids.setdefault(p.info["ppid"], []).append(p.pid)
+        me = os.getpid()
+        roots = [p.pid for p in self.alive()]
         # Orphans of this tree re-parented to us (subreaper): recognised by the inherited tag.
-        with contextlib.suppress(psutil.NoSuchProcess):
-            for c in psutil.Process().children():
-                if (c.pid, _ctime(c)) not in self._members and _tag_of(c) == self.tag:
-                    self._add(c)
-                    with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
-                        for gc in c.children(recursive=True):
-                            self._add(gc)
+        known = {pid for pid, _ in self._members}
+        for pid in kids.get(me, []):
+            if pid not in known:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    if _tag_of(psutil.Process(pid)) == self.tag:
+                        roots.append(pid)
+        seen: set[int] = set()
+        while roots:
+            pid = roots.pop()
+            if pid in seen or pid == me:
+                continue
+            seen.add(pid)
+            if pid not in known:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    self._add(psutil.Process(pid))
+            roots.extend(kids.get(pid, []))
         return len(self.alive())
 
     def alive(self) -> list[psutil.Process]:
