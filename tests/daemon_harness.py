@@ -22,7 +22,7 @@ class DaemonProc:
         self.state_dir = Path(env["STATE_DIR"])
         self.root = Path(env["CGROUP_ROOT"])
         self.log_path = Path(env["STATE_DIR"]).parent / f"daemon-{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115
+        self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "watchdog_llm", *args, "run"],
             env=env,

@@ -123,7 +123,9 @@ def _human_status(d: dict[str, Any], running: bool) -> str:
     if y := d.get("last_yield"):
         detect = f"{y['detect_ms']:.1f} ms" if y.get("detect_ms") is not None else "?"
         stop = f"{y['stop_ms']:.0f} ms" if y.get("stop_ms") is not None else "in progress"
-        lines.append(f"  yielded: to {y['job']} {_ago(y.get('detected_at'))}: detected in {detect}, tree gone in {stop}")
+        lines.append(
+            f"  yielded: to {y['job']} {_ago(y.get('detected_at'))}: detected in {detect}, tree gone in {stop}"
+        )
     if t := d.get("tunnel"):
         lines.append(f"  tunnel:  {t.get('state')} {t.get('url') or ''}")
     if n := d.get("notifications"):
