@@ -120,7 +120,8 @@ class Tree:
 
     def close(self) -> None:
         if self.real:
-            for d in sorted(self._cleanup.rglob("*"), key=lambda p: -len(p.parts)):
+            dirs = [d for d in self._cleanup.rglob("*") if d.is_dir()]  # cgroupfs: control files too
+            for d in sorted(dirs, key=lambda p: -len(p.parts)):
                 d.rmdir()
             self._cleanup.rmdir()
         else:

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,17 +72,13 @@ class Tree:
             self._members.setdefault((p.pid, p.create_time()), p)
 
     def scan(self) -> int:
-        """Record descendants that appeared since the last scan. Returns how many are known alive.
-
-        One pass over /proc builds the parent map (psutil's children() would make one per call)."""
-        kids: dict[int, list[int]] = {}
-        for p in psutil.process_iter(["ppid"]):
-            kids.setdefault(p.info["ppid"], []).append(p.pid)
+        """Record descendants that appeared since the last scan. Returns how many are known alive."""
+        children = _children_reader()
         me = os.getpid()
+        known = {pid for pid, _ in self._members}
         roots = [p.pid for p in self.alive()]
         # Orphans of this tree re-parented to us (subreaper): recognised by the inherited tag.
-        known = {pid for pid, _ in self._members}
-        for pid in kids.get(me, []):
+        for pid in children(me):
             if pid not in known:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     if _tag_of(psutil.Process(pid)) == self.tag:
@@ -96,7 +92,7 @@ class Tree:
             if pid not in known:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     self._add(psutil.Process(pid))
-            roots.extend(kids.get(pid, []))
+            roots.extend(children(pid))
         return len(self.alive())
 
     def alive(self) -> list[psutil.Process]:
@@ -151,11 +147,32 @@ class Tree:
                 os.waitpid(p.pid, os.WNOHANG)
 
 
-def _ctime(p: psutil.Process) -> float:
+def _proc_children(pid: int) -> list[int]:
+    """Children of `pid` from /proc/<pid>/task/*/children: reads only our own tree, where a
+    parent map would read every process on the node (a busy node has thousands)."""
+    out: list[int] = []
     try:
-        return p.create_time()
-    except psutil.NoSuchProcess:
-        return -1.0
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(x) for x in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _children_reader() -> Callable[[int], list[int]]:
+    me = os.getpid()
+    if os.path.exists(f"/proc/{me}/task/{me}/children"):
+        return _proc_children
+    # Kernels without CONFIG_PROC_CHILDREN: one pass over /proc builds the parent map.
+    kids: dict[int, list[int]] = {}
+    for p in psutil.process_iter(["ppid"]):
+        kids.setdefault(p.info["ppid"], []).append(p.pid)
+    return lambda pid: kids.get(pid, [])
 
 
 async def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
