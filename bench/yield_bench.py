@@ -170,7 +170,7 @@ def idle_cost(proc: psutil.Process, seconds: float, include_children: bool) -> d
 # ---- watchdog-llm -----------------------------------------------------------------------------
 
 
-def bench_watchdog(tree: Tree, arrivals: int, idle: float) -> dict[str, Any]:
+def bench_watchdog(tree: Tree, arrivals: int, idle: float, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     state = Path(tempfile.mkdtemp(prefix="wdbench-state-"))
     names = {n.upper() for n in Settings.model_fields}
     env = {k: v for k, v in os.environ.items() if k.upper() not in names and not k.startswith("SLURM_")}
@@ -188,6 +188,7 @@ def bench_watchdog(tree: Tree, arrivals: int, idle: float) -> dict[str, Any]:
         STANDIN_FAST_EXIT=FAST_EXIT,
         WATCHDOG_LLM_CONFIG=str(state / "none.env"),
     )
+    env.update(extra_env or {})
     (state / "none.env").write_text("")
     daemon = subprocess.Popen(
         [sys.executable, "-m", "watchdog_llm", "run"],
