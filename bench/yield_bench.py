@@ -439,10 +439,12 @@ def print_table(r: dict[str, Any]) -> None:
         )
     ours, pred = r["watchdog_llm_prompt"]["idle"], r["predecessor_prompt"]["idle"]
     if ours and pred:
-        print(
-            f"| idle CPU, % of one core | {ours['cpu_percent']:.3f} | {pred['cpu_percent']:.3f} "
-            f"| {pred['cpu_percent'] / max(ours['cpu_percent'], 1e-4):.0f}x |"
-        )
+        # psutil's CPU times count clock ticks (10 ms): below one tick over the window reads as 0.
+        floor = 100 * 0.01 / r["idle_s"]
+        mine = ours["cpu_percent"]
+        shown = f"{mine:.3f}" if mine >= floor else f"< {floor:.3f} (under one 10 ms tick in {r['idle_s']:.0f} s)"
+        times = f"{pred['cpu_percent'] / mine:.0f}x" if mine >= floor else f"> {pred['cpu_percent'] / floor:.0f}x"
+        print(f"| idle CPU, % of one core | {shown} | {pred['cpu_percent']:.3f} | {times} |")
         print(f"| idle RSS, MB | {ours['rss_mb']:.1f} | {pred['rss_mb']:.1f} (bash alone) | |")
 
 

@@ -104,7 +104,7 @@ def run_demo(keep: bool = False) -> int:
             for n in _Sink.received:
                 print(f"  • {n.get('title', '')}: {str(n.get('message', '')).splitlines()[0]}")
         if keep:
-            print(f"\nscratch directory kept: {scratch}")
+            print(f"\nscratch directory kept: {scratch} (daemon.log, state/status.json, state/logs/)")
         else:
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -176,6 +176,7 @@ def _script(scratch: Path, daemon: subprocess.Popen[bytes]) -> int:
         f"yielded to {y['job']}: seen {y['detect_ms']:.1f} ms after the cgroup appeared; "
         f"whole tree ({len(tree)} processes) gone {gone_ms:.0f} ms after the job started"
     )
+    say("  (most of that is the stand-in's own graceful shutdown, as vLLM's; see docs/PERFORMANCE.md)")
     say(f"  a request now: {_chat_error(st['model_url'], key)} (the public gateway will answer 503 + Retry-After)")
 
     say("the job ends: its cgroup is removed; waiting RESUME_COOLDOWN=2 s with no job")
@@ -193,7 +194,6 @@ def _script(scratch: Path, daemon: subprocess.Popen[bytes]) -> int:
     say(f"daemon exited with code {code}; processes of ours left running: {len(left)}")
     if code != 0 or left:
         raise RuntimeError(f"unclean stop: exit code {code}, left {left}")
-    print(f"\ndaemon log: {scratch / 'daemon.log'} (use --keep to keep it)")
     return 0
 
 
