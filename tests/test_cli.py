@@ -133,3 +133,18 @@ def test_demo_runs_and_leaves_nothing(tmp_path: Path) -> None:
     for needle in ("STAND-IN", "serving", "yielded to job_4242", "serving again", "exited with code 0",
                    "processes of ours left running: 0", "GPUs yielded"):  # fmt: skip
         assert needle in out, f"{needle!r} missing from the demo's output:\n{out}"
+
+
+@pytest.mark.parametrize("args", ["--api_key secret", "--api-key=secret", "--api secret", "--port 9"])
+def test_reserved_vllm_flags_are_refused(daemon_env: dict[str, str], tmp_path: Path, args: str) -> None:
+    r = cli(env_with(daemon_env, VLLM_ARGS=args), "run")
+    assert r.returncode == 2 and "VLLM_ARGS" in r.stderr and "not allowed" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert "secret" not in r.stderr, "a key given by mistake must not be echoed back"
+
+
+def test_config_file_that_is_not_utf8(daemon_env: dict[str, str], tmp_path: Path) -> None:
+    cfg = tmp_path / "latin1.env"
+    cfg.write_bytes("# caf\xe9\nMODEL_NAME=m\n".encode("latin-1"))
+    r = cli(env_with(daemon_env, WATCHDOG_LLM_CONFIG=str(cfg)), "run")
+    assert r.returncode == 2 and "not UTF-8" in r.stderr and "Traceback" not in r.stderr

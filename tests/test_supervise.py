@@ -233,3 +233,32 @@ def _drain(q: asyncio.Queue[ChildEvent]) -> list[ChildEvent]:
     while not q.empty():
         out.append(q.get_nowait())
     return out
+
+
+@run_async
+async def test_a_child_forked_while_stopping_is_killed_too(tmp_path: Path) -> None:
+    """SIGTERM during model load can start a worker after our scan: the stop must still get it."""
+    script = tmp_path / "late_fork.py"
+    pidfile = tmp_path / "late.pid"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, signal, subprocess, sys, time
+            def on_term(*_):
+                p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+                open({str(pidfile)!r}, "w").write(str(p.pid))
+                os._exit(0)
+            signal.signal(signal.SIGTERM, on_term)
+            time.sleep(600)
+            """
+        )
+    )
+    h = Harness(ChildSpec("model", (sys.executable, str(script)), dict(os.environ)), tmp_path)
+    h.child.start(1)
+    await h.next(ChildReady)
+    await asyncio.sleep(0.3)
+    h.child.stop()
+    stopped = await h.next(ChildStopped)
+    assert isinstance(stopped, ChildStopped) and stopped.result.survivors == 0
+    assert not alive([int(pidfile.read_text())]), "the late child outlived the stop"
+    await h.child.close()

@@ -93,6 +93,7 @@ def load_api_key(s: Settings) -> str:
             return key
     key = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing (empty) file may have had looser permissions
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")
     return key
@@ -184,10 +185,10 @@ class Daemon:
             log=log,
             scan_interval=s.tree_scan_interval,
         )
-        self.model.launch()
+        self.model.launch(self._on_supervisor_crash)
         if s.tunnel_enabled:
             self.tunnel = self._make_tunnel(records, logs)
-            self.tunnel.launch()
+            self.tunnel.launch(self._on_supervisor_crash)
             self._start_tunnel()
         own = own_jobs(dict(os.environ), _read(Path("/proc/self/cgroup")))
         try:
@@ -235,6 +236,11 @@ class Daemon:
             raise StartupError(
                 f"another watchdog-llm (pid {other}) is running with STATE_DIR={str(self.s.state_dir)!r}"
             ) from None
+        except OSError as e:  # e.g. a cluster filesystem mounted without flock support
+            os.close(fd)
+            raise StartupError(
+                f"STATE_DIR={str(self.s.state_dir)!r} cannot be locked ({e.strerror}): use a local directory"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
@@ -244,10 +250,6 @@ class Daemon:
             handle.cancel()
         if self._pinger is not None:
             self._pinger.cancel()
-        with contextlib.suppress(RuntimeError):
-            loop = asyncio.get_running_loop()
-            for sig in SHUTDOWN_SIGNALS:
-                loop.remove_signal_handler(sig)
         if self.detector is not None:
             self.detector.stop()
         # Children last stopped by the policy are already down; close() stops anything left
@@ -255,6 +257,11 @@ class Daemon:
         for child in (self.model, self.tunnel):
             if child is not None:
                 await child.close()
+        # Signal handlers stay until the children are closed: a second Ctrl-C there means "hurry".
+        with contextlib.suppress(RuntimeError):
+            loop = asyncio.get_running_loop()
+            for sig in SHUTDOWN_SIGNALS:
+                loop.remove_signal_handler(sig)
         if self.notifier is not None:
             await self.notifier.close(NOTIFY_FLUSH_TIMEOUT)
         if self._notifier_task is not None:
@@ -264,6 +271,11 @@ class Daemon:
             self._publish_status()
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    def _on_supervisor_crash(self, exc: BaseException) -> None:
+        # A bug in supervision: its processes were SIGKILLed; stop the daemon rather than pretend.
+        self._exit_code = 1
+        self._exit.set()
 
     async def _watchdog_pings(self, usec: float) -> None:
         while True:  # runs on the event loop, so a stuck loop stops the pings and systemd notices

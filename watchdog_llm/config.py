@@ -121,9 +121,11 @@ class Settings(BaseSettings):
         except ValueError as e:
             raise ValueError(f"expected shell-quoted arguments ({e})") from None
         for word in words:
-            flag = word.split("=", 1)[0]
-            if flag in RESERVED_VLLM_FLAGS:
-                raise ValueError(f"{flag} is not allowed here: {RESERVED_VLLM_FLAGS[flag]}")
+            # argparse in vLLM accepts --api_key for --api-key, and unambiguous prefixes (--api).
+            flag = word.split("=", 1)[0].replace("_", "-")
+            for reserved, instead in RESERVED_VLLM_FLAGS.items():
+                if flag == reserved or (len(flag) > 3 and flag.startswith("--") and reserved.startswith(flag)):
+                    raise ValueError(f"{word.split('=', 1)[0]} is not allowed here: {instead}")
         return v
 
     @field_validator("ntfy_server")
@@ -178,7 +180,9 @@ class Settings(BaseSettings):
 
     @property
     def model_base_url(self) -> str:
-        host = "127.0.0.1" if self.server_host in ("0.0.0.0", "") else self.server_host
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.server_host, self.server_host)
+        if ":" in host:  # IPv6 literal
+            host = f"[{host}]"
         return f"http://{host}:{self.server_port}"
 
 
@@ -209,6 +213,8 @@ def _describe(err: dict[str, Any], source: Path | None) -> str:
     if loc and loc in {k.upper() for k in os.environ}:
         where = " (from the environment)"
     msg = str(err["msg"]).removeprefix("Value error, ")
+    if "API_KEY" in msg:  # a key typed into VLLM_ARGS by mistake: do not echo it back
+        value = "<hidden>"
     if not loc:  # model-level check: the message names the settings itself
         return f"bad settings{where}: {msg}"
     return f"bad setting {loc}={value!r}{where}: {msg}"
@@ -227,6 +233,8 @@ def load(cli_path: str | None = None, *, require_file: bool = False) -> Settings
         raise ConfigError(f"config file {path} is not a readable file")
     try:
         return Settings(_env_file=env_file)  # type: ignore[call-arg]
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}): {e.reason}") from None
     except ValidationError as e:
         lines = [_describe(dict(err), env_file) for err in e.errors()]
         raise ConfigError("\n".join(lines)) from None

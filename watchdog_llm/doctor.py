@@ -122,6 +122,8 @@ def _gpus(r: Report) -> None:
         n = pynvml.nvmlDeviceGetCount()
         names = [pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(n)]
         r.ok(f"{n} GPU(s) visible: {', '.join(str(x) for x in names)}")
+    except pynvml.NVMLError as e:
+        r.fail(f"NVML is present but failed: {e}")
     finally:
         pynvml.nvmlShutdown()
 

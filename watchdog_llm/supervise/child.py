@@ -146,13 +146,29 @@ class Child:
     async def close(self) -> None:
         """Stop whatever runs and end the owner task."""
         self._requests.put_nowait(("close", 0))
-        if self._owner is not None:
-            await self._owner
+        if self._owner is not None and not self._owner.done():
+            with contextlib.suppress(Exception):  # a crashed owner was reported by its callback
+                await self._owner
         for h in self._output.handlers:
             h.close()
 
-    def launch(self) -> asyncio.Task[None]:
+    def launch(self, on_crash: Callable[[BaseException], None] | None = None) -> asyncio.Task[None]:
+        """Start the owner task. If it ever dies of a bug, kill what it owned and tell `on_crash`."""
         self._owner = asyncio.create_task(self._own(), name=f"child-{self.spec.name}")
+
+        def done(task: asyncio.Task[None]) -> None:
+            if task.cancelled() or task.exception() is None:
+                return
+            exc = task.exception()
+            assert exc is not None
+            self.log.error("%s supervisor failed: %r; killing its processes", self.spec.name, exc)
+            if self._current is not None:
+                self._current.tree.signal_group(signal.SIGKILL)
+                self._current.tree.signal_each(signal.SIGKILL)
+            if on_crash is not None:
+                on_crash(exc)
+
+        self._owner.add_done_callback(done)
         return self._owner
 
     # ---- what status shows ---------------------------------------------------------------------
@@ -190,6 +206,7 @@ class Child:
         why = spec.preflight() if spec.preflight else None
         if why is not None:
             self.log.error("%s not started: %s", spec.name, why)
+            self._current = None
             self._set(DOWN, ChildState.EXITED)
             self.post(ChildExited(spec.name, run, None, why))
             return
@@ -211,6 +228,7 @@ class Child:
         except OSError as e:
             why = f"cannot run {spec.argv[0]}: {e.strerror or e}"
             self.log.error("%s not started: %s", spec.name, why)
+            self._current = None
             self._set(frozenset({ChildState.STARTING}), ChildState.EXITED)
             self.post(ChildExited(spec.name, run, None, why))
             return
@@ -276,7 +294,11 @@ class Child:
         tree.scan()  # members that appeared since the last scan, setsid()ed ones included
         alive = await self._wait_or_hurry(tree, self.grace)
         killed = 0
-        for _ in range(3):  # a member may fork while dying: rescan and repeat
+        for _ in range(3):
+            # A member may have forked after the scan above (a worker started while the model was
+            # loading): it never got SIGTERM. Rescan; only an empty rescan ends the stop.
+            tree.scan()
+            alive = tree.alive()
             if not alive:
                 break
             killed += len(alive)

@@ -37,7 +37,7 @@ class HttpProbe:
                 return True
             r = await client.get(self.confirm_url, headers=self.confirm_headers)
             return r.status_code == 200
-        except httpx.HTTPError:
+        except (httpx.HTTPError, httpx.InvalidURL, OSError):
             return False
 
 
