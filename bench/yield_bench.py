@@ -42,6 +42,7 @@ import psutil
 
 from watchdog_llm.config import Settings
 from watchdog_llm.detect import JobSeen, make_detector
+from watchdog_llm.supervise.probes import free_port
 from watchdog_llm.supervise.tree import wait_gone
 
 VENV_BIN = Path(sys.executable).parent
@@ -66,14 +67,6 @@ while true; do
   sleep 0.25
 done
 """
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -19,7 +19,6 @@ import os
 import random
 import secrets
 import signal
-import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -58,6 +57,7 @@ from watchdog_llm.policy import JobSeen as PolicyJobSeen
 from watchdog_llm.status import STATUS_FILE, write_atomic
 from watchdog_llm.supervise.backoff import backoff_delay
 from watchdog_llm.supervise.child import Child, ChildChanged, ChildEvent, ChildExited, ChildReady, ChildStopped
+from watchdog_llm.supervise.probes import free_port
 from watchdog_llm.supervise.specs import model_spec, resolve_bin, tunnel_config, tunnel_spec
 from watchdog_llm.supervise.states import ChildState
 from watchdog_llm.supervise.tree import Records, set_child_subreaper
@@ -97,12 +97,6 @@ def load_api_key(s: Settings) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")
     return key
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Daemon:

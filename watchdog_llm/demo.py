@@ -27,6 +27,8 @@ import psutil
 
 from watchdog_llm.config import Settings
 from watchdog_llm.status import read as read_status
+from watchdog_llm.supervise.probes import free_port
+from watchdog_llm.supervise.tree import is_gone
 
 T0 = time.monotonic()
 
@@ -54,14 +56,6 @@ class _Sink(BaseHTTPRequestHandler):
 
     def log_message(self, *args: Any) -> None:
         pass
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait(what: str, pred: Callable[[], Any], timeout: float, interval: float = 0.002) -> Any:
@@ -113,7 +107,7 @@ def _start_daemon(scratch: Path, ntfy_port: int) -> subprocess.Popen[bytes]:
     scope = scratch / "cgroup" / "system.slice" / "slurmstepd.scope"
     scope.mkdir(parents=True)
     (scope / "system").mkdir()  # slurmstepd's own cgroup: not a job
-    port = _free_port()
+    port = free_port()
     settings_names = {name.upper() for name in Settings.model_fields}
     env = {k: v for k, v in os.environ.items() if k.upper() not in settings_names and k != "SLURM_JOB_ID"}
     env.update(
@@ -168,7 +162,7 @@ def _script(scratch: Path, daemon: subprocess.Popen[bytes]) -> int:
     t_job = time.monotonic()
     job.mkdir()
     (job / "step_extern").mkdir()
-    _wait("the model tree to be gone", lambda: all(_gone(p) for p in tree), 30, 0.0005)
+    _wait("the model tree to be gone", lambda: all(is_gone(p) for p in tree), 30, 0.0005)
     gone_ms = (time.monotonic() - t_job) * 1000
     st = _wait("the yield to be recorded", lambda: (s := _status(scratch)).get("state") == "yielded" and s, 10)
     y = st["last_yield"]
@@ -186,11 +180,11 @@ def _script(scratch: Path, daemon: subprocess.Popen[bytes]) -> int:
     _wait("the model to start again", _state_is(scratch, "serving"), 60, 0.02)
     say(f"serving again {time.monotonic() - t_end:.1f} s after the job ended (2 s cooldown + model start-up)")
 
-    new_pids = _status(scratch).get("model_pids", [])
+    new_tree = [psutil.Process(p) for p in _status(scratch).get("model_pids", [])]
     say(f"SIGTERM to the daemon (pid {daemon.pid}), as Slurm or systemd would send it")
     daemon.send_signal(signal.SIGTERM)
     code = daemon.wait(30)
-    left = [p for p in new_pids if psutil.pid_exists(p) and not _gone(psutil.Process(p))]
+    left = [p.pid for p in new_tree if not is_gone(p)]
     say(f"daemon exited with code {code}; processes of ours left running: {len(left)}")
     if code != 0 or left:
         raise RuntimeError(f"unclean stop: exit code {code}, left {left}")
@@ -202,13 +196,6 @@ def _name(p: psutil.Process) -> str:
         return p.name()
     except psutil.Error:
         return "?"
-
-
-def _gone(p: psutil.Process) -> bool:
-    try:
-        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def _chat(base: str, key: str) -> str:
