@@ -1,0 +1,203 @@
+"""Which GPUs a Slurm job holds on this node, from `scontrol show job -d <id>`.
+
+The detail lines (one per group of nodes with the same allocation) carry the GRES indices:
+
+    Nodes=node-06 CPU_IDs=10-11,15,21 Mem=81920 GRES_IDX=gpu(IDX:0,2-3,5)     (Slurm <= 19.05)
+    Nodes=H CPU_IDs=0 Mem=0 GRES=gpu:2(IDX:0-1)                               (20.02 and later)
+    Nodes=n[1-2] CPU_IDs=0-7 Mem=0 GRES=gpu:h200:2(IDX:0-1)                   (typed GPUs)
+    Nodes=node-005 CPU_IDs=14-15 Mem=1024 GRES=gg:g0(CNT:1),gpu:1(IDX:3)       (several GRES)
+
+IDX is the node-local GRES index, which follows gres.conf's File= order (PCI bus order with
+AutoDetect=nvml): the device minor, not necessarily the NVML/CUDA index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+
+# Slurm 26.05 SLUID: "s" + 13 Crockford base32 characters (as detect/slurm.py).
+_SLUID = re.compile(r"s[0-9A-HJKMNP-TV-Z]{13}")
+_NODES = re.compile(r"(?:^|\s)Nodes=(\S+)")
+_GRES = re.compile(r"(?:^|\s)GRES(?:_IDX)?=(\S*)")
+_IDX = re.compile(r"\(IDX:([^)]*)\)")
+
+
+def job_id_of(job: str) -> str:
+    """The id scontrol takes: "job_123" -> "123"; a 26.05 SLUID ("s5K1KKYAYG5D00") -> itself."""
+    if job.startswith("job_") and job[4:].isdigit():
+        return job[4:]
+    return job
+
+
+def _split_top(text: str) -> list[str]:
+    """Split at commas outside brackets/parentheses ("a[1,2],b" -> ["a[1,2]", "b"])."""
+    parts: list[str] = []
+    cur: list[str] = []
+    depth = 0
+    for ch in text:
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth = max(0, depth - 1)
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p for p in parts if p]
+
+
+def _ranges(text: str) -> list[str]:
+    """ "01-03,07" -> ["01", "02", "03", "07"], keeping the zero padding of each range's start."""
+    out = []
+    for part in text.split(","):
+        lo, sep, hi = part.partition("-")
+        if not sep:
+            out.append(lo)
+            continue
+        width = len(lo) if lo.startswith("0") else 0
+        out.extend(str(n).zfill(width) for n in range(int(lo), int(hi) + 1))
+    return out
+
+
+def expand_hostlist(expr: str) -> list[str]:
+    """Slurm hostlist expression -> host names: "node[01-03,07],gpu5" -> node01 node02 node03 node07 gpu5."""
+    hosts: list[str] = []
+    for item in _split_top(expr.strip()):
+        m = re.search(r"\[([^\]]*)\]", item)
+        if m is None:
+            hosts.append(item)
+            continue
+        head, tail = item[: m.start()], item[m.end() :]
+        for mid in _ranges(m.group(1)):
+            hosts.extend(expand_hostlist(head + mid + tail))  # further bracket groups, if any
+    return hosts
+
+
+def _gpu_indices(gres: str) -> frozenset[int]:
+    """GPU indices in a detail line's GRES value; other GRES types (shard, mps, license-like) ignored."""
+    out: set[int] = set()
+    for item in _split_top(gres):
+        if re.split(r"[:(]", item, maxsplit=1)[0] != "gpu":
+            continue
+        m = _IDX.search(item)
+        if m is None or m.group(1) in ("", "N/A"):
+            continue
+        for n in _ranges(m.group(1)):
+            if n.isdigit():
+                out.add(int(n))
+    return frozenset(out)
+
+
+def _same_host(a: str, b: str) -> bool:
+    # scontrol prints NodeName; our hostname may be the FQDN or the short name.
+    return a == b or a.split(".", 1)[0] == b.split(".", 1)[0]
+
+
+def parse_job_gpus(text: str, node: str | None) -> frozenset[int] | None:
+    """GPU indices (Slurm GRES IDX) `scontrol show job -d` text gives the job on `node`.
+
+    node None: the first Nodes= line. frozenset(): the job has no GPUs on this node (or does not
+    run on it). None: the text does not say (job hidden by PrivateData, an error, no detail lines,
+    e.g. a pending job).
+    """
+    found = False
+    gpus: set[int] = set()
+    for line in text.splitlines():
+        m = _NODES.search(line)
+        if m is None or "CPU_IDs=" not in line:
+            continue  # `NodeList=`/`NumNodes=` lines are not detail lines
+        found = True
+        if node is not None and not any(_same_host(h, node) for h in expand_hostlist(m.group(1))):
+            continue
+        g = _GRES.search(line)
+        if g is not None:
+            gpus |= _gpu_indices(g.group(1))
+        if node is None:
+            break
+    return frozenset(gpus) if found else None
+
+
+class Scontrol:
+    """GPUs of jobs via `scontrol show job -d`, one query per job, cached (failures too)."""
+
+    def __init__(self, binary: str, timeout: float, node: str | None, log: logging.Logger) -> None:
+        self._binary = binary
+        self._timeout = timeout
+        self._node = node
+        self._log = log
+        self._cache: dict[str, frozenset[int] | None] = {}
+        # A job seen twice while its first query runs shares that query: one scontrol per job.
+        self._inflight: dict[str, asyncio.Future[frozenset[int] | None]] = {}
+
+    async def job_gpus(self, job: str) -> frozenset[int] | None:
+        """GPU indices of `job` on our node; None when scontrol cannot say (one log line why)."""
+        key = job_id_of(job)
+        if key in self._cache:
+            return self._cache[key]
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await self._join(job, pending)
+        fut: asyncio.Future[frozenset[int] | None] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            result = await self._query(key)
+        except BaseException:  # only cancellation gets here: _query reports every failure as None
+            fut.cancel()
+            raise
+        finally:
+            del self._inflight[key]
+        self._cache[key] = result
+        fut.set_result(result)
+        return result
+
+    async def _join(self, job: str, pending: asyncio.Future[frozenset[int] | None]) -> frozenset[int] | None:
+        try:
+            return await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we were cancelled ourselves
+            return await self.job_gpus(job)  # the query we joined was cancelled: run our own
+
+    def forget(self, job: str) -> None:
+        self._cache.pop(job_id_of(job), None)
+
+    async def _query(self, job_id: str) -> frozenset[int] | None:
+        out, why = await self._run(job_id)
+        if out is None:
+            self._log.warning("scontrol: job %s: %s", job_id, why)
+            return None
+        gpus = parse_job_gpus(out, self._node)
+        if gpus is None:
+            first = out.strip().splitlines()[0][:160] if out.strip() else "empty output"
+            self._log.info("scontrol: job %s: its GPUs are not shown (PrivateData?): %s", job_id, first)
+        return gpus
+
+    async def _run(self, job_id: str) -> tuple[str | None, str]:
+        """(stdout, "") or (None, why). Kills only the scontrol process it started."""
+        argv = [self._binary, "show", "job", "-d", job_id]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
+        except OSError as e:
+            return None, f"cannot run {self._binary}: {e.strerror or e}"
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), self._timeout)
+        except TimeoutError:
+            return None, f"{self._binary} did not answer within {self._timeout:g} s (killed)"
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                with contextlib.suppress(Exception):
+                    await proc.wait()
+        if proc.returncode != 0:
+            text = (err or out).decode(errors="replace").strip().splitlines()
+            return None, f"{self._binary} exited {proc.returncode}: {text[0][:160] if text else 'no output'}"
+        return out.decode(errors="replace"), ""
