@@ -267,7 +267,7 @@ def test_other_nvml_errors_fail_the_query_with_the_call_and_reason() -> None:
     view = NvmlView(1.0, LOG, nvml=fake)
     try:
         fake.fail["nvmlDeviceGetComputeRunningProcesses"] = pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
-        with pytest.raises(GpuError, match="^NVML call nvmlDeviceGetComputeRunningProcesses failed: GPU is lost$"):
+        with pytest.raises(GpuError, match=r"^NVML call nvmlDeviceGetComputeRunningProcesses failed: GPU is lost$"):
             view.processes()
         del fake.fail["nvmlDeviceGetComputeRunningProcesses"]
         assert view.processes() == []
@@ -308,7 +308,7 @@ def test_standin_faults_hang_and_error(tmp_path: Path) -> None:
     view = StandinView(path, 0.2, LOG)
     try:
         t0 = time.monotonic()
-        with pytest.raises(GpuError, match="timed out after 0.2 s"):
+        with pytest.raises(GpuError, match=r"timed out after 0\.2 s"):
             view.gpus()
         assert time.monotonic() - t0 < 0.7
         write_json(path, {**H100, "fault": {"error": "Driver Not Loaded"}})
