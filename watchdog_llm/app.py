@@ -19,8 +19,9 @@ import os
 import random
 import secrets
 import signal
+import socket
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,23 @@ import sdnotify
 import yaml
 
 from watchdog_llm import __version__
-from watchdog_llm.config import Settings
+from watchdog_llm.activity import ActivityProbe
+from watchdog_llm.config import Settings, TunnelOnYield
 from watchdog_llm.detect import DetectError, Detector, JobGone, JobSeen, Signal, make_detector
+from watchdog_llm.detect.gpu import GpuProcess, GpuView, GpuWatch, open_gpu_view, wait_released
+from watchdog_llm.detect.scontrol import Scontrol
 from watchdog_llm.detect.slurm import own_jobs
+from watchdog_llm.gpus import GpuPlan, GpuSetupError
+from watchdog_llm.gpus import plan as plan_gpus
 from watchdog_llm.notify import Message, Notifier, NotifyConfigError
 from watchdog_llm.policy import (
+    Activity,
     Decision,
     Event,
     Exit,
+    GpuBusy,
+    GpusReleased,
+    JobGpus,
     Limits,
     ModelExited,
     ModelReady,
@@ -51,6 +61,7 @@ from watchdog_llm.policy import (
     StopModel,
     TimerFired,
     decide,
+    served,
 )
 from watchdog_llm.policy import JobGone as PolicyJobGone
 from watchdog_llm.policy import JobSeen as PolicyJobSeen
@@ -128,6 +139,14 @@ class Daemon:
         self.notifier: Notifier | None = None
         self._notifier_task: asyncio.Task[None] | None = None
         self._pinger: asyncio.Task[None] | None = None
+        self.gpu: GpuView | None = None
+        self.gpu_plan = GpuPlan()
+        self.gpu_watch: GpuWatch | None = None
+        self.scontrol: Scontrol | None = None
+        self.activity: ActivityProbe | None = None
+        self._seen: dict[str, tuple[float, float | None]] = {}  # job -> (monotonic seen, cgroup age ms)
+        self._yield_pids: set[int] = set()  # the model tree when a yield's stop was asked for
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -168,6 +187,7 @@ class Daemon:
         except NotifyConfigError as e:
             raise StartupError(f"NOTIFY_URLS/NTFY_TOPIC: {e}") from None
         self._notifier_task = asyncio.create_task(self.notifier.run(), name="notifier")
+        self._setup_gpus()
         api_key = load_api_key(s)
         logs = s.state_dir / "logs"
         self.model = Child(
@@ -180,28 +200,87 @@ class Daemon:
             scan_interval=s.tree_scan_interval,
         )
         self.model.launch(self._on_supervisor_crash)
+        if s.idle_release_after > 0:
+            self.activity = ActivityProbe(s.model_base_url + "/metrics", s.idle_release_after, self._on_activity, log)
         if s.tunnel_enabled:
             self.tunnel = self._make_tunnel(records, logs)
             self.tunnel.launch(self._on_supervisor_crash)
             self._start_tunnel()
         own = own_jobs(dict(os.environ), _read(Path("/proc/self/cgroup")))
-        try:
-            self.detector = make_detector(
-                s.detection_mode, cgroup_root=s.cgroup_root, poll_interval=s.poll_interval, own=own, log=log
-            )
-            jobs = self.detector.start(lambda sig: _discard(loop.call_soon_threadsafe(self._on_detect, sig)))
-        except DetectError as e:
-            raise StartupError(f"DETECTION_MODE={s.detection_mode.value}: {e}") from None
-        for line in self.detector.describe():
-            log.info("detect: %s", line)
+        jobs: frozenset[str] = frozenset()
+        if (job_mode := s.detection_mode.jobs) is not None:
+            try:
+                self.detector = make_detector(
+                    job_mode, cgroup_root=s.cgroup_root, poll_interval=s.poll_interval, own=own, log=log
+                )
+                jobs = self.detector.start(lambda sig: _discard(loop.call_soon_threadsafe(self._on_detect, sig)))
+            except DetectError as e:
+                raise StartupError(f"DETECTION_MODE={s.detection_mode.value}: {e}") from None
+            for line in self.detector.describe():
+                log.info("detect: %s", line)
         if own:
             log.info("running inside Slurm job(s) %s: never yielding to them", ", ".join(sorted(own)))
+        if s.detection_mode.watches_gpus:
+            assert self.gpu is not None  # _setup_gpus refuses nvml/hybrid without a GPU view
+            self.gpu_watch = GpuWatch(
+                self.gpu,
+                s.gpu_poll_interval,
+                _our_pids,
+                lambda: self.state.gpus,
+                lambda busy, procs: _discard(loop.call_soon_threadsafe(self._on_gpu_busy, busy, procs)),
+                log,
+            )
+            self.gpu_watch.start()
         for sig in SHUTDOWN_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
-        self._handle(Startup(jobs))
+        # Jobs already running are looked up before the first decision: no start on a job's GPUs.
+        known = await self._lookup_all(jobs)
+        self._handle(Startup(jobs, known))
         self.sd.notify("READY=1")
         if usec := os.environ.get("WATCHDOG_USEC"):
             self._pinger = asyncio.create_task(self._watchdog_pings(int(usec) / 1e6), name="sd-watchdog")
+
+    def _setup_gpus(self) -> None:
+        """NVML (or its stand-in), which GPUs are ours, and how jobs are judged against them."""
+        s = self.s
+        self.gpu = open_gpu_view(s.gpu_standin, s.nvml_timeout, log)
+        if s.detection_mode.watches_gpus and self.gpu is None:
+            raise StartupError(f"DETECTION_MODE={s.detection_mode.value} needs NVML, and NVML is unavailable here")
+        try:
+            self.gpu_plan = plan_gpus(s, self.gpu, os.environ, log)
+        except GpuSetupError as e:
+            raise StartupError(str(e)) from None
+        for note in self.gpu_plan.notes:
+            log.info("%s", note)
+        gp = self.gpu_plan
+        if gp.yield_on == "overlap":
+            scontrol = resolve_bin(s.scontrol_bin)
+            if scontrol is None and s.detection_mode.jobs is not None:
+                log.warning("SCONTROL_BIN=%r not found: the GPUs of jobs are unknown; yielding to every job", s.scontrol_bin)
+                gp = replace(gp, yield_on="any")
+            elif scontrol is not None:
+                node = os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+                self.scontrol = Scontrol(scontrol, s.scontrol_timeout, node, log)
+        self.gpu_plan = gp
+        self.limits = replace(
+            self.limits,
+            yield_on=gp.yield_on,
+            num_gpus=s.num_gpus,
+            all_gpus=gp.all_gpus,
+            fixed_gpus=gp.fixed_gpus,
+            confirm_gpus=self.gpu is not None and gp.aware and s.gpu_release_timeout > 0,
+            idle_release_after=s.idle_release_after,
+            own_job=os.environ.get("SLURM_JOB_ID") or None,
+        )
+        if gp.aware:
+            which = "chosen from " + _ids(gp.all_gpus) if gp.all_gpus is not None else _ids(gp.fixed_gpus)
+            log.info("GPUs: %s (%s); yield on %s", which, self.gpu.name if self.gpu else "no NVML", gp.yield_on)
+
+    async def _lookup_all(self, jobs: frozenset[str]) -> dict[str, frozenset[int] | None]:
+        if self.scontrol is None or not jobs:
+            return {}
+        found = await asyncio.gather(*(self.scontrol.job_gpus(j) for j in sorted(jobs)))
+        return dict(zip(sorted(jobs), found, strict=True))
 
     def _make_tunnel(self, records: Records, logs: Path) -> Child:
         s = self.s
@@ -246,6 +325,12 @@ class Daemon:
             self._pinger.cancel()
         if self.detector is not None:
             self.detector.stop()
+        if self.gpu_watch is not None:
+            await asyncio.to_thread(self.gpu_watch.stop)
+        if self.activity is not None:
+            self.activity.stop()
+        for task in list(self._tasks):
+            task.cancel()
         # Children last stopped by the policy are already down; close() stops anything left
         # (the tunnel, or everything after an internal error) and ends their owner tasks.
         for child in (self.model, self.tunnel):
@@ -261,6 +346,8 @@ class Daemon:
         if self._notifier_task is not None:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(self._notifier_task, 1.0)
+        if self.gpu is not None:
+            self.gpu.close()
         if self._lock_fd is not None:  # we own STATE_DIR: record the final state
             self._publish_status()
             os.close(self._lock_fd)
@@ -295,12 +382,54 @@ class Daemon:
     def _on_detect(self, sig: Signal) -> None:
         if isinstance(sig, JobSeen):
             self._handle(PolicyJobSeen(sig.job, sig.age_ms), detected_at=sig.at)
+            if self.scontrol is not None:  # under YIELD_ON=overlap the job's GPUs decide
+                self._seen[sig.job] = (sig.at, sig.age_ms)
+                self._background(self._lookup(sig.job))
             # Logged after the kill: a slow log sink (a full pipe, journald) must never delay a yield.
             age = f"{sig.age_ms:.1f} ms after its cgroup appeared" if sig.age_ms is not None else "(age unknown)"
             asyncio.get_running_loop().call_soon(log.info, "job %s seen %s", sig.job, age)
         elif isinstance(sig, JobGone):
             log.info("job %s gone", sig.job)
+            self._seen.pop(sig.job, None)
+            if self.scontrol is not None:
+                self.scontrol.forget(sig.job)
             self._handle(PolicyJobGone(sig.job))
+
+    async def _lookup(self, job: str) -> None:
+        assert self.scontrol is not None
+        gpus = await self.scontrol.job_gpus(job)
+        at, age = self._seen.get(job, (None, None))
+        self._handle(JobGpus(job, gpus), detected_at=at, detect_ms=age)
+        where = "GPUs unknown" if gpus is None else f"GPU {_ids(gpus)}" if gpus else "no GPUs"
+        log.info("job %s: %s (ours: %s)", job, where, _ids(self.state.gpus))
+
+    def _on_gpu_busy(self, busy: frozenset[int], procs: list[GpuProcess]) -> None:
+        detail = ", ".join(f"pid {p.pid} on GPU {p.minor}" for p in procs[:4])
+        self._handle(GpuBusy(busy, detail))
+        if busy:
+            log.info("foreign GPU process(es): %s", detail)
+        else:
+            log.info("no foreign GPU processes on GPUs we watch")
+
+    def _on_activity(self) -> None:
+        self._handle(Activity())
+
+    def _background(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _confirm_released(self, gpus: frozenset[int], pids: set[int], since: float) -> None:
+        """After a yield: NVML must show none of our processes on our GPUs (the driver frees a dead
+        process's memory asynchronously, and an orphan outside our tree would hold it forever)."""
+        assert self.gpu is not None
+        _, still = await asyncio.to_thread(wait_released, self.gpu, pids, gpus, self.s.gpu_release_timeout)
+        ms = (time.monotonic() - since) * 1000
+        if still:
+            log.error("GPU memory still held by our process(es) %s", ", ".join(str(p.pid) for p in still))
+        else:
+            log.info("GPU %s: none of our processes left (%.0f ms after detection)", _ids(gpus), ms)
+        self._handle(GpusReleased(ms, len(still)))
 
     def _on_child(self, ev: ChildEvent) -> None:
         if isinstance(ev, ChildChanged):
@@ -312,15 +441,21 @@ class Daemon:
         match ev:
             case ChildReady(run=run) if run == self.state.run:
                 self._handle(ModelReady())
+                if self.tunnel is not None and self.tunnel.state in (ChildState.STOPPED, ChildState.EXITED):
+                    self._start_tunnel()  # TUNNEL_ON_YIELD=stop: back in the replica pool
             case ChildExited(code=code, run=run, why=why, tail=tail):
                 if tail:
                     log.warning("last lines of the model's output:\n  %s", "\n  ".join(tail))
                 self._handle(ModelExited(code, run, why))
             case ChildStopped(result=r):
                 start = self._yield_detected_at or r.requested_at
+                was_yield = self.state.phase is Phase.YIELDING
                 self._handle(StopDone((r.finished_at - start) * 1000, r.survivors))
                 if self.state.phase is not Phase.YIELDING:  # that was the yield's own stop
                     self._yield_detected_at = None
+                    if was_yield and self.state.awaiting_release:
+                        gpus = frozenset(self.state.last_yield.gpus if self.state.last_yield else ())
+                        self._background(self._confirm_released(gpus, self._yield_pids, start))
 
     def _on_tunnel(self, ev: ChildEvent) -> None:
         if isinstance(ev, ChildReady):
@@ -345,7 +480,9 @@ class Daemon:
 
     # ---- the one place decisions are made and carried out --------------------------------------
 
-    def _handle(self, event: Event, *, detected_at: float | None = None) -> None:
+    def _handle(self, event: Event, *, detected_at: float | None = None, detect_ms: float | None = None) -> None:
+        if isinstance(event, JobGpus) and detect_ms is not None:
+            event = replace(event, detect_ms=detect_ms)
         before = self.state
         d: Decision = decide(before, event, time.monotonic(), self.limits, self.rng.random())
         self.state = d.state
@@ -357,9 +494,15 @@ class Daemon:
                         self._yield_detected_at = detected_at
                     assert self.model is not None
                     self.model.stop()
-                case StartModel(run=run):
+                    if reason == "yield":
+                        self._yield_pids = set(self.model.pids)  # asked after the stop: costs the kill nothing
+                        if self.tunnel is not None and self.s.tunnel_on_yield is TunnelOnYield.STOP:
+                            self.tunnel.stop()
+                case StartModel(run=run, gpus=gpus):
                     assert self.model is not None
-                    self.model.start(run)
+                    self.model.start(run, self.gpu_plan.cuda_env(gpus))
+                    if self.activity is not None:
+                        self.activity.start()
                 case SetTimer(name=name, delay=delay, token=token):
                     self._arm_callback(name, delay, lambda n=name, t=token: self._handle(TimerFired(n, t)))
                 case Notify():
@@ -367,6 +510,8 @@ class Daemon:
                 case Exit(code=code):
                     self._exit_code = code
                     self._exit.set()
+        if self.activity is not None and d.state.phase not in (Phase.STARTING, Phase.SERVING):
+            self.activity.stop()
         if d.state != before or notices:
             # call_soon: runs after the child owner's wake-up that was queued above, so logs,
             # status files and notifications never delay a kill.
@@ -431,6 +576,16 @@ class Daemon:
                 "ready": self.tunnel.state is ChildState.RUNNING,
             },
             "detector": self.s.detection_mode.value,
+            "served_s": round(served(st, time.monotonic()), 1),
+            "gpus": {
+                "view": self.gpu.name if self.gpu is not None else None,
+                "ours": sorted(st.gpus),
+                "choose_from": None if self.limits.all_gpus is None else sorted(self.limits.all_gpus),
+                "fixed": None if self.limits.fixed_gpus is None else sorted(self.limits.fixed_gpus),
+                "yield_on": self.limits.yield_on,
+                "busy": sorted(st.busy),
+                "job_gpus": {j: None if g is None else sorted(g) for j, g in sorted(st.job_gpus.items())},
+            },
             "notifications": None
             if self.notifier is None
             else {"sent": self.notifier.sent, "failed": self.notifier.failed, "dropped": self.notifier.dropped},
@@ -445,6 +600,19 @@ class Daemon:
 
 def _discard(_: object) -> None:
     return None
+
+
+def _ids(gpus: frozenset[int] | None) -> str:
+    return ",".join(str(g) for g in sorted(gpus)) if gpus else "none"
+
+
+def _our_pids() -> set[int]:
+    """Every process below the daemon (a child subreaper: orphans of the model stay below us).
+    Read from /proc, so the GPU watch thread may call it."""
+    try:
+        return {p.pid for p in psutil.Process().children(recursive=True)}
+    except psutil.Error:
+        return set()
 
 
 def _read(path: Path) -> str:

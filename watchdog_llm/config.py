@@ -39,8 +39,30 @@ class ConfigError(Exception):
 
 
 class DetectionMode(StrEnum):
-    CGROUP = "cgroup"
-    PROCFS = "procfs"
+    CGROUP = "cgroup"  # Slurm jobs: inotify on their cgroups
+    PROCFS = "procfs"  # Slurm jobs: processes in job cgroups, by scanning /proc/<pid>/cgroup
+    NVML = "nvml"  # no Slurm: foreign compute processes on our GPUs (NVML)
+    HYBRID = "hybrid"  # cgroup (the early signal) + nvml (anything that reaches our GPUs anyway)
+
+    @property
+    def jobs(self) -> str | None:
+        """The Slurm job detector this mode runs, if any."""
+        return {"cgroup": "cgroup", "procfs": "procfs", "hybrid": "cgroup"}.get(self.value)
+
+    @property
+    def watches_gpus(self) -> bool:
+        return self in (DetectionMode.NVML, DetectionMode.HYBRID)
+
+
+class YieldOn(StrEnum):
+    AUTO = "auto"  # overlap when our GPUs are known (NVML or GPU_IDS), else any
+    ANY = "any"  # every Slurm job on the node
+    OVERLAP = "overlap"  # only jobs whose GPUs overlap ours (scontrol show job -d)
+
+
+class TunnelOnYield(StrEnum):
+    KEEP = "keep"
+    STOP = "stop"
 
 
 def default_state_dir() -> Path:
@@ -73,11 +95,22 @@ class Settings(BaseSettings):
     )
 
     # Yield and resume
-    detection_mode: DetectionMode = Field(DetectionMode.CGROUP, description="cgroup | procfs")
+    detection_mode: DetectionMode = Field(DetectionMode.CGROUP, description="cgroup | procfs | nvml | hybrid")
     cgroup_root: Path = Field(Path("/sys/fs/cgroup"), description="where Slurm job cgroups live")
     poll_interval: float = Field(0.25, gt=0, le=60, description="procfs scan period, seconds")
     yield_grace: float = Field(10.0, ge=0, le=600, description="seconds from SIGTERM to SIGKILL")
     resume_cooldown: float = Field(60.0, ge=0, description="seconds with no job before serving again")
+    yield_on: YieldOn = Field(YieldOn.AUTO, description="auto | any | overlap")
+    idle_release_after: float = Field(0.0, ge=0, description="serving with no request this long: exit 0 (0: never)")
+
+    # GPUs
+    gpu_ids: str = Field("", description="physical GPU ids (Slurm IDX) to use, e.g. 2,3; empty: choose")
+    gpu_poll_interval: float = Field(1.0, gt=0, le=600, description="NVML scan period for foreign processes")
+    nvml_timeout: float = Field(5.0, gt=0, le=120, description="longest wait for one NVML call")
+    gpu_release_timeout: float = Field(30.0, ge=0, le=600, description="after a yield, wait this long for NVML")
+    gpu_standin: Path | None = Field(None, description="stand-in GPU view (JSON) instead of NVML: demos, tests")
+    scontrol_bin: str = Field("scontrol", description="Slurm's scontrol, to read the GPUs of a job")
+    scontrol_timeout: float = Field(5.0, gt=0, le=120, description="longest wait for one scontrol call")
 
     # Restarts after crashes
     restart_backoff_max: float = Field(60.0, gt=0, description="longest wait between restarts, seconds")
@@ -98,6 +131,7 @@ class Settings(BaseSettings):
     tunnel_token: SecretStr = Field(SecretStr(""), description="tunnel token (given to cloudflared by environment)")
     tunnel_token_file: str = Field("", description="file holding the tunnel token")
     tunnel_metrics: str = Field("127.0.0.1:0", description="cloudflared --metrics address (port 0: pick one)")
+    tunnel_on_yield: TunnelOnYield = Field(TunnelOnYield.KEEP, description="keep | stop the tunnel while yielded")
 
     # Daemon
     state_dir: Path = Field(default_factory=default_state_dir, description="status, logs, pid records")
@@ -126,6 +160,15 @@ class Settings(BaseSettings):
             for reserved, instead in RESERVED_VLLM_FLAGS.items():
                 if flag == reserved or (len(flag) > 3 and flag.startswith("--") and reserved.startswith(flag)):
                     raise ValueError(f"{word.split('=', 1)[0]} is not allowed here: {instead}")
+        return v
+
+    @field_validator("gpu_ids")
+    @classmethod
+    def _gpu_ids(cls, v: str) -> str:
+        try:
+            parse_id_list(v)
+        except ValueError as e:
+            raise ValueError(f"expected GPU ids like 0,1 or 2-3 ({e})") from None
         return v
 
     @field_validator("ntfy_server")
@@ -160,6 +203,10 @@ class Settings(BaseSettings):
 
     # Derived values: computed here once so no other module re-parses settings.
     @property
+    def gpu_id_set(self) -> frozenset[int] | None:
+        return frozenset(parse_id_list(self.gpu_ids)) if self.gpu_ids.strip() else None
+
+    @property
     def vllm_argv(self) -> list[str]:
         return shlex.split(self.vllm_args)
 
@@ -184,6 +231,22 @@ class Settings(BaseSettings):
         if ":" in host:  # IPv6 literal
             host = f"[{host}]"
         return f"http://{host}:{self.server_port}"
+
+
+def parse_id_list(text: str) -> list[int]:
+    """'0,2-3' -> [0, 2, 3]: the form of GPU_IDS, SLURM_JOB_GPUS and Slurm's IDX lists."""
+    ids: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"{part!r} is not a number or a range")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first or last - first > 1024:
+            raise ValueError(f"{part!r} is not a valid range")
+        ids.extend(range(first, last + 1))
+    return sorted(set(ids))
 
 
 def ntfy_url(server: str, topic: str) -> str:

@@ -125,7 +125,7 @@ class Child:
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self.log_path = log_dir / f"{spec.name}.log"
         self._output = _output_logger(spec.name, self.log_path)
-        self._requests: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+        self._requests: asyncio.Queue[tuple[str, int, dict[str, str]]] = asyncio.Queue()
         self._current: _Run | None = None
         self._hurry = asyncio.Event()
         self._owner: asyncio.Task[None] | None = None
@@ -133,11 +133,12 @@ class Child:
 
     # ---- requests (any task may call these; they never block) --------------------------------
 
-    def start(self, run: int) -> None:
-        self._requests.put_nowait(("start", run))
+    def start(self, run: int, env: dict[str, str] | None = None) -> None:
+        """Start run `run`; `env` adds to (or overrides) the spec's environment for this run only."""
+        self._requests.put_nowait(("start", run, env or {}))
 
     def stop(self) -> None:
-        self._requests.put_nowait(("stop", 0))
+        self._requests.put_nowait(("stop", 0, {}))
 
     def hurry(self) -> None:
         """Cut the SIGTERM grace short (a second Ctrl-C): SIGKILL now."""
@@ -145,7 +146,7 @@ class Child:
 
     async def close(self) -> None:
         """Stop whatever runs and end the owner task."""
-        self._requests.put_nowait(("close", 0))
+        self._requests.put_nowait(("close", 0, {}))
         if self._owner is not None and not self._owner.done():
             with contextlib.suppress(Exception):  # a crashed owner was reported by its callback
                 await self._owner
@@ -185,9 +186,9 @@ class Child:
 
     async def _own(self) -> None:
         while True:
-            what, run = await self._requests.get()
+            what, run, env = await self._requests.get()
             if what == "start":
-                await self._spawn(run)
+                await self._spawn(run, env)
             elif what == "stop":
                 await self._stop(post=True)
             elif what == "ready":
@@ -201,7 +202,7 @@ class Child:
     def _set(self, expected: frozenset[ChildState], new: ChildState) -> None:
         self.state = transition(self.state, expected, new)
 
-    async def _spawn(self, run: int) -> None:
+    async def _spawn(self, run: int, env: dict[str, str]) -> None:
         spec = self.spec
         why = spec.preflight() if spec.preflight else None
         if why is not None:
@@ -221,7 +222,7 @@ class Child:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                env={**spec.env, TAG_ENV: tag},
+                env={**spec.env, **env, TAG_ENV: tag},
                 cwd=spec.cwd,
                 start_new_session=True,  # own session and group: signalled as a group, never by name
             )
@@ -341,13 +342,13 @@ class Child:
 
     async def _wait_exit(self, cur: _Run) -> None:
         await cur.exited
-        self._requests.put_nowait(("exited", cur.run))
+        self._requests.put_nowait(("exited", cur.run, {}))
 
     async def _probe(self, cur: _Run, probe: Probe) -> None:
         async with probe_client() as client:
             while self.state is ChildState.STARTING and cur.proc.returncode is None:
                 if await probe(client) and cur.proc.returncode is None:
-                    self._requests.put_nowait(("ready", cur.run))
+                    self._requests.put_nowait(("ready", cur.run, {}))
                     return
                 await asyncio.sleep(PROBE_INTERVAL)
 
