@@ -648,3 +648,35 @@ def test_tunnel_faults(procs: Procs, fault: str, code: int) -> None:
     s = procs.start(cloudflared_argv("tunnel", "--metrics", "127.0.0.1:0", "run"), env, "fault")
     assert s.proc.wait(5) == code
     assert "stand-in fault" in s.text()
+
+
+# ---------------------------------------------------------------------------------------------------
+# vllm-standin: GPU contexts in the GPU stand-in view (WATCHDOG_LLM_GPU_STANDIN)
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_workers_appear_on_their_gpus_in_the_gpu_standin_view(procs: Procs, tmp_path: Path) -> None:
+    import logging
+
+    from watchdog_llm.detect.gpu import GpuProcess, StandinView
+
+    gpus_file = tmp_path / "gpus.json"
+    data = Path(__file__).parent / "data" / "gpu" / "h100x4.json"
+    gpus_file.write_text(data.read_text())
+    view = StandinView(gpus_file, 2.0, logging.getLogger("test.standin"))
+    try:
+        port = free_port()
+        env = vllm_env(WATCHDOG_LLM_GPU_STANDIN=str(gpus_file), CUDA_VISIBLE_DEVICES="2,3")
+        s = procs.start(vllm_argv(port, "-tp", "2"), env, "vllm")
+        wait_serving(s, port)
+        tree = wait_tree(s, procs)
+        used = standin_vllm.STANDIN_USED_MEMORY
+        expected = [GpuProcess(2, tree.workers[0].pid, used), GpuProcess(3, tree.workers[1].pid, used)]
+        assert sorted(view.processes(), key=lambda p: p.minor) == expected
+
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(10) == 0
+        wait_until(lambda: view.processes() == [], 5, "the workers' GPU contexts to go")
+        assert list((tmp_path / "gpus.json.d").iterdir()) == []  # removed on a clean exit
+    finally:
+        view.close()

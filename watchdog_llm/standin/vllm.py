@@ -47,6 +47,11 @@ Environment (faults and timing):
   STANDIN_BIND_ONLY=1           real vLLM's start-up exactly: the socket is bound but not listening until
                                 the model is loaded, so connections are refused (not left hanging) meanwhile
                                 and the port still cannot be bound by another user.
+  WATCHDOG_LLM_GPU_STANDIN=<f>  with CUDA_VISIBLE_DEVICES (NVML indices) set: each process that would hold a
+                                CUDA context (Worker_TP<rank>; the EngineCore at TP=1) writes
+                                `<f>.d/<pid>.json` = {"pid", "minors": [minor of visible device <rank>],
+                                "used_memory"} once "loaded", so watchdog-llm's GPU stand-in view (detect/gpu.py)
+                                lists it as NVML would; removed on a clean exit (the view drops dead pids anyway).
 
 Dev endpoints (POST /sleep, POST /wake_up, GET /is_sleeping, POST /collective_rpc,
 POST /reset_prefix_cache) are always present here; real vLLM registers them only with
@@ -72,6 +77,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -161,6 +167,39 @@ def _spawn_self(role_args: list[str], pass_fds: tuple[int, ...]) -> "subprocess.
     return subprocess.Popen(argv, pass_fds=pass_fds)
 
 
+GPU_STANDIN_ENV = "WATCHDOG_LLM_GPU_STANDIN"
+STANDIN_USED_MEMORY = 73148 * 1024 * 1024  # what a TP worker of a 70B model holds on an H100 (gpu-util 0.9)
+
+
+def _claim_gpu(rank: int, log: Log) -> Path | None:
+    """Announce this process's "CUDA context" to the GPU stand-in view; returns the file to remove at exit."""
+    standin = os.environ.get(GPU_STANDIN_ENV, "").strip()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if not standin or not visible:
+        return None
+    try:
+        index = int(visible.split(",")[rank])
+        gpus = json.loads(Path(standin).read_text()).get("gpus", [])
+        minor = next(int(g["minor"]) for g in gpus if int(g["index"]) == index)
+        folder = Path(standin).with_name(Path(standin).name + ".d")
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{os.getpid()}.json"
+        tmp = folder / f".{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"pid": os.getpid(), "minors": [minor], "used_memory": STANDIN_USED_MEMORY}))
+        os.replace(tmp, path)  # atomic: the view may read at any moment
+    except (OSError, ValueError, IndexError, KeyError, TypeError, StopIteration) as e:
+        # Real vLLM fails here when CUDA cannot see the device: so does the stand-in.
+        log("ERROR", "worker_base.py:620", f"cannot use GPU rank {rank} of CUDA_VISIBLE_DEVICES={visible!r}: {e!r}")
+        raise SystemExit(1) from e
+    return path
+
+
+def _release_gpu(path: Path | None) -> None:
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 def _engine_main(ns: argparse.Namespace) -> int:
     set_process_title(ENGINE_TITLE)
     _install_child_signals()
@@ -174,10 +213,12 @@ def _engine_main(ns: argparse.Namespace) -> int:
     )
     workers: list[subprocess.Popen[bytes]] = []
     started = time.monotonic()
+    claimed: Path | None = None
     try:
         if ns.tp == 1:
             # vLLM's UniProcExecutor: the single worker lives inside the EngineCore process.
             time.sleep(env_float("STANDIN_STARTUP_S", 0.5))
+            claimed = _claim_gpu(0, log)
         else:
             # The death pipe's write end lives only here (never written): its EOF tells the workers
             # that this process is gone, as vLLM's MultiprocExecutor does.
@@ -224,6 +265,7 @@ def _engine_main(ns: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
         _terminate_all(workers, WORKER_SHUTDOWN_GRACE)
+        _release_gpu(claimed)
 
 
 def _worker_main(ns: argparse.Namespace) -> int:
@@ -240,9 +282,11 @@ def _worker_main(ns: argparse.Namespace) -> int:
         "multiproc_executor.py:436",
         f"{name} started pid={os.getpid()} (parent pid={os.getppid()}, pgid={os.getpgid(0)}, sid={os.getsid(0)})",
     )
+    claimed: Path | None = None
     try:
         startup = env_float("STANDIN_STARTUP_S", 0.5)
         time.sleep(startup)
+        claimed = _claim_gpu(ns.rank, log)
         log("INFO", "gpu_model_runner.py:2602", f"Model loading took 0.0000 GiB and {startup:.2f} seconds")
         with contextlib.suppress(OSError):  # the engine may be gone already: the death pipe says so
             os.write(ns.ready_fd, READY)
@@ -251,6 +295,8 @@ def _worker_main(ns: argparse.Namespace) -> int:
             signal.pause()
     except _Stop:
         return 0
+    finally:
+        _release_gpu(claimed)
 
 
 def _watch_engine(fd: int, log: Log) -> None:
