@@ -41,7 +41,7 @@ def run_doctor(s: Settings, *, send: bool, out: TextIO, environ: dict[str, str])
     _model(r, s)
     _tunnel(r, s)
     _detection(r, s, environ)
-    _gpus(r)
+    _gpus(r, s)
     _notifications(r, s, send)
     print(f"{'all checks passed' if not r.failures else f'{r.failures} check(s) failed'}", file=out)
     return r.failures == 0
@@ -110,22 +110,48 @@ def _detection(r: Report, s: Settings, environ: dict[str, str]) -> None:
         det.stop()
 
 
-def _gpus(r: Report) -> None:
-    try:
-        import pynvml
+def _gpus(r: Report, s: Settings) -> None:
+    from watchdog_llm.detect.gpu import GpuError, open_gpu_view
 
-        pynvml.nvmlInit()
-    except Exception as e:  # NVML raises its own error classes, and ImportError if absent
-        r.warn(f"no GPU visible through NVML ({type(e).__name__}: {e})")
+    # GPU_STANDIN / NVML_TIMEOUT may not exist in older Settings: getattr keeps doctor working either way.
+    standin: Path | None = getattr(s, "gpu_standin", None)
+    timeout = float(getattr(s, "nvml_timeout", 5.0))
+    # open_gpu_view says why NVML is unusable in one log line: show that line as the warning instead.
+    said: list[str] = []
+    log = logging.getLogger("watchdog_llm.doctor.gpu")
+    log.propagate = False
+    handler = _ListHandler(said)
+    log.addHandler(handler)
+    try:
+        view = open_gpu_view(standin, timeout, log)
+    finally:
+        log.removeHandler(handler)
+    if view is None:
+        r.warn(said[-1] if said else "GPU: NVML unavailable: GPU features off")
         return
     try:
-        n = pynvml.nvmlDeviceGetCount()
-        names = [pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(n)]
-        r.ok(f"{n} GPU(s) visible: {', '.join(str(x) for x in names)}")
-    except pynvml.NVMLError as e:
-        r.fail(f"NVML is present but failed: {e}")
+        gpus = view.gpus()
+        procs = view.processes()
+    except GpuError as e:
+        r.fail(f"{view.name} is present but failed: {e}")
+        return
     finally:
-        pynvml.nvmlShutdown()
+        view.close()
+    r.ok(f"{len(gpus)} GPU(s) visible through {view.name}")
+    for g in gpus:
+        r.info(f"GPU {g.index} (minor {g.minor}): {g.name}, {g.memory_total / 2**30:.1f} GiB, {g.pci_bus_id}")
+    # Doctor starts no model: every compute process now is foreign (or a leftover of an earlier run).
+    busy = sorted({p.minor for p in procs})
+    r.info(f"foreign compute processes now: {len(procs)}" + (f" on GPU minor(s) {busy}" if busy else ""))
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, out: list[str]) -> None:
+        super().__init__(logging.INFO)
+        self.out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.out.append(record.getMessage())
 
 
 def _notifications(r: Report, s: Settings, send: bool) -> None:
