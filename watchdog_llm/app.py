@@ -256,7 +256,7 @@ class Daemon:
         if gp.yield_on == "overlap":
             scontrol = resolve_bin(s.scontrol_bin)
             if scontrol is None and s.detection_mode.jobs is not None:
-                log.warning("SCONTROL_BIN=%r not found: the GPUs of jobs are unknown; yielding to every job", s.scontrol_bin)
+                log.warning("SCONTROL_BIN=%r not found: jobs' GPUs are unknown; yielding to every job", s.scontrol_bin)
                 gp = replace(gp, yield_on="any")
             elif scontrol is not None:
                 node = os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]

@@ -415,9 +415,7 @@ def _ready(state: State, now: float, limits: Limits) -> Decision:
     return Decision(new, actions)
 
 
-def _reconcile(
-    state: State, now: float, limits: Limits, trigger: str = "", detect_ms: float | None = None
-) -> Decision:
+def _reconcile(state: State, now: float, limits: Limits, trigger: str = "", detect_ms: float | None = None) -> Decision:
     """Facts changed (jobs, their GPUs, busy GPUs): yield, wait, or get ready to start again."""
     p = state.phase
     if p in MODEL_RUNNING:
