@@ -33,7 +33,7 @@ from watchdog_llm import __version__
 from watchdog_llm.activity import ActivityProbe
 from watchdog_llm.config import Settings, TunnelOnYield
 from watchdog_llm.detect import DetectError, Detector, JobGone, JobSeen, Signal, make_detector
-from watchdog_llm.detect.gpu import GpuProcess, GpuView, GpuWatch, open_gpu_view, wait_released
+from watchdog_llm.detect.gpu import GpuError, GpuProcess, GpuView, GpuWatch, open_gpu_view, wait_released
 from watchdog_llm.detect.scontrol import Scontrol
 from watchdog_llm.detect.slurm import own_jobs
 from watchdog_llm.gpus import GpuPlan, GpuSetupError
@@ -226,7 +226,7 @@ class Daemon:
                 self.gpu,
                 s.gpu_poll_interval,
                 _our_pids,
-                lambda: self.state.gpus,
+                lambda: self.limits.all_gpus or self.limits.fixed_gpus or frozenset(),
                 lambda busy, procs: _discard(loop.call_soon_threadsafe(self._on_gpu_busy, busy, procs)),
                 log,
             )
@@ -244,14 +244,18 @@ class Daemon:
         """NVML (or its stand-in), which GPUs are ours, and how jobs are judged against them."""
         s = self.s
         self.gpu = open_gpu_view(s.gpu_standin, s.nvml_timeout, log)
-        if s.detection_mode.watches_gpus and self.gpu is None:
-            raise StartupError(f"DETECTION_MODE={s.detection_mode.value} needs NVML, and NVML is unavailable here")
         try:
             self.gpu_plan = plan_gpus(s, self.gpu, os.environ, log)
         except GpuSetupError as e:
             raise StartupError(str(e)) from None
         for note in self.gpu_plan.notes:
             log.info("%s", note)
+        if self.gpu is not None and not self.gpu_plan.index_of:  # no GPU listed (or listing failed)
+            self.gpu.close()
+            self.gpu = None
+        if s.detection_mode.watches_gpus and (self.gpu is None or not self.gpu_plan.aware):
+            why = "NVML is unavailable" if self.gpu is None else "our GPUs are unknown (CUDA_VISIBLE_DEVICES set?)"
+            raise StartupError(f"DETECTION_MODE={s.detection_mode.value} needs NVML and known GPUs: {why}")
         gp = self.gpu_plan
         if gp.yield_on == "overlap":
             scontrol = resolve_bin(s.scontrol_bin)
@@ -423,7 +427,12 @@ class Daemon:
         """After a yield: NVML must show none of our processes on our GPUs (the driver frees a dead
         process's memory asynchronously, and an orphan outside our tree would hold it forever)."""
         assert self.gpu is not None
-        _, still = await asyncio.to_thread(wait_released, self.gpu, pids, gpus, self.s.gpu_release_timeout)
+        try:
+            _, still = await asyncio.to_thread(wait_released, self.gpu, pids, gpus, self.s.gpu_release_timeout)
+        except GpuError as e:
+            log.warning("GPU: cannot confirm that our GPU memory is free: %s", e)
+            self._handle(GpusReleased(None))
+            return
         ms = (time.monotonic() - since) * 1000
         if still:
             log.error("GPU memory still held by our process(es) %s", ", ".join(str(p.pid) for p in still))

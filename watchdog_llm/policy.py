@@ -108,7 +108,7 @@ class GpuBusy:
 
 @dataclass(frozen=True, slots=True)
 class GpusReleased:
-    ms: float  # yield detected -> NVML shows none of our processes on our GPUs
+    ms: float | None  # yield detected -> NVML shows none of our processes on our GPUs; None: NVML failed
     holders: int = 0  # our processes still on the GPUs when the confirmation gave up
 
 

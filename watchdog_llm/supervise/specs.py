@@ -47,6 +47,8 @@ def model_spec(s: Settings, llm_bin: str, api_key: str) -> ChildSpec:
     env = _base_env()
     env["VLLM_API_KEY"] = api_key  # by environment: argv is world-readable on a shared node
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # Slurm's GPU indices are in PCI bus order
+    if s.gpu_standin is not None:  # the stand-in model announces its GPU contexts to the stand-in NVML
+        env["WATCHDOG_LLM_GPU_STANDIN"] = str(s.gpu_standin)
     base = s.model_base_url
 
     def preflight() -> str | None:
