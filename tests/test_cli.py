@@ -130,7 +130,8 @@ def test_demo_runs_and_leaves_nothing(tmp_path: Path) -> None:
     r = subprocess.run([*CLI, "demo"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
-    for needle in ("STAND-IN", "serving", "yielded to job_4242", "serving again", "exited with code 0",
+    for needle in ("STAND-IN", "serving", "on GPUs 2,3 of 4", "still serving on GPUs 2,3", "yielded to job_4242",
+                   "NVML: none of our processes left on GPUs 2,3", "serving again", "exited with code 0",
                    "processes of ours left running: 0", "GPUs yielded"):  # fmt: skip
         assert needle in out, f"{needle!r} missing from the demo's output:\n{out}"
 

@@ -1,9 +1,10 @@
-"""`watchdog-llm demo`: the real daemon, a STAND-IN model server, a scratch cgroup tree, a fake job.
+"""`watchdog-llm demo`: the real daemon, a STAND-IN model server, a scratch cgroup tree, fake jobs.
 
 Nothing here needs a GPU, Slurm or root. The daemon runs as its own process exactly as `watchdog-llm
-run` would; only the model (vllm-standin, an OpenAI-compatible toy with vLLM's CLI and process tree)
-and the cgroup tree (plain directories with Slurm's cgroup v2 layout) are stand-ins. The timings it
-prints are measured, from outside the daemon, on this machine.
+run` would; only the model (vllm-standin, an OpenAI-compatible toy with vLLM's CLI and process tree),
+the cgroup tree (plain directories with Slurm's cgroup v2 layout), NVML (a JSON view of four GPUs
+that the stand-in's workers announce themselves to) and `scontrol` (a script printing Slurm's text)
+are stand-ins. The timings it prints are measured, from outside the daemon, on this machine.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -103,6 +105,48 @@ def run_demo(keep: bool = False) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _fake_gpus(path: Path, n: int = 4) -> None:
+    """Four GPUs as NVML reports an H100 node (values in NVML's units), for GPU_STANDIN."""
+    buses = ["18", "2A", "3A", "5D", "9A", "AB", "BA", "DB"]
+    gpus = [
+        {
+            "index": i,
+            "minor": i,
+            "uuid": f"GPU-00000000-0000-4000-8000-{i:012d}",
+            "name": "NVIDIA H100 80GB HBM3 (stand-in)",
+            "memory_total": 85520809984,
+            "pci_bus_id": f"00000000:{buses[i]}:00.0",
+        }
+        for i in range(n)
+    ]
+    path.write_text(json.dumps({"driver_version": "stand-in", "gpus": gpus, "processes": [], "fault": None}))
+
+
+def _fake_scontrol(scratch: Path) -> Path:
+    """`scontrol show job -d <id>` answered from scratch/jobs/<id>.txt, as Slurm 22.05 prints it."""
+    (scratch / "jobs").mkdir()
+    path = scratch / "scontrol"
+    path.write_text(
+        f'#!/bin/sh\nf="{scratch}/jobs/$4.txt"\n[ -f "$f" ] && exec cat "$f"\n'
+        'echo "slurm_load_jobs error: Invalid job id specified" >&2\nexit 1\n'
+    )
+    path.chmod(0o755)
+    return path
+
+
+def _job(scratch: Path, job_id: int, idx: str, n: int) -> Path:
+    """A Slurm job on GPUs `idx`: what scontrol will say of it, then its cgroup, as slurmstepd makes it."""
+    node = socket.gethostname().split(".")[0]
+    (scratch / "jobs" / f"{job_id}.txt").write_text(
+        f"JobId={job_id} JobName=wrap\n   JobState=RUNNING Reason=None Dependency=(null)\n"
+        f"   NodeList={node}\n   JOB_GRES=gpu:{n}\n     Nodes={node} CPU_IDs=0 Mem=0 GRES=gpu:{n}(IDX:{idx})\n"
+    )
+    job = scratch / "cgroup" / "system.slice" / "slurmstepd.scope" / f"job_{job_id}"
+    job.mkdir()
+    (job / "step_extern").mkdir()
+    return job
+
+
 def _start_daemon(scratch: Path, ntfy_port: int) -> subprocess.Popen[bytes]:
     scope = scratch / "cgroup" / "system.slice" / "slurmstepd.scope"
     scope.mkdir(parents=True)
@@ -124,7 +168,13 @@ def _start_daemon(scratch: Path, ntfy_port: int) -> subprocess.Popen[bytes]:
         NTFY_TOPIC="",
         NODE_NAME="demo-node",
         STANDIN_STARTUP_S="1.0",
+        GPU_STANDIN=str(scratch / "gpus.json"),
+        SCONTROL_BIN=str(_fake_scontrol(scratch)),
+        DETECTION_MODE="hybrid",
+        GPU_POLL_INTERVAL="0.5",
     )
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    _fake_gpus(scratch / "gpus.json")
     (scratch / "config.env").write_text("# demo: every setting comes from the environment\n")
     argv = [sys.executable, "-m", "watchdog_llm", "--config", str(scratch / "config.env"), "run"]
     say("starting the real daemon (`watchdog-llm run`) with the STAND-IN model server (not vLLM)")
@@ -154,14 +204,21 @@ def _script(scratch: Path, daemon: subprocess.Popen[bytes]) -> int:
     tree = [psutil.Process(p) for p in pids]
     names = ", ".join(sorted({_name(p) for p in tree}))
     say(f"serving {st['model']} at {st['model_url']}: {len(pids)} processes ({names})")
+    say(f"  on GPUs {_ids(st['gpus']['ours'])} of 4 (stand-in NVML): the highest free ones; Slurm hands out low ones")
     key = (scratch / "state" / "api_key").read_text().strip()
     say("chat through the official openai client: " + repr(_chat(st["model_url"], key)))
 
-    job = scratch / "cgroup" / "system.slice" / "slurmstepd.scope" / "job_4242"
-    say(f"a Slurm job starts: mkdir {job.relative_to(scratch)} (+ step_extern, as slurmstepd does)")
+    say("a Slurm job on GPU 0 starts (job_4241): scontrol says IDX:0, no overlap with ours")
+    other = _job(scratch, 4241, "0", 1)
+    _wait("job_4241's GPUs", lambda: "job_4241" in _status(scratch).get("gpus", {}).get("job_gpus", {}), 10)
+    st = _status(scratch)
+    if st.get("state") != "serving" or any(is_gone(p) for p in tree):
+        raise RuntimeError(f"a job on another GPU made the daemon stop serving: {st.get('reason')}")
+    say(f"  still serving on GPUs {_ids(st['gpus']['ours'])}: a job on other GPUs is no conflict")
+
+    say("a Slurm job on GPUs 2-3 starts (job_4242): mkdir its cgroup (+ step_extern, as slurmstepd does)")
     t_job = time.monotonic()
-    job.mkdir()
-    (job / "step_extern").mkdir()
+    job = _job(scratch, 4242, "2-3", 2)
     _wait("the model tree to be gone", lambda: all(is_gone(p) for p in tree), 30, 0.0005)
     gone_ms = (time.monotonic() - t_job) * 1000
     st = _wait("the yield to be recorded", lambda: (s := _status(scratch)).get("state") == "yielded" and s, 10)
@@ -171,14 +228,18 @@ def _script(scratch: Path, daemon: subprocess.Popen[bytes]) -> int:
         f"whole tree ({len(tree)} processes) gone {gone_ms:.0f} ms after the job started"
     )
     say("  (most of that is the stand-in's own graceful shutdown, as vLLM's; see docs/PERFORMANCE.md)")
+    y = _wait("NVML's confirmation", lambda: (s := _status(scratch)["last_yield"]).get("gpu_release_ms") and s, 15)
+    say(f"  NVML: none of our processes left on GPUs {_ids(y['gpus'])} {y['gpu_release_ms']:.0f} ms after detection")
     say(f"  a request now: {_chat_error(st['model_url'], key)} (the public gateway will answer 503 + Retry-After)")
 
-    say("the job ends: its cgroup is removed; waiting RESUME_COOLDOWN=2 s with no job")
+    say("job_4242 ends: its cgroup is removed; waiting RESUME_COOLDOWN=2 s with no job on GPUs 2-3")
     t_end = time.monotonic()
     (job / "step_extern").rmdir()
     job.rmdir()
     _wait("the model to start again", _state_is(scratch, "serving"), 60, 0.02)
     say(f"serving again {time.monotonic() - t_end:.1f} s after the job ended (2 s cooldown + model start-up)")
+    (other / "step_extern").rmdir()
+    other.rmdir()
 
     new_tree = [psutil.Process(p) for p in _status(scratch).get("model_pids", [])]
     say(f"SIGTERM to the daemon (pid {daemon.pid}), as Slurm or systemd would send it")
@@ -189,6 +250,10 @@ def _script(scratch: Path, daemon: subprocess.Popen[bytes]) -> int:
     if code != 0 or left:
         raise RuntimeError(f"unclean stop: exit code {code}, left {left}")
     return 0
+
+
+def _ids(ids: list[int]) -> str:
+    return ",".join(str(i) for i in ids) or "none"
 
 
 def _name(p: psutil.Process) -> str:
