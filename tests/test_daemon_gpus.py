@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -131,6 +132,10 @@ def test_overlap_yields_only_to_jobs_on_our_gpus(daemons, daemon_env, gpus, slur
     d.start_job("job_12")
     wait_for(lambda: d.status().get("gpus", {}).get("job_gpus", {}).get("job_12") == [], 10, what="job_12 looked up")
     assert d.status()["state"] == "serving" and sorted(d.status()["model_pids"]) == sorted(pids)
+    out = subprocess.run(
+        [sys.executable, "-m", "watchdog_llm", "status"], env=d.env, capture_output=True, text=True, timeout=30
+    ).stdout
+    assert "job_11 (GPU 0), job_12 (no GPUs)" in out and "ours 2,3 (yield on overlap" in out, out
 
     slurm.job(13, "1-2")  # overlaps GPU 2: yield
     d.start_job("job_13")

@@ -110,6 +110,25 @@ def _ago(t: Any) -> str:
     return f"{d:.0f} s ago" if d < 120 else f"{d / 60:.0f} min ago" if d < 7200 else f"{d / 3600:.1f} h ago"
 
 
+def _ids(ids: Any) -> str:
+    return ",".join(str(i) for i in ids) if ids else "none"
+
+
+def _jobs(d: dict[str, Any]) -> str:
+    """Jobs, with their GPUs where scontrol told them (YIELD_ON=overlap)."""
+    known = (d.get("gpus") or {}).get("job_gpus") or {}
+    out = []
+    for job in d.get("jobs") or []:
+        if job in known:
+            gpus = known[job]
+            out.append(
+                f"{job} (GPUs unknown)" if gpus is None else f"{job} (GPU {_ids(gpus)})" if gpus else f"{job} (no GPUs)"
+            )
+        else:
+            out.append(job)
+    return ", ".join(out) or "none"
+
+
 def _human_status(d: dict[str, Any], running: bool) -> str:
     head = f"{d.get('state', '?')} since {_ago(d.get('since'))}"
     if not running:
@@ -118,13 +137,18 @@ def _human_status(d: dict[str, Any], running: bool) -> str:
         f"watchdog-llm on {d.get('node', '?')}: {head}",
         f"  reason:  {d.get('reason', '')}",
         f"  model:   {d.get('model', '')} at {d.get('model_url', '')}  pids {d.get('model_pids') or '-'}",
-        f"  jobs:    {', '.join(d.get('jobs') or []) or 'none'}",
+        f"  jobs:    {_jobs(d)}",
     ]
+    if (g := d.get("gpus")) and (g.get("ours") or g.get("fixed") or g.get("choose_from")):
+        busy = f"; foreign processes on {_ids(g['busy'])}" if g.get("busy") else ""
+        lines.append(f"  GPUs:    ours {_ids(g.get('ours'))} (yield on {g.get('yield_on')}; {g.get('view')}){busy}")
     if y := d.get("last_yield"):
         detect = f"{y['detect_ms']:.1f} ms" if y.get("detect_ms") is not None else "?"
         stop = f"{y['stop_ms']:.0f} ms" if y.get("stop_ms") is not None else "in progress"
+        freed = f", GPU memory free in {y['gpu_release_ms']:.0f} ms" if y.get("gpu_release_ms") is not None else ""
+        who = y.get("cause") or y.get("job")
         lines.append(
-            f"  yielded: to {y['job']} {_ago(y.get('detected_at'))}: detected in {detect}, tree gone in {stop}"
+            f"  yielded: to {who} {_ago(y.get('detected_at'))}: detected in {detect}, tree gone in {stop}{freed}"
         )
     if t := d.get("tunnel"):
         lines.append(f"  tunnel:  {t.get('state')} {t.get('url') or ''}")
