@@ -77,6 +77,7 @@ log = logging.getLogger("watchdog_llm")
 
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # SIGHUP: tmux session closed
 NOTIFY_FLUSH_TIMEOUT = 8.0
+KILL_WAIT_DEFAULT = 30  # slurm.conf KillWait: SIGTERM -> SIGKILL of a job's processes
 
 
 class StartupError(Exception):
@@ -220,6 +221,13 @@ class Daemon:
                 log.info("detect: %s", line)
         if own:
             log.info("running inside Slurm job(s) %s: never yielding to them", ", ".join(sorted(own)))
+            if s.yield_grace > KILL_WAIT_DEFAULT - 5:
+                log.warning(
+                    "YIELD_GRACE=%.0f s: Slurm sends SIGKILL %d s after SIGTERM by default (KillWait); "
+                    "a shorter grace lets the daemon stop its tree and report before that",
+                    s.yield_grace,
+                    KILL_WAIT_DEFAULT,
+                )
         if s.detection_mode.watches_gpus:
             assert self.gpu is not None  # _setup_gpus refuses nvml/hybrid without a GPU view
             self.gpu_watch = GpuWatch(
