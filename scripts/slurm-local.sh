@@ -38,7 +38,7 @@ node_state() { timeout 10 sinfo -h -n "$H" -o %T 2>/dev/null | head -n1; }
 usable() {
     local s
     s=$(node_state) || return 1
-    [[ $s =~ ^(idle|mixed|allocated|completing)$ ]]
+    [[ $s =~ ^(idle|mixed|allocated|completing|planned)$ ]]
 }
 
 install_packages() {
@@ -92,7 +92,7 @@ PreemptMode=REQUEUE
 GresTypes=gpu
 NodeName=$H $conf RealMemory=$mem Gres=gpu:$NGPU State=UNKNOWN
 PartitionName=debug Nodes=$H Default=YES MaxTime=INFINITE State=UP PriorityTier=10
-PartitionName=standby Nodes=$H MaxTime=INFINITE State=UP PriorityTier=1
+PartitionName=standby Nodes=$H MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=0
 EOF
     cat >"$out/cgroup.conf" <<EOF
 $MARK
@@ -176,7 +176,7 @@ start() {
     for t in $(seq $((WAIT_S * 10))); do
         s=$(node_state || true)
         case $s in
-        idle | mixed | allocated | completing) break ;;
+        idle | mixed | allocated | completing | planned) break ;;
         *drain* | down* | fail*)
             # ReturnToService=2 brings a node back on registration; a node drained by an earlier
             # configuration (e.g. missing GPU files) needs this once.

@@ -21,7 +21,9 @@ import pytest
 
 CMD_TIMEOUT = 15.0
 REQUIRED = os.environ.get("WATCHDOG_LLM_REQUIRE_SLURM") == "1"
-USABLE_STATES = {"idle", "mixed", "allocated", "completing"}
+# "planned": idle, but reserved by the backfill scheduler for a pending job; the flag lingers
+# until the next backfill pass (bf_interval, 30 s) after that job is gone.
+USABLE_STATES = {"idle", "mixed", "allocated", "completing", "planned"}
 HOST = socket.gethostname().split(".")[0]
 REPO = Path(__file__).resolve().parent.parent
 

@@ -166,12 +166,19 @@ def test_mode_a_preempted_by_partition_priority_is_requeued(
     """standby (PriorityTier=1, GraceTime=0) preempted by a debug job that needs both CPUs."""
     if "standby" not in run("sinfo", "-h", "-o", "%R").stdout.split():
         pytest.skip("no standby partition (scripts/slurm-local.sh configures one)")
+    t0 = time.monotonic()
     a = ModeA(slurm, daemon_env, tmp_path, "-p", "standby")
     pids = a.serving()["model_pids"]
+    t1 = time.monotonic()
     big = slurm.sbatch("-p", "debug", "-c", "2", "--wrap", "sleep 30", "-o", "/dev/null", "-J", "wdtest-preemptor")
     st = a.wait(lambda s: s.get("state") == "stopped", "stopped after preemption", 30)
     gone(pids, 10)
+    t2 = time.monotonic()
     slurm.wait_running(big, 30)
+    print(
+        f"serving after {t1 - t0:.1f} s; stopped {t2 - t1:.1f} s after the preemptor's sbatch; "
+        f"preemptor running after {time.monotonic() - t1:.1f} s; notices {ntfy.titles()}"
+    )
     job = slurm.info(a.job)
     assert job.get("JobState") in {"PENDING", "REQUEUED", "REQUEUE_HOLD"}, job.get("JobState")
     assert int(job.get("Restarts", "0")) >= 1, job
