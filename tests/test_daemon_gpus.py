@@ -146,7 +146,7 @@ def test_overlap_yields_only_to_jobs_on_our_gpus(daemons, daemon_env, gpus, slur
     # NVML confirmation: none of our processes is left on GPUs 2 and 3.
     wait_for(lambda: any("GPUs yielded" in t for t in ntfy.titles()), 10, what="yield notice")
     notice = next(m for m in ntfy.received if "GPUs yielded" in str(m.get("title")))
-    assert "job_13" in notice["message"] and "GPU 2,3 memory free" in notice["message"]
+    assert "Slurm job 13 on GPU 2" in notice["message"] and "GPU 2,3 memory free" in notice["message"]
     assert d.status()["last_yield"]["gpu_release_ms"] is not None
     # GPUs 0 (job_11), 1 and 2 (job_13) are taken: one free GPU, two needed.
     assert "1 free GPU(s), 2 needed" in d.status()["reason"]

@@ -91,7 +91,7 @@ def test_a_job_on_one_of_our_gpus_takes_them_back() -> None:
     assert d.actions == (StopModel("yield"),)
     rec = dmn.state.last_yield
     assert rec is not None and rec.job == "job_5" and rec.gpus == (2, 3) and rec.detect_ms == 0.3
-    assert "GPU 2" in rec.cause and "job_5" in dmn.state.reason
+    assert rec.cause == "Slurm job 5 on GPU 2" and "job 5 on GPU 2" in dmn.state.reason
 
 
 def test_a_job_whose_gpus_cannot_be_known_takes_them_back() -> None:

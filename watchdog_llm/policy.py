@@ -284,9 +284,9 @@ def _conflict(state: State, limits: Limits, trigger: str) -> tuple[str, str] | N
                 continue  # being looked up: the model keeps serving until we know
             gpus = state.job_gpus[job]
             if gpus is None:
-                return job, f"Slurm job {job} (its GPUs cannot be known)"
+                return job, f"Slurm job {job.removeprefix('job_')} (its GPUs cannot be known)"
             if gpus & state.gpus:
-                return job, f"Slurm job {job} on GPU {_ids(gpus & state.gpus)}"
+                return job, f"Slurm job {job.removeprefix('job_')} on GPU {_ids(gpus & state.gpus)}"
     if limits.gpu_aware and state.busy & state.gpus:
         detail = f" ({state.busy_detail})" if state.busy_detail else ""
         return "", f"a foreign process on GPU {_ids(state.busy & state.gpus)}{detail}"
