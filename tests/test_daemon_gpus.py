@@ -299,3 +299,15 @@ def test_nvml_mode_without_nvml_is_a_clear_startup_error(daemon_env) -> None:
     )
     assert r.returncode == 2 and "DETECTION_MODE=nvml needs NVML" in r.stderr, r.stderr
     assert os.environ.get("WATCHDOG_LLM_NOT_A_SETTING") is None
+
+
+def test_doctor_shows_gpus_and_how_jobs_are_judged(daemon_env, gpus, slurm) -> None:
+    env = gpu_env(daemon_env, gpus, slurm, DETECTION_MODE="hybrid")
+    r = subprocess.run([sys.executable, "-m", "watchdog_llm", "doctor"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "4 GPU(s) visible through standin:" in r.stdout
+    assert "2 chosen at each start" in r.stdout and "YIELD_ON=overlap" in r.stdout and str(slurm.bin) in r.stdout
+    env = env_with(env, DETECTION_MODE="nvml")
+    env.pop("GPU_STANDIN")
+    r = subprocess.run([sys.executable, "-m", "watchdog_llm", "doctor"], env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and "FAIL  DETECTION_MODE=nvml needs NVML" in r.stdout, r.stdout

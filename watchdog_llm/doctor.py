@@ -41,7 +41,7 @@ def run_doctor(s: Settings, *, send: bool, out: TextIO, environ: dict[str, str])
     _model(r, s)
     _tunnel(r, s)
     _detection(r, s, environ)
-    _gpus(r, s)
+    _gpus(r, s, environ)
     _notifications(r, s, send)
     print(f"{'all checks passed' if not r.failures else f'{r.failures} check(s) failed'}", file=out)
     return r.failures == 0
@@ -93,10 +93,11 @@ def _detection(r: Report, s: Settings, environ: dict[str, str]) -> None:
     if own:
         r.info(f"inside Slurm job(s) {', '.join(sorted(own))}: never yielding to them")
     log = logging.getLogger("watchdog_llm.doctor")
+    if (job_mode := s.detection_mode.jobs) is None:
+        r.info(f"DETECTION_MODE={s.detection_mode.value}: Slurm jobs are not watched; only GPU use is")
+        return
     try:
-        det = make_detector(
-            s.detection_mode, cgroup_root=s.cgroup_root, poll_interval=s.poll_interval, own=own, log=log
-        )
+        det = make_detector(job_mode, cgroup_root=s.cgroup_root, poll_interval=s.poll_interval, own=own, log=log)
         jobs = det.start(lambda _sig: None)
     except DetectError as e:
         r.fail(f"DETECTION_MODE={s.detection_mode.value}: {e}")
@@ -110,12 +111,10 @@ def _detection(r: Report, s: Settings, environ: dict[str, str]) -> None:
         det.stop()
 
 
-def _gpus(r: Report, s: Settings) -> None:
+def _gpus(r: Report, s: Settings, environ: dict[str, str]) -> None:
     from watchdog_llm.detect.gpu import GpuError, open_gpu_view
+    from watchdog_llm.gpus import GpuSetupError, plan
 
-    # GPU_STANDIN / NVML_TIMEOUT may not exist in older Settings: getattr keeps doctor working either way.
-    standin: Path | None = getattr(s, "gpu_standin", None)
-    timeout = float(getattr(s, "nvml_timeout", 5.0))
     # open_gpu_view says why NVML is unusable in one log line: show that line as the warning instead.
     said: list[str] = []
     log = logging.getLogger("watchdog_llm.doctor.gpu")
@@ -123,17 +122,25 @@ def _gpus(r: Report, s: Settings) -> None:
     handler = _ListHandler(said)
     log.addHandler(handler)
     try:
-        view = open_gpu_view(standin, timeout, log)
+        view = open_gpu_view(s.gpu_standin, s.nvml_timeout, log)
     finally:
         log.removeHandler(handler)
     if view is None:
-        r.warn(said[-1] if said else "GPU: NVML unavailable: GPU features off")
+        if s.detection_mode.watches_gpus:
+            r.fail(f"DETECTION_MODE={s.detection_mode.value} needs NVML: {said[-1] if said else 'unavailable'}")
+        else:
+            r.warn(said[-1] if said else "GPU: NVML unavailable: GPU features off")
+        _yield_on(r, s, None)
         return
     try:
         gpus = view.gpus()
         procs = view.processes()
+        gp = plan(s, view, environ, log)
     except GpuError as e:
         r.fail(f"{view.name} is present but failed: {e}")
+        return
+    except GpuSetupError as e:
+        r.fail(str(e))
         return
     finally:
         view.close()
@@ -143,6 +150,26 @@ def _gpus(r: Report, s: Settings) -> None:
     # Doctor starts no model: every compute process now is foreign (or a leftover of an earlier run).
     busy = sorted({p.minor for p in procs})
     r.info(f"foreign compute processes now: {len(procs)}" + (f" on GPU minor(s) {busy}" if busy else ""))
+    for note in gp.notes:
+        r.info(note)
+    if gp.fixed_gpus is not None:
+        r.info(f"ours: GPU {', '.join(map(str, sorted(gp.fixed_gpus)))} (fixed)")
+    elif gp.all_gpus is not None:
+        r.info(f"ours: {s.num_gpus} chosen at each start from the free ones, highest ids first")
+    _yield_on(r, s, gp.yield_on)
+
+
+def _yield_on(r: Report, s: Settings, effective: str | None) -> None:
+    from watchdog_llm.supervise.specs import resolve_bin
+
+    if effective != "overlap":
+        r.info(f"YIELD_ON={s.yield_on.value}: every Slurm job on the node takes the GPUs back")
+        return
+    scontrol = resolve_bin(s.scontrol_bin)
+    if scontrol is None:
+        r.warn(f"YIELD_ON=overlap needs SCONTROL_BIN={s.scontrol_bin!r}: not found, so every job takes the GPUs back")
+    else:
+        r.ok(f"YIELD_ON=overlap: a job takes the GPUs back only if `{scontrol} show job -d` puts it on ours")
 
 
 class _ListHandler(logging.Handler):
