@@ -71,7 +71,7 @@ from watchdog_llm.supervise.child import Child, ChildChanged, ChildEvent, ChildE
 from watchdog_llm.supervise.probes import free_port
 from watchdog_llm.supervise.specs import model_spec, resolve_bin, tunnel_config, tunnel_spec
 from watchdog_llm.supervise.states import ChildState
-from watchdog_llm.supervise.tree import Records, set_child_subreaper
+from watchdog_llm.supervise.tree import Records, descendants, set_child_subreaper
 
 log = logging.getLogger("watchdog_llm")
 
@@ -624,12 +624,8 @@ def _ids(gpus: frozenset[int] | None) -> str:
 
 
 def _our_pids() -> set[int]:
-    """Every process below the daemon (a child subreaper: orphans of the model stay below us).
-    Read from /proc, so the GPU watch thread may call it."""
-    try:
-        return {p.pid for p in psutil.Process().children(recursive=True)}
-    except psutil.Error:
-        return set()
+    """Every process below the daemon (a child subreaper: orphans of the model stay below us)."""
+    return descendants(os.getpid())
 
 
 def _read(path: Path) -> str:

@@ -175,6 +175,20 @@ def _children_reader() -> Callable[[int], list[int]]:
     return lambda pid: kids.get(pid, [])
 
 
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid`, read through /proc/<pid>/task/*/children (our own tree only).
+    Safe from any thread: it keeps no state."""
+    children = _children_reader()
+    out: set[int] = set()
+    todo = children(pid)
+    while todo:
+        p = todo.pop()
+        if p not in out:
+            out.add(p)
+            todo.extend(children(p))
+    return out
+
+
 async def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
     """Wait until every process has exited, up to `timeout`. Returns those still alive.
 
