@@ -65,10 +65,11 @@ def wait_until(pred: Any, timeout: float, interval: float = 0.01) -> Any:
     raise TimeoutError("timed out")
 
 
-def job_dir(job: str) -> Path | None:
-    for d in Path("/sys/fs/cgroup/freezer").glob(f"slurm*/uid_*/job_{job}"):
-        return d
-    return None
+def running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def job_state(job: str) -> str:
@@ -122,7 +123,7 @@ def bench(arrivals: int, fast_exit: bool) -> dict[str, Any]:
             t_sbatch, wall_sbatch = time.monotonic(), time.time()
             job = out.strip().split(";")[0]
             jobs.append(job)
-            while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs):
+            while any(running(p) for p in procs):
                 time.sleep(0.001)
                 if time.monotonic() - t_sbatch > 30:
                     raise RuntimeError(f"model tree still running 30 s after job {job}")
