@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from daemon_harness import DaemonProc, env_with, gone
-from helpers import wait_for
+from helpers import alive, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 CLI = [sys.executable, "-m", "watchdog_llm"]
@@ -73,6 +73,25 @@ def test_a_second_signal_skips_the_grace_period(daemon_env: dict[str, str]) -> N
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(10) == 0
         assert time.monotonic() - t0 < 5
+        gone(pids, 2)
+    finally:
+        d.cleanup()
+
+
+def test_the_same_signal_twice_at_once_is_one_request(daemon_env: dict[str, str]) -> None:
+    """A plain scancel under the srun launcher delivers SIGTERM twice within milliseconds: that must
+    not cut the model's grace short; a later one still does."""
+    d = DaemonProc(env_with(daemon_env, STANDIN_IGNORE_SIGTERM="1", YIELD_GRACE="60"))
+    try:
+        pids = d.wait_state("serving")["model_pids"]
+        d.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.02)
+        d.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert d.proc.poll() is None and alive(pids), "the duplicate skipped the grace period"
+        assert "the same request, ignored" in d.log()
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(10) == 0
         gone(pids, 2)
     finally:
         d.cleanup()

@@ -42,10 +42,12 @@ def slurm() -> Iterator[Slurm]:
         s.cleanup()
 
 
-def final_notice(titles: list[str]) -> list[str]:
-    """The daemon's last word as a Slurm job. Loose on purpose: "preempted: job N" when the daemon
-    knows its job (the dedicated notice), "watchdog-llm stopped" otherwise."""
-    return [t for t in titles if "preempted" in t.lower() or "stopped" in t.lower()]
+def final_notice(ntfy: Any, job: str) -> dict[str, Any] | None:
+    """The daemon's last word as Slurm job `job`: "preempted: job N", with the time it served."""
+    for m in ntfy.received:
+        if f"preempted: job {job}" in str(m.get("title", "")) and "served" in str(m.get("message", "")):
+            return dict(m)
+    return None
 
 
 # ---- mode B: watch and yield ------------------------------------------------------------------
@@ -114,10 +116,7 @@ class ModeA:
         log = self.log.read_text(errors="replace")
         assert alive([st["daemon_pid"]]) == [], "daemon still running"
         assert "Traceback" not in log, log
-        deadline = time.monotonic() + 10
-        while not final_notice(ntfy.titles()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert final_notice(ntfy.titles()), ntfy.titles()
+        assert _wait_notice(ntfy, self.job), ntfy.titles()
         st["slurm_state"] = final
         st["slurm_exit"] = self.slurm.info(self.job).get("ExitCode")
         return st
@@ -182,14 +181,14 @@ def test_mode_a_preempted_by_partition_priority_is_requeued(
     job = slurm.info(a.job)
     assert job.get("JobState") in {"PENDING", "REQUEUED", "REQUEUE_HOLD"}, job.get("JobState")
     assert int(job.get("Restarts", "0")) >= 1, job
-    assert final_notice(ntfy.titles()) or _wait_notice(ntfy), ntfy.titles()
+    assert _wait_notice(ntfy, a.job), ntfy.titles()
     assert st["daemon_pid"] and not alive([st["daemon_pid"]])
 
 
-def _wait_notice(ntfy: Any, timeout: float = 10.0) -> bool:
+def _wait_notice(ntfy: Any, job: str, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if final_notice(ntfy.titles()):
+        if final_notice(ntfy, job):
             return True
         time.sleep(0.05)
     return False

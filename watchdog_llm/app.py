@@ -77,6 +77,7 @@ log = logging.getLogger("watchdog_llm")
 
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # SIGHUP: tmux session closed
 NOTIFY_FLUSH_TIMEOUT = 8.0
+DUPLICATE_SIGNAL_S = 0.5  # a second stop signal sooner than this is the same request, not "hurry"
 KILL_WAIT_DEFAULT = 30  # slurm.conf KillWait: SIGTERM -> SIGKILL of a job's processes
 
 
@@ -130,6 +131,7 @@ class Daemon:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._yield_detected_at: float | None = None  # monotonic time the yielding job was seen
         self._shutdown_signals = 0
+        self._first_signal_at = 0.0
         self._tunnel_run = 0
         self._tunnel_failures = 0
         self._tunnel_url = ""
@@ -378,6 +380,14 @@ class Daemon:
     # ---- inputs --------------------------------------------------------------------------------
 
     def _on_signal(self, sig: signal.Signals) -> None:
+        now = time.monotonic()
+        if self._shutdown_signals and now - self._first_signal_at < DUPLICATE_SIGNAL_S:
+            # One event delivered twice (a plain scancel signals the batch shell, whose trap has
+            # Slurm signal the step too): not a person asking to hurry.
+            log.info(
+                "%s again %.0f ms later: the same request, ignored", sig.name, (now - self._first_signal_at) * 1000
+            )
+            return
         self._shutdown_signals += 1
         if self._shutdown_signals > 1:
             log.warning("%s again: skipping the grace period, killing now", sig.name)
@@ -385,6 +395,7 @@ class Daemon:
                 if child is not None:
                     child.hurry()
             return
+        self._first_signal_at = now
         log.info("%s received: stopping", sig.name)
         self.sd.notify("STOPPING=1")
         if self.tunnel is not None:
