@@ -131,3 +131,26 @@ def daemon_env(tmp_path: Path, ntfy: NtfySink) -> dict[str, str]:
     )
     (tmp_path / "config.env").write_text("# test: settings come from the environment\n")
     return env
+
+
+@pytest.fixture
+def slurm() -> Iterator[Any]:
+    """The real one-node Slurm (scripts/slurm-local.sh start), to ourselves; every job we submit is
+    cancelled by id afterwards. Skips with the reason when it is not usable (fails under
+    WATCHDOG_LLM_REQUIRE_SLURM=1, as in CI)."""
+    from slurm_cluster import Slurm, not_usable, usable_reason
+
+    reason = usable_reason()
+    if reason:
+        not_usable(reason)
+    s = Slurm()
+    # Jobs of an earlier test may still be completing; anything else on the node spoils the counts.
+    deadline = time.monotonic() + 15
+    while (busy := s.node_jobs()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if busy:
+        not_usable(f"node busy with jobs {busy} (these tests need it to themselves)")
+    try:
+        yield s
+    finally:
+        s.cleanup()

@@ -70,7 +70,7 @@ class FakeSlurm:
 
 
 @pytest.fixture
-def slurm(tmp_path: Path) -> FakeSlurm:
+def fake_slurm(tmp_path: Path) -> FakeSlurm:
     return FakeSlurm(tmp_path)
 
 
@@ -116,8 +116,8 @@ def on_gpus(gpus: Path, pids: list[int]) -> dict[int, set[int]]:
         view.close()
 
 
-def test_overlap_yields_only_to_jobs_on_our_gpus(daemons, daemon_env, gpus, slurm, ntfy) -> None:
-    d = start(daemons, gpu_env(daemon_env, gpus, slurm))
+def test_overlap_yields_only_to_jobs_on_our_gpus(daemons, daemon_env, gpus, fake_slurm, ntfy) -> None:
+    d = start(daemons, gpu_env(daemon_env, gpus, fake_slurm))
     st = d.wait_state("serving")
     assert st["gpus"]["ours"] == [2, 3] and st["gpus"]["yield_on"] == "overlap"
     pids = st["model_pids"]
@@ -125,10 +125,10 @@ def test_overlap_yields_only_to_jobs_on_our_gpus(daemons, daemon_env, gpus, slur
     held = wait_for(lambda: on_gpus(gpus, pids) if len(on_gpus(gpus, pids)) == 2 else None, 10, what="contexts")
     assert sorted(m for ms in held.values() for m in ms) == [2, 3]
 
-    slurm.job(11, "0")  # a job on GPU 0: no conflict
+    fake_slurm.job(11, "0")  # a job on GPU 0: no conflict
     d.start_job("job_11")
     wait_for(lambda: d.status().get("gpus", {}).get("job_gpus", {}).get("job_11") == [0], 10, what="job_11 looked up")
-    slurm.job(12, None)  # a job without GPUs: no conflict either
+    fake_slurm.job(12, None)  # a job without GPUs: no conflict either
     d.start_job("job_12")
     wait_for(lambda: d.status().get("gpus", {}).get("job_gpus", {}).get("job_12") == [], 10, what="job_12 looked up")
     assert d.status()["state"] == "serving" and sorted(d.status()["model_pids"]) == sorted(pids)
@@ -137,7 +137,7 @@ def test_overlap_yields_only_to_jobs_on_our_gpus(daemons, daemon_env, gpus, slur
     ).stdout
     assert "job_11 (GPU 0), job_12 (no GPUs)" in out and "ours 2,3 (yield on overlap" in out, out
 
-    slurm.job(13, "1-2")  # overlaps GPU 2: yield
+    fake_slurm.job(13, "1-2")  # overlaps GPU 2: yield
     d.start_job("job_13")
     st = d.wait_state("yielded")
     gone(pids)
@@ -161,8 +161,8 @@ def test_overlap_yields_only_to_jobs_on_our_gpus(daemons, daemon_env, gpus, slur
     assert d.terminate() == 0
 
 
-def test_foreign_gpu_process_takes_our_gpu_back(daemons, daemon_env, gpus, slurm) -> None:
-    d = start(daemons, gpu_env(daemon_env, gpus, slurm))
+def test_foreign_gpu_process_takes_our_gpu_back(daemons, daemon_env, gpus, fake_slurm) -> None:
+    d = start(daemons, gpu_env(daemon_env, gpus, fake_slurm))
     pids = d.wait_state("serving")["model_pids"]
     intruder = subprocess.Popen(["sleep", "60"])
     try:
@@ -193,8 +193,8 @@ def test_foreign_gpu_process_takes_our_gpu_back(daemons, daemon_env, gpus, slurm
     assert d.terminate() == 0
 
 
-def test_inside_a_slurm_job_sigterm_is_a_preemption(daemons, daemon_env, gpus, slurm, ntfy) -> None:
-    env = gpu_env(daemon_env, gpus, slurm, NUM_GPUS="1", DETECTION_MODE="cgroup")
+def test_inside_a_slurm_job_sigterm_is_a_preemption(daemons, daemon_env, gpus, fake_slurm, ntfy) -> None:
+    env = gpu_env(daemon_env, gpus, fake_slurm, NUM_GPUS="1", DETECTION_MODE="cgroup")
     env.update(SLURM_JOB_ID="4242", SLURM_JOB_GPUS="1")
     d = start(daemons, env)
     st = d.wait_state("serving")
@@ -255,11 +255,11 @@ def test_tunnel_on_yield_stop_drops_out_and_comes_back(daemons, daemon_env, tmp_
     assert d.terminate() == 0
 
 
-def test_stuck_nvml_turns_gpu_features_off_instead_of_hanging(daemons, daemon_env, gpus, slurm) -> None:
+def test_stuck_nvml_turns_gpu_features_off_instead_of_hanging(daemons, daemon_env, gpus, fake_slurm) -> None:
     data = json.loads(gpus.read_text())
     data["fault"] = {"hang_s": 30}
     gpus.write_text(json.dumps(data))
-    env = gpu_env(daemon_env, gpus, slurm, DETECTION_MODE="cgroup", NVML_TIMEOUT="0.5")
+    env = gpu_env(daemon_env, gpus, fake_slurm, DETECTION_MODE="cgroup", NVML_TIMEOUT="0.5")
     t0 = time.monotonic()
     d = start(daemons, env)
     st = d.wait_state("serving")
@@ -269,7 +269,7 @@ def test_stuck_nvml_turns_gpu_features_off_instead_of_hanging(daemons, daemon_en
     assert d.terminate() == 0
 
 
-def test_gpu_settings_at_fault_are_named(daemon_env, gpus, slurm) -> None:
+def test_gpu_settings_at_fault_are_named(daemon_env, gpus, fake_slurm) -> None:
     import sys
 
     cases = {
@@ -280,7 +280,7 @@ def test_gpu_settings_at_fault_are_named(daemon_env, gpus, slurm) -> None:
     }
     for setting, (name, what) in cases.items():
         k, v = setting.split("=")
-        env = gpu_env(daemon_env, gpus, slurm, DETECTION_MODE="cgroup")
+        env = gpu_env(daemon_env, gpus, fake_slurm, DETECTION_MODE="cgroup")
         env[k] = v
         r = subprocess.run(
             [sys.executable, "-m", "watchdog_llm", "run"], env=env, capture_output=True, text=True, timeout=30
@@ -301,12 +301,12 @@ def test_nvml_mode_without_nvml_is_a_clear_startup_error(daemon_env) -> None:
     assert os.environ.get("WATCHDOG_LLM_NOT_A_SETTING") is None
 
 
-def test_doctor_shows_gpus_and_how_jobs_are_judged(daemon_env, gpus, slurm) -> None:
-    env = gpu_env(daemon_env, gpus, slurm, DETECTION_MODE="hybrid")
+def test_doctor_shows_gpus_and_how_jobs_are_judged(daemon_env, gpus, fake_slurm) -> None:
+    env = gpu_env(daemon_env, gpus, fake_slurm, DETECTION_MODE="hybrid")
     r = subprocess.run([sys.executable, "-m", "watchdog_llm", "doctor"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "4 GPU(s) visible through standin:" in r.stdout
-    assert "2 chosen at each start" in r.stdout and "YIELD_ON=overlap" in r.stdout and str(slurm.bin) in r.stdout
+    assert "2 chosen at each start" in r.stdout and "YIELD_ON=overlap" in r.stdout and str(fake_slurm.bin) in r.stdout
     env = env_with(env, DETECTION_MODE="nvml")
     env.pop("GPU_STANDIN")
     r = subprocess.run([sys.executable, "-m", "watchdog_llm", "doctor"], env=env, capture_output=True, text=True)

@@ -10,36 +10,17 @@ Skips with the reason when Slurm is not usable, fails instead under WATCHDOG_LLM
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from daemon_harness import DaemonProc, env_with, gone
 from helpers import alive, bin_path
-from slurm_cluster import REPO, Slurm, not_usable, read_status, run, usable_reason, wait_status
+from slurm_cluster import REPO, Slurm, read_status, run, wait_status
 
 pytestmark = [pytest.mark.cgroupfs, pytest.mark.timeout(120)]
 
 SBATCH = REPO / "slurm" / "watchdog.sbatch"
-
-
-@pytest.fixture
-def slurm() -> Iterator[Slurm]:
-    reason = usable_reason()
-    if reason:
-        not_usable(reason)
-    s = Slurm()
-    # Jobs of an earlier test may still be completing; anything else on the node spoils the counts.
-    deadline = time.monotonic() + 15
-    while (busy := s.node_jobs()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if busy:
-        not_usable(f"node busy with jobs {busy} (these tests need it to themselves)")
-    try:
-        yield s
-    finally:
-        s.cleanup()
 
 
 def final_notice(ntfy: Any, job: str) -> dict[str, Any] | None:
