@@ -11,7 +11,7 @@ parallel 2: four processes). N times: `sbatch --wrap 'sleep 2'`, then measure
 then wait for the job to end and the daemon to serve again.
 
     scripts/slurm-local.sh start
-    .venv/bin/python bench/slurm_bench.py [--arrivals 10] [--graceful] [--json PATH]
+    .venv/bin/python bench/slurm_bench.py [--arrivals 10] [--graceful] [--overlap] [--json PATH]
 
 Writes bench/results/<date>-slurm.json unless --json says otherwise. Numbers for docs/SLURM.md.
 """
@@ -77,7 +77,12 @@ def job_state(job: str) -> str:
     return out.strip()
 
 
-def bench(arrivals: int, fast_exit: bool) -> dict[str, Any]:
+GPUS = Path(__file__).resolve().parent.parent / "tests" / "data" / "gpu" / "h100x4.json"
+
+
+def bench(arrivals: int, fast_exit: bool, overlap: bool = False) -> dict[str, Any]:
+    """`overlap`: YIELD_ON=overlap with the real scontrol: the daemon holds all four (stand-in NVML)
+    GPUs, every job asks for one, so each yield waits for `scontrol show job -d` first."""
     state = Path(tempfile.mkdtemp(prefix="wdbench-slurm-"))
     names = {n.upper() for n in Settings.model_fields}
     env = {k: v for k, v in os.environ.items() if k.upper() not in names and not k.startswith(("SLURM_", "STANDIN_"))}
@@ -96,6 +101,12 @@ def bench(arrivals: int, fast_exit: bool) -> dict[str, Any]:
         STANDIN_FAST_EXIT="1" if fast_exit else "",
         WATCHDOG_LLM_CONFIG=str(state / "none.env"),
     )
+    job_args = ["--wrap", "sleep 2"]
+    if overlap:
+        shutil.copy(GPUS, state / "gpus.json")
+        env.update(YIELD_ON="overlap", GPU_STANDIN=str(state / "gpus.json"), NUM_GPUS="4")
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+        job_args = ["--gres=gpu:1", "--mem=100M", *job_args]
     (state / "none.env").write_text("")
     daemon = subprocess.Popen(
         [sys.executable, "-m", "watchdog_llm", "run"],
@@ -113,13 +124,14 @@ def bench(arrivals: int, fast_exit: bool) -> dict[str, Any]:
     from_sbatch: list[float] = []
     from_dir: list[float] = []
     detect: list[float] = []
+    lookup: list[float] = []
     jobs: list[str] = []
     try:
         for i in range(arrivals):
             st = wait_until(lambda: (s := status()).get("state") == "serving" and s, 60)
             procs = [psutil.Process(p) for p in st["model_pids"]]
             procs += [c for p in procs[:1] for c in p.children(recursive=True) if c not in procs]
-            out = run("sbatch", "--parsable", "-o", "/dev/null", "-J", "wdbench", "--wrap", "sleep 2")
+            out = run("sbatch", "--parsable", "-o", "/dev/null", "-J", "wdbench", *job_args)
             t_sbatch, wall_sbatch = time.monotonic(), time.time()
             job = out.strip().split(";")[0]
             jobs.append(job)
@@ -133,6 +145,8 @@ def bench(arrivals: int, fast_exit: bool) -> dict[str, Any]:
                 lambda j=job: (s := status()).get("last_yield") and s["last_yield"]["job"] == f"job_{j}" and s, 10
             )
             ly = y["last_yield"]
+            if ly.get("lookup_ms") is not None:
+                lookup.append(ly["lookup_ms"])
             if ly.get("detect_ms") is not None:
                 detect.append(ly["detect_ms"])
                 # The dir's creation on the wall clock: when the daemon noticed it, minus its age.
@@ -154,6 +168,8 @@ def bench(arrivals: int, fast_exit: bool) -> dict[str, Any]:
         shutil.rmtree(state, ignore_errors=True)
     return {
         "model_shutdown": "prompt (STANDIN_FAST_EXIT=1)" if fast_exit else "graceful (~0.3 s)",
+        "yield_on": "overlap (scontrol show job -d on every job)" if overlap else "any",
+        "scontrol_lookup_ms": summary(lookup),
         "sbatch_to_tree_gone_ms": summary(from_sbatch),
         "cgroup_dir_to_tree_gone_ms": summary(from_dir),
         "detect_ms": summary(detect),
@@ -185,6 +201,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arrivals", type=int, default=10)
     ap.add_argument("--graceful", action="store_true", help="also measure the stand-in's graceful shutdown")
+    ap.add_argument("--overlap", action="store_true", help="also measure YIELD_ON=overlap (real scontrol)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if os.geteuid() != 0 or not shutil.which("sbatch"):
@@ -194,6 +211,9 @@ def main() -> int:
     for fast in (True, False) if args.graceful else (True,):
         print(f"-- {'prompt' if fast else 'graceful'} model shutdown", file=sys.stderr)
         runs["prompt" if fast else "graceful"] = bench(args.arrivals, fast)
+    if args.overlap:
+        print("-- prompt model shutdown, YIELD_ON=overlap", file=sys.stderr)
+        runs["prompt_overlap"] = bench(args.arrivals, True, overlap=True)
     result = {"machine": machine(), "arrivals": args.arrivals, **runs}
     path = args.json or RESULTS / f"{time.strftime('%Y-%m-%d')}-slurm.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,6 +224,8 @@ def main() -> int:
         print(f"  sbatch returned -> whole tree gone: {fmt(r['sbatch_to_tree_gone_ms'])}")
         print(f"  job cgroup dir created -> tree gone: {fmt(r['cgroup_dir_to_tree_gone_ms'])}")
         print(f"  job cgroup dir created -> noticed:   {fmt(r['detect_ms'])}")
+        if r["scontrol_lookup_ms"]:
+            print(f"  job noticed -> its GPUs known:      {fmt(r['scontrol_lookup_ms'])}")
     print(f"wrote {path}")
     return 0
 

@@ -176,11 +176,13 @@ def test_fixed_gpus_are_used_as_given_and_block_when_taken() -> None:
 def test_yield_notice_waits_for_nvml_confirmation() -> None:
     dmn = serving_on(replace(OVERLAP, confirm_gpus=True))
     dmn.feed(JobSeen("job_5", detect_ms=0.5), 100.0)
-    dmn.feed(JobGpus("job_5", frozenset({3}), detect_ms=0.5), 100.01)
+    dmn.feed(JobGpus("job_5", frozenset({3}), detect_ms=0.5, lookup_ms=10.0), 100.01)
+    assert dmn.state.last_yield is not None and dmn.state.last_yield.detected_at == pytest.approx(100.0)
     assert notices(dmn.feed(StopDone(40.0, 0), 100.05)) == []
     assert dmn.state.awaiting_release
     [n] = notices(dmn.feed(GpusReleased(95.0, 0), 100.1))
     assert n.kind == "yielded" and "GPU 2,3 memory free 95 ms after detection" in n.body
+    assert "its GPUs read from scontrol in 10 ms" in n.body and "detected 0.5 ms" in n.body
     rec = dmn.state.last_yield
     assert rec is not None and rec.gpu_release_ms == 95.0
     assert notices(dmn.feed(GpusReleased(99.0, 0), 100.2)) == []  # only once

@@ -422,7 +422,8 @@ class Daemon:
         assert self.scontrol is not None
         gpus = await self.scontrol.job_gpus(job)
         at, age = self._seen.get(job, (None, None))
-        self._handle(JobGpus(job, gpus), detected_at=at, detect_ms=age)
+        lookup_ms = (time.monotonic() - at) * 1000 if at is not None else None
+        self._handle(JobGpus(job, gpus, age, lookup_ms), detected_at=at)
         where = "GPUs unknown" if gpus is None else f"GPU {_ids(gpus)}" if gpus else "no GPUs"
         log.info("job %s: %s (ours: %s)", job, where, _ids(self.state.gpus))
 
@@ -508,9 +509,7 @@ class Daemon:
 
     # ---- the one place decisions are made and carried out --------------------------------------
 
-    def _handle(self, event: Event, *, detected_at: float | None = None, detect_ms: float | None = None) -> None:
-        if isinstance(event, JobGpus) and detect_ms is not None:
-            event = replace(event, detect_ms=detect_ms)
+    def _handle(self, event: Event, *, detected_at: float | None = None) -> None:
         before = self.state
         d: Decision = decide(before, event, time.monotonic(), self.limits, self.rng.random())
         self.state = d.state

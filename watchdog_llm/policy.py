@@ -98,6 +98,7 @@ class JobGpus:
     job: str
     gpus: frozenset[int] | None  # Slurm's GRES IDX of the job on this node; None: cannot be known
     detect_ms: float | None = None  # the job's JobSeen.detect_ms, carried to the yield it may cause
+    lookup_ms: float | None = None  # JobSeen -> this answer (scontrol's time, on the yield path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +210,8 @@ class YieldRecord:
     detect_ms: float | None = None
     stop_ms: float | None = None
     survivors: int = 0
-    cause: str = ""  # for people: "job job_7 on GPU 3", "pid 4242 on GPU 3"
+    cause: str = ""  # for people: "Slurm job 7 on GPU 3", "a foreign process on GPU 3 (pid 4242 ...)"
+    lookup_ms: float | None = None  # job seen -> its GPUs known (YIELD_ON=overlap)
     gpus: tuple[int, ...] = ()  # our GPUs that were given back
     gpu_release_ms: float | None = None  # detection -> NVML shows our GPU memory freed
     gpu_holders: int = 0  # our processes still on the GPUs when confirmation gave up
@@ -373,11 +375,11 @@ def _decide(state: State, event: Event, now: float, limits: Limits, jitter: floa
         case JobGone(job=job):
             known = {j: g for j, g in state.job_gpus.items() if j != job}
             return _reconcile(replace(state, jobs=state.jobs - {job}, job_gpus=known), now, limits)
-        case JobGpus(job=job, gpus=gpus, detect_ms=detect_ms):
+        case JobGpus(job=job, gpus=gpus, detect_ms=detect_ms, lookup_ms=lookup_ms):
             if job not in state.jobs:
                 return Decision(state)  # the job ended before its lookup did
             state = replace(state, job_gpus={**state.job_gpus, job: gpus})
-            return _reconcile(state, now, limits, job, detect_ms)
+            return _reconcile(state, now, limits, job, detect_ms, lookup_ms)
         case GpuBusy(gpus=gpus, detail=detail):
             return _reconcile(replace(state, busy=gpus, busy_detail=detail), now, limits)
         case GpusReleased(ms=ms, holders=holders):
@@ -415,7 +417,14 @@ def _ready(state: State, now: float, limits: Limits) -> Decision:
     return Decision(new, actions)
 
 
-def _reconcile(state: State, now: float, limits: Limits, trigger: str = "", detect_ms: float | None = None) -> Decision:
+def _reconcile(
+    state: State,
+    now: float,
+    limits: Limits,
+    trigger: str = "",
+    detect_ms: float | None = None,
+    lookup_ms: float | None = None,
+) -> Decision:
     """Facts changed (jobs, their GPUs, busy GPUs): yield, wait, or get ready to start again."""
     p = state.phase
     if p in MODEL_RUNNING:
@@ -426,12 +435,15 @@ def _reconcile(state: State, now: float, limits: Limits, trigger: str = "", dete
         if p is Phase.SERVING and now - state.started_at >= limits.min_uptime:
             state = replace(state, fast_failures=0)  # a healthy run ends the row of fast failures
         # A conflict during start-up yields too: the model may already hold GPU memory.
+        ours = job == trigger  # the event that brought the conflict is about this job
+        lookup = lookup_ms if ours else None
         rec = YieldRecord(
             job=job,
-            detected_at=now,
-            detect_ms=detect_ms if job == trigger else None,
+            detected_at=now - (lookup or 0.0) / 1000,  # when the job was seen, not when scontrol answered
+            detect_ms=detect_ms if ours else None,
             cause=cause,
             gpus=tuple(sorted(state.gpus)),
+            lookup_ms=lookup,
         )
         reason = "GPUs reclaimed by " + cause if _overlap(limits) else _blocked_reason(state.jobs)
         new = _to(state, Phase.YIELDING, now, reason, last_yield=rec)
@@ -502,6 +514,8 @@ def _yield_notice(rec: YieldRecord | None) -> Notify:
     parts = [rec.cause or f"job {rec.job}"]
     if rec.detect_ms is not None:
         parts.append(f"detected {rec.detect_ms:.1f} ms after its cgroup appeared")
+    if rec.lookup_ms is not None:
+        parts.append(f"its GPUs read from scontrol in {rec.lookup_ms:.0f} ms")
     if rec.stop_ms is not None:
         parts.append(f"model tree gone {rec.stop_ms:.0f} ms after detection")
     if rec.gpu_release_ms is not None:
