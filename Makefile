@@ -34,7 +34,7 @@ slurm:
 	scripts/slurm-local.sh start
 
 test-slurm: $(BIN)/watchdog-llm slurm
-	WATCHDOG_LLM_REQUIRE_SLURM=1 $(BIN)/pytest -q tests/test_slurm_real.py
+	WATCHDOG_LLM_REQUIRE_SLURM=1 $(BIN)/pytest -q tests/test_slurm_real.py tests/test_slurm_gpus_real.py
 
 bench-slurm: $(BIN)/watchdog-llm slurm
 	$(BIN)/python bench/slurm_bench.py
