@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from yield_bench import machine as _machine
+from yield_bench import pct, wait_until
+from yield_bench import summary as _summary
 
 from watchdog_llm.config import Settings
 from watchdog_llm.supervise.probes import free_port
@@ -45,24 +46,9 @@ def run(*args: str, timeout: float = 15) -> str:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=True).stdout
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q / 100 * len(xs) + 0.5) - 1))]
-
-
 def summary(xs: list[float]) -> dict[str, float]:
-    if not xs:
-        return {}
-    return {"n": len(xs), "median": statistics.median(xs), "p90": pct(xs, 90), "max": max(xs), "min": min(xs)}
-
-
-def wait_until(pred: Any, timeout: float, interval: float = 0.01) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if v := pred():
-            return v
-        time.sleep(interval)
-    raise TimeoutError("timed out")
+    # Twelve-odd arrivals per row: a p90 means something, a p99 would just be the max again.
+    return {**_summary(xs), "p90": pct(xs, 90), "min": min(xs)} if xs else {}
 
 
 def running(p: psutil.Process) -> bool:
@@ -178,19 +164,7 @@ def bench(arrivals: int, fast_exit: bool, overlap: bool = False) -> dict[str, An
 
 
 def machine() -> dict[str, str]:
-    cpu = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "slurm": run("sinfo", "--version").strip(),
-        "date": time.strftime("%Y-%m-%d"),
-    }
+    return {**_machine(), "slurm": run("sinfo", "--version").strip()}
 
 
 def fmt(s: dict[str, float]) -> str:

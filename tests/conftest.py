@@ -134,6 +134,15 @@ def daemon_env(tmp_path: Path, ntfy: NtfySink) -> dict[str, str]:
 
 
 @pytest.fixture
+def daemons() -> Iterator[list[Any]]:
+    """Daemons a test started with daemon_harness.start: stopped afterwards, even when it fails."""
+    started: list[Any] = []
+    yield started
+    for d in started:
+        d.cleanup()
+
+
+@pytest.fixture
 def slurm() -> Iterator[Any]:
     """The real one-node Slurm (scripts/slurm-local.sh start), to ourselves; every job we submit is
     cancelled by id afterwards. Skips with the reason when it is not usable (fails under

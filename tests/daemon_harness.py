@@ -98,6 +98,13 @@ class DaemonProc:
                 self.proc.wait()
 
 
+def start(daemons: list[DaemonProc], env: dict[str, str]) -> DaemonProc:
+    """A daemon that the `daemons` fixture stops (or kills) after the test, whatever happens."""
+    d = DaemonProc(env)
+    daemons.append(d)
+    return d
+
+
 def gone(pids: list[int], timeout: float = 10.0) -> bool:
     return bool(wait_for(lambda: not alive(pids), timeout, 0.005, f"pids {pids} to exit"))
 
@@ -116,4 +123,4 @@ def tree_names(pids: list[int]) -> list[str]:
     return sorted(names)
 
 
-__all__ = ["DaemonProc", "env_with", "gone", "os", "tree_names"]
+__all__ = ["DaemonProc", "env_with", "gone", "os", "start", "tree_names"]

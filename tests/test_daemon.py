@@ -15,24 +15,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from daemon_harness import DaemonProc, env_with, gone, tree_names
+from daemon_harness import env_with, gone, start, tree_names
 from helpers import alive, wait_for
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def daemons() -> list[DaemonProc]:
-    started: list[DaemonProc] = []
-    yield started  # type: ignore[misc]
-    for d in started:
-        d.cleanup()
-
-
-def start(daemons: list[DaemonProc], env: dict[str, str]) -> DaemonProc:
-    d = DaemonProc(env)
-    daemons.append(d)
-    return d
 
 
 def test_yield_and_resume_cycle(daemons, daemon_env, ntfy) -> None:

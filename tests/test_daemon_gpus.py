@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_harness import DaemonProc, env_with, gone
+from daemon_harness import env_with, gone, start
 from helpers import wait_for
 
 from watchdog_llm.detect.gpu import StandinView
@@ -29,20 +29,6 @@ pytestmark = pytest.mark.timeout(90)
 
 DATA = Path(__file__).parent / "data"
 NODE = socket.gethostname().split(".")[0]
-
-
-@pytest.fixture
-def daemons() -> list[DaemonProc]:
-    started: list[DaemonProc] = []
-    yield started  # type: ignore[misc]
-    for d in started:
-        d.cleanup()
-
-
-def start(daemons: list[DaemonProc], env: dict[str, str]) -> DaemonProc:
-    d = DaemonProc(env)
-    daemons.append(d)
-    return d
 
 
 class FakeSlurm:
