@@ -228,7 +228,13 @@ def test_tunnel_on_yield_stop_drops_out_and_comes_back(daemons, daemon_env, tmp_
         TUNNEL_TOKEN="secret-token-value",
         TUNNEL_ON_YIELD="stop",
     )
+    first = Path(env["CGROUP_ROOT"]) / "system.slice" / "slurmstepd.scope" / "job_20"
+    first.mkdir()  # a job before start-up: no model, so no tunnel either
     d = start(daemons, env)
+    d.wait_state("yielded")
+    time.sleep(1.0)
+    assert (d.status().get("tunnel") or {}).get("pids") == [] and "tunnel started" not in d.log()
+    first.rmdir()
     d.wait_state("serving")
     tunnel = wait_for(lambda: (d.status().get("tunnel") or {}).get("ready") and d.status()["tunnel"], 10)
     d.start_job("job_21")

@@ -133,6 +133,7 @@ class Daemon:
         self._shutdown_signals = 0
         self._first_signal_at = 0.0
         self._tunnel_run = 0
+        self._tunnel_wanted = False  # a start is asked for and no exit or stop came since
         self._tunnel_failures = 0
         self._tunnel_url = ""
         self._lock_fd: int | None = None
@@ -398,8 +399,7 @@ class Daemon:
         self._first_signal_at = now
         log.info("%s received: stopping", sig.name)
         self.sd.notify("STOPPING=1")
-        if self.tunnel is not None:
-            self.tunnel.stop()
+        self._stop_tunnel()
         self._handle(Shutdown(sig.name))
 
     def _on_detect(self, sig: Signal) -> None:
@@ -470,8 +470,7 @@ class Daemon:
         match ev:
             case ChildReady(run=run) if run == self.state.run:
                 self._handle(ModelReady())
-                if self.tunnel is not None and self.tunnel.state in (ChildState.STOPPED, ChildState.EXITED):
-                    self._start_tunnel()  # TUNNEL_ON_YIELD=stop: back in the replica pool
+                self._start_tunnel()  # TUNNEL_ON_YIELD=stop: back in the replica pool
             case ChildExited(code=code, run=run, why=why, tail=tail):
                 if tail:
                     log.warning("last lines of the model's output:\n  %s", "\n  ".join(tail))
@@ -491,6 +490,7 @@ class Daemon:
             log.info("tunnel connected%s", f": {self._tunnel_url}" if self._tunnel_url else "")
             self._publish_status()
         elif isinstance(ev, ChildExited) and self.state.phase not in (Phase.STOPPING, Phase.STOPPED):
+            self._tunnel_wanted = False
             ran = time.monotonic() - (self.tunnel.run_started_at or 0) if self.tunnel else 0
             self._tunnel_failures = 1 if ran >= self.s.min_uptime else self._tunnel_failures + 1
             delay = backoff_delay(
@@ -503,9 +503,20 @@ class Daemon:
             self._publish_status()
 
     def _start_tunnel(self) -> None:
-        if self.tunnel is not None and self.state.phase not in (Phase.STOPPING, Phase.STOPPED):
-            self._tunnel_run += 1
-            self.tunnel.start(self._tunnel_run)
+        """Connect the tunnel unless it is (being) connected already. Under TUNNEL_ON_YIELD=stop only
+        a serving model is worth connecting for: a restart timer firing while yielded waits."""
+        if self.tunnel is None or self._tunnel_wanted or self.state.phase in (Phase.STOPPING, Phase.STOPPED):
+            return
+        if self.s.tunnel_on_yield is TunnelOnYield.STOP and self.state.phase is not Phase.SERVING:
+            return
+        self._tunnel_wanted = True
+        self._tunnel_run += 1
+        self.tunnel.start(self._tunnel_run)
+
+    def _stop_tunnel(self) -> None:
+        if self.tunnel is not None:
+            self._tunnel_wanted = False
+            self.tunnel.stop()
 
     # ---- the one place decisions are made and carried out --------------------------------------
 
@@ -523,8 +534,8 @@ class Daemon:
                     self.model.stop()
                     if reason == "yield":
                         self._yield_pids = set(self.model.pids)  # asked after the stop: costs the kill nothing
-                        if self.tunnel is not None and self.s.tunnel_on_yield is TunnelOnYield.STOP:
-                            self.tunnel.stop()
+                        if self.s.tunnel_on_yield is TunnelOnYield.STOP:
+                            self._stop_tunnel()
                 case StartModel(run=run, gpus=gpus):
                     assert self.model is not None
                     self.model.start(run, self.gpu_plan.cuda_env(gpus))
