@@ -97,6 +97,22 @@ def test_the_same_signal_twice_at_once_is_one_request(daemon_env: dict[str, str]
         d.cleanup()
 
 
+@pytest.mark.parametrize("case", ["other-owner", "world-writable"])
+def test_a_state_dir_others_control_is_refused(daemon_env: dict[str, str], tmp_path: Path, case: str) -> None:
+    """Someone who made STATE_DIR first (a predictable /tmp name) could plant pid records for us to
+    kill, or a symlink for us to write through: refuse, with one line."""
+    state = tmp_path / "shared-state"
+    state.mkdir()
+    if case == "other-owner":
+        os.chown(state, 65534, 65534)
+    else:
+        state.chmod(0o777)
+    r = cli(env_with(daemon_env, STATE_DIR=str(state)), "run")
+    assert r.returncode == 2 and "STATE_DIR" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert ("not to us" if case == "other-owner" else "writable by other users") in r.stderr
+    assert not (state / "children.json").exists()
+
+
 def test_doctor_reports_each_check(daemon_env: dict[str, str], ntfy) -> None:  # type: ignore[no-untyped-def]
     r = cli(daemon_env, "doctor", "--send")
     out = r.stdout

@@ -155,10 +155,71 @@ def test_a_pending_lookup_blocks_a_start_but_not_a_running_model() -> None:
     dmn.feed(StopDone(20.0, 0), 100.1)
     dmn.feed(JobGone("job_5"), 150.0)
     assert dmn.phase() is Phase.COOLDOWN
-    dmn.feed(JobSeen("job_6"), 151.0)  # arrives in the cooldown: wait for its GPUs
-    assert dmn.phase() is Phase.YIELDED and "looking up" in dmn.state.reason
-    dmn.feed(JobGpus("job_6", frozenset({0})), 151.1)
-    assert dmn.phase() is Phase.COOLDOWN  # other GPUs: the cooldown goes on
+    token = dmn.state.timer_token
+    assert dmn.feed(JobSeen("job_6"), 151.0).actions == ()  # arrives in the cooldown: it goes on
+    assert dmn.phase() is Phase.COOLDOWN and dmn.state.timer_token == token
+    dmn.feed(JobGpus("job_6", frozenset({0})), 151.1)  # on another GPU: the same cooldown goes on
+    assert dmn.phase() is Phase.COOLDOWN and dmn.state.timer_token == token
+    [start] = of(dmn.fire("cooldown", 210.0), StartModel)
+    assert start.gpus == {2, 3}
+
+
+def test_a_cooldown_that_ends_during_a_lookup_starts_when_it_answers() -> None:
+    dmn = serving_on()
+    dmn.feed(JobSeen("job_5"), 100.0)
+    dmn.feed(JobGpus("job_5", frozenset({3})), 100.01)
+    dmn.feed(StopDone(20.0, 0), 100.1)
+    dmn.feed(JobGone("job_5"), 150.0)
+    dmn.feed(JobSeen("job_6"), 209.9)
+    assert dmn.fire("cooldown", 210.0).actions == ()  # job_6's GPUs unknown yet: no start
+    assert dmn.phase() is Phase.COOLDOWN and "looking up" in dmn.state.reason
+    [start] = of(dmn.feed(JobGpus("job_6", frozenset({0})), 210.2), StartModel)  # at once, no new cooldown
+    assert start.gpus == {2, 3}
+    dmn2 = serving_on()
+    dmn2.feed(JobSeen("job_5"), 100.0)
+    dmn2.feed(JobGpus("job_5", frozenset({3})), 100.01)
+    dmn2.feed(StopDone(20.0, 0), 100.1)
+    dmn2.feed(JobGone("job_5"), 150.0)
+    dmn2.feed(JobSeen("job_6"), 209.9)
+    dmn2.fire("cooldown", 210.0)
+    assert of(dmn2.feed(JobGpus("job_6", frozenset({0, 1, 2})), 210.2), StartModel) == []  # one left: wait
+    assert dmn2.phase() is Phase.YIELDED and "1 free GPU(s), 2 needed" in dmn2.state.reason
+
+
+def test_hidden_jobs_do_not_take_gpus_slurm_allocated_to_us() -> None:
+    lim = replace(LIMITS, yield_on="overlap", num_gpus=2, fixed_gpus=frozenset({0, 1}), unknown_conflicts=False)
+    dmn = serving_on(lim)
+    dmn.feed(JobSeen("job_9"), 100.0)
+    assert dmn.feed(JobGpus("job_9", None), 100.1).actions == ()  # PrivateData: Slurm can't give ours away
+    assert dmn.phase() is Phase.SERVING
+
+
+def test_a_late_confirmation_of_an_earlier_yield_is_not_this_one() -> None:
+    dmn = serving_on(replace(OVERLAP, confirm_gpus=True, resume_cooldown=1.0))
+    first_run = dmn.state.run
+    dmn.feed(JobSeen("job_5"), 100.0)
+    dmn.feed(JobGpus("job_5", frozenset({3})), 100.01)
+    dmn.feed(StopDone(40.0, 0), 100.05)
+    dmn.feed(JobGone("job_5"), 101.0)
+    dmn.fire("cooldown", 102.0)
+    dmn.feed(ModelReady(), 103.0)
+    dmn.feed(JobSeen("job_6"), 104.0)
+    assert dmn.feed(JobGpus("job_6", frozenset({2})), 104.01).actions == (StopModel("yield"),)  # no notice yet
+    [first] = notices(dmn.feed(StopDone(30.0, 0), 104.05))  # the first yield's notice, unconfirmed
+    assert "Slurm job 5" in first.body and "memory free" not in first.body
+    assert notices(dmn.feed(GpusReleased(first_run, 5000.0, 0), 105.0)) == []  # late, about yield 1
+    [second] = notices(dmn.feed(GpusReleased(dmn.state.run, 80.0, 0), 105.1))
+    assert "Slurm job 6" in second.body and "memory free 80 ms" in second.body
+
+
+def test_a_shutdown_before_the_confirmation_still_sends_the_yield_notice() -> None:
+    dmn = serving_on(replace(OVERLAP, confirm_gpus=True))
+    dmn.feed(JobSeen("job_5"), 100.0)
+    dmn.feed(JobGpus("job_5", frozenset({3})), 100.01)
+    dmn.feed(StopDone(40.0, 0), 100.05)
+    d = dmn.feed(Shutdown("SIGTERM"), 100.1)
+    kinds = [n.kind for n in notices(d)]
+    assert kinds == ["yielded", "stopped"] and d.actions[-1] == Exit(0)
 
 
 def test_fixed_gpus_are_used_as_given_and_block_when_taken() -> None:
@@ -180,19 +241,19 @@ def test_yield_notice_waits_for_nvml_confirmation() -> None:
     assert dmn.state.last_yield is not None and dmn.state.last_yield.detected_at == pytest.approx(100.0)
     assert notices(dmn.feed(StopDone(40.0, 0), 100.05)) == []
     assert dmn.state.awaiting_release
-    [n] = notices(dmn.feed(GpusReleased(95.0, 0), 100.1))
+    [n] = notices(dmn.feed(GpusReleased(dmn.state.run, 95.0, 0), 100.1))
     assert n.kind == "yielded" and "GPU 2,3 memory free 95 ms after detection" in n.body
     assert "its GPUs read from scontrol in 10 ms" in n.body and "detected 0.5 ms" in n.body
     rec = dmn.state.last_yield
     assert rec is not None and rec.gpu_release_ms == 95.0
-    assert notices(dmn.feed(GpusReleased(99.0, 0), 100.2)) == []  # only once
+    assert notices(dmn.feed(GpusReleased(dmn.state.run, 99.0, 0), 100.2)) == []  # only once
 
 
 def test_memory_still_held_after_a_yield_is_a_loud_notice() -> None:
     dmn = serving_on(replace(OVERLAP, confirm_gpus=True))
     dmn.feed(GpuBusy(frozenset({3}), "pid 7 on GPU 3"), 100.0)
     dmn.feed(StopDone(40.0, 0), 100.05)
-    [n] = notices(dmn.feed(GpusReleased(30_000.0, 2), 130.0))
+    [n] = notices(dmn.feed(GpusReleased(dmn.state.run, 30_000.0, 2), 130.0))
     assert n.priority == "high" and "2 process(es) of ours still hold GPU memory" in n.body
 
 
@@ -284,7 +345,7 @@ def _event(rng: random.Random, state: State, stops: int) -> Event:
     if r < 0.80 and stops:
         return StopDone(10.0, 0)
     if r < 0.85:
-        return GpusReleased(20.0)
+        return GpusReleased(state.run - rng.choice([0, 0, 1]), 20.0)
     return TimerFired(rng.choice(["cooldown", "backoff", "startup"]), state.timer_token)
 
 
@@ -326,4 +387,4 @@ def test_gpu_storms_never_run_the_model_on_a_taken_gpu(seed: int) -> None:
 def _check_step_gpu(before: State, event: Event, d: Decision, lim: Limits, seen: Seen) -> None:
     _check_step(before, event, d, lim, seen)
     if before.phase is Phase.YIELDED and d.state.phase is Phase.COOLDOWN:
-        assert not isinstance(plan_gpus(d.state, lim), str), "a cooldown while a start is blocked"
+        assert not isinstance(plan_gpus(d.state, lim, ignore_pending=True), str), "a cooldown while blocked"

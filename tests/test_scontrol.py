@@ -29,11 +29,12 @@ def recorded(name: str) -> str:
     [
         ("reference-22.05.txt", None, {0, 1}),
         ("reference-22.05.txt", "H", {0, 1}),
-        ("reference-22.05.txt", "other", set()),  # the job does not run on our node
+        ("reference-22.05.txt", "other", {0, 1}),  # its only detail line is ours, whatever Slurm names us
         ("cshuji-gres-idx-19.05.txt", "node-06", {0, 2, 3, 5}),  # GRES_IDX= (Slurm <= 19.05)
         ("cshuji-gres-idx-19.05.txt", "node-06.cluster.example.org", {0, 2, 3, 5}),  # our FQDN
         ("cshuji-multinode-nogpu-19.05.txt", "node-64", set()),  # GRES_IDX= empty
-        ("cshuji-multinode-nogpu-19.05.txt", "node-99", set()),
+        ("cshuji-multinode-nogpu-19.05.txt", "node-99", None),  # several nodes, none named as we are
+        ("cshuji-gres-idx-19.05.txt", "NODE-06", {0, 2, 3, 5}),  # names compare without case
         ("cshuji-untyped-20.02.txt", None, {5}),
         ("cshuji-cpuonly-21.08.txt", "node-12", set()),  # GRES= empty
         ("cshuji-two-gres-24.x.txt", "node-005", {3}),  # another GRES type first
@@ -61,6 +62,16 @@ def test_parse_edge_cases() -> None:
     assert parse_job_gpus("   NodeList=h\n   NumNodes=1 NumCPUs=1 GRES=gpu:1(IDX:0)", "h") is None
 
 
+def test_malformed_ranges_raise_quickly() -> None:
+    # Scontrol turns these into "unknown" (a conflict, to be safe), never a crash or a hang.
+    for bad in ("GRES=gpu:1(IDX:0-)", "GRES=gpu:1(IDX:a-b)", "GRES=gpu:1(IDX:3-1)"):
+        with pytest.raises(ValueError):
+            parse_job_gpus(f"   Nodes=h CPU_IDs=0 Mem=0 {bad}", "h")
+    two = "   Nodes=n[1-99999999] CPU_IDs=0 Mem=0 GRES=gpu:1(IDX:0)\n   Nodes=m CPU_IDs=0 Mem=0 GRES=\n"
+    with pytest.raises(ValueError):
+        parse_job_gpus(two, "h")
+
+
 def test_expand_hostlist_and_job_ids() -> None:
     assert expand_hostlist("node[01-03,07],gpu5") == ["node01", "node02", "node03", "node07", "gpu5"]
     assert expand_hostlist("n[8-10]") == ["n8", "n9", "n10"]
@@ -84,6 +95,11 @@ elif job == "8":
     sys.stdout.write(open({pending!r}).read())
 elif job == "slow":
     time.sleep(30)
+elif job == "bad":
+    sys.stdout.write("   Nodes=H CPU_IDs=0 Mem=0 GRES=gpu:1(IDX:0-)\\n")
+elif job == "late":
+    time.sleep(0.5)
+    sys.stdout.write(open({data!r}).read())
 else:
     sys.stderr.write("slurm_load_jobs error: Invalid job id specified\\n")
     sys.exit(1)
@@ -121,6 +137,30 @@ async def test_job_gpus_queries_once_per_job_and_caches(fake: tuple[Path, Path])
     sc.forget("job_7")
     assert await sc.job_gpus("job_7") == frozenset({0, 1})
     assert len(invocations(calls)) == 2
+
+
+@run_async
+async def test_malformed_output_is_unknown_not_a_crash(
+    fake: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    path, _ = fake
+    caplog.set_level(logging.INFO, logger="test.scontrol")
+    sc = Scontrol(str(path), 5.0, "H", LOG)
+    assert await sc.job_gpus("bad") is None
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "cannot read its GPUs" in line and "counting them as unknown" in line
+
+
+@run_async
+async def test_a_job_forgotten_during_its_query_is_not_cached(fake: tuple[Path, Path]) -> None:
+    path, calls = fake
+    sc = Scontrol(str(path), 5.0, "H", LOG)
+    query = asyncio.ensure_future(sc.job_gpus("late"))
+    await asyncio.sleep(0.2)
+    sc.forget("late")  # the job ended; a requeue will reuse its id
+    assert await query == frozenset({0, 1})
+    await sc.job_gpus("late")
+    assert len(invocations(calls)) == 2  # asked again, not answered from a stale cache
 
 
 @run_async

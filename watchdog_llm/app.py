@@ -20,6 +20,7 @@ import random
 import secrets
 import signal
 import socket
+import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -32,6 +33,7 @@ import yaml
 from watchdog_llm import __version__
 from watchdog_llm.activity import ActivityProbe
 from watchdog_llm.config import Settings, TunnelOnYield
+from watchdog_llm.config import format_ids as _ids
 from watchdog_llm.detect import DetectError, Detector, JobGone, JobSeen, Signal, make_detector
 from watchdog_llm.detect.gpu import GpuError, GpuProcess, GpuView, GpuWatch, open_gpu_view, wait_released
 from watchdog_llm.detect.scontrol import Scontrol
@@ -86,8 +88,16 @@ class StartupError(Exception):
 
 
 def prepare_state_dir(path: Path) -> None:
+    """STATE_DIR must be ours alone: it holds the pid records we kill by at start-up, the API key
+    and the tunnel's config. A directory someone else made first (a predictable name under /tmp)
+    or can write to would let them steer what we kill or overwrite."""
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = path.stat()
+        if st.st_uid != os.geteuid():
+            raise StartupError(f"STATE_DIR={str(path)!r} belongs to uid {st.st_uid}, not to us: use one of ours")
+        if st.st_mode & 0o022:
+            raise StartupError(f"STATE_DIR={str(path)!r} is writable by other users: chmod go-w it, or use another")
         (path / "logs").mkdir(exist_ok=True)
         probe = path / f".write-test.{os.getpid()}"
         probe.write_text("")
@@ -149,7 +159,10 @@ class Daemon:
         self.scontrol: Scontrol | None = None
         self.activity: ActivityProbe | None = None
         self._seen: dict[str, tuple[float, float | None]] = {}  # job -> (monotonic seen, cgroup age ms)
-        self._yield_pids: set[int] = set()  # the model tree when a yield's stop was asked for
+        # The model tree when its last stop was asked for: NVML may still list those pids a moment
+        # after they died, and they are ours, not foreign. Replaced whole: the GPU watch thread reads it.
+        self._recent_pids: frozenset[int] = frozenset()
+        self._exiting = threading.Event()  # ends a release confirmation's NVML wait at shutdown
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -236,7 +249,7 @@ class Daemon:
             self.gpu_watch = GpuWatch(
                 self.gpu,
                 s.gpu_poll_interval,
-                _our_pids,
+                lambda: descendants(os.getpid()) | self._recent_pids,
                 lambda: self.limits.all_gpus or self.limits.fixed_gpus or frozenset(),
                 lambda busy, procs: _discard(loop.call_soon_threadsafe(self._on_gpu_busy, busy, procs)),
                 log,
@@ -244,9 +257,15 @@ class Daemon:
             self.gpu_watch.start()
         for sig in SHUTDOWN_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
-        # Jobs already running are looked up before the first decision: no start on a job's GPUs.
-        known = await self._lookup_all(jobs)
-        self._handle(Startup(jobs, known))
+        # Jobs already running are looked up before the first decision (no start on a job's GPUs).
+        # Meanwhile the detector and signals may already speak: each event goes through the policy
+        # (in phase init it just remembers), and a signal in that window ends the daemon here.
+        for job in sorted(jobs):
+            self._handle(PolicyJobSeen(job))
+        lookups = [self._lookup(job) for job in sorted(jobs)] if self.scontrol is not None else []
+        await asyncio.gather(*lookups)
+        if self.state.phase is Phase.INIT:
+            self._handle(Startup(frozenset()))
         self.sd.notify("READY=1")
         if usec := os.environ.get("WATCHDOG_USEC"):
             self._pinger = asyncio.create_task(self._watchdog_pings(int(usec) / 1e6), name="sd-watchdog")
@@ -286,16 +305,11 @@ class Daemon:
             confirm_gpus=self.gpu is not None and gp.aware and s.gpu_release_timeout > 0,
             idle_release_after=s.idle_release_after,
             own_job=os.environ.get("SLURM_JOB_ID") or None,
+            unknown_conflicts=not gp.allocated,
         )
         if gp.aware:
             which = "chosen from " + _ids(gp.all_gpus) if gp.all_gpus is not None else _ids(gp.fixed_gpus)
             log.info("GPUs: %s (%s); yield on %s", which, self.gpu.name if self.gpu else "no NVML", gp.yield_on)
-
-    async def _lookup_all(self, jobs: frozenset[str]) -> dict[str, frozenset[int] | None]:
-        if self.scontrol is None or not jobs:
-            return {}
-        found = await asyncio.gather(*(self.scontrol.job_gpus(j) for j in sorted(jobs)))
-        return dict(zip(sorted(jobs), found, strict=True))
 
     def _make_tunnel(self, records: Records, logs: Path) -> Child:
         s = self.s
@@ -340,6 +354,7 @@ class Daemon:
             self._pinger.cancel()
         if self.detector is not None:
             self.detector.stop()
+        self._exiting.set()
         if self.gpu_watch is not None:
             await asyncio.to_thread(self.gpu_watch.stop)
         if self.activity is not None:
@@ -420,7 +435,11 @@ class Daemon:
 
     async def _lookup(self, job: str) -> None:
         assert self.scontrol is not None
-        gpus = await self.scontrol.job_gpus(job)
+        try:
+            gpus = await self.scontrol.job_gpus(job)
+        except Exception:  # a bug in parsing must not leave the job "being looked up" for ever
+            log.exception("job %s: looking up its GPUs failed; counting them as unknown", job)
+            gpus = None
         at, age = self._seen.get(job, (None, None))
         lookup_ms = (time.monotonic() - at) * 1000 if at is not None else None
         self._handle(JobGpus(job, gpus, age, lookup_ms), detected_at=at)
@@ -443,24 +462,27 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _confirm_released(self, gpus: frozenset[int], pids: set[int], since: float) -> None:
+    async def _confirm_released(self, run: int, gpus: frozenset[int], pids: set[int], since: float) -> None:
         """After a yield: NVML must show none of our processes on our GPUs (the driver frees a dead
         process's memory asynchronously, and an orphan outside our tree would hold it forever)."""
         assert self.gpu is not None
+        timeout = self.s.gpu_release_timeout
         try:
-            _, still = await asyncio.to_thread(wait_released, self.gpu, pids, gpus, self.s.gpu_release_timeout)
+            _, still = await asyncio.to_thread(wait_released, self.gpu, pids, gpus, timeout, cancel=self._exiting)
         except GpuError as e:
             log.warning("GPU: cannot confirm that our GPU memory is free: %s", e)
-            self._handle(GpusReleased(None))
+            self._handle(GpusReleased(run, None))
             return
         ms = (time.monotonic() - since) * 1000
         if still:
             log.error("GPU memory still held by our process(es) %s", ", ".join(str(p.pid) for p in still))
         else:
             log.info("GPU %s: none of our processes left (%.0f ms after detection)", _ids(gpus), ms)
-        self._handle(GpusReleased(ms, len(still)))
+        self._handle(GpusReleased(run, ms, len(still)))
 
     def _on_child(self, ev: ChildEvent) -> None:
+        if ev.name == "model" and isinstance(ev, ChildChanged | ChildReady) and self.model is not None:
+            self._recent_pids = frozenset(self.model.pids)  # if it crashes, these were ours
         if isinstance(ev, ChildChanged):
             self._publish_status()
             return
@@ -483,7 +505,8 @@ class Daemon:
                     self._yield_detected_at = None
                     if was_yield and self.state.awaiting_release:
                         gpus = frozenset(self.state.last_yield.gpus if self.state.last_yield else ())
-                        self._background(self._confirm_released(gpus, self._yield_pids, start))
+                        run = self.state.last_yield.run if self.state.last_yield else 0
+                        self._background(self._confirm_released(run, gpus, set(self._recent_pids), start))
 
     def _on_tunnel(self, ev: ChildEvent) -> None:
         if isinstance(ev, ChildReady):
@@ -532,10 +555,7 @@ class Daemon:
                         self._yield_detected_at = detected_at
                     assert self.model is not None
                     self.model.stop()
-                    if reason == "yield":
-                        self._yield_pids = set(self.model.pids)  # asked after the stop: costs the kill nothing
-                        if self.s.tunnel_on_yield is TunnelOnYield.STOP:
-                            self._stop_tunnel()
+                    self._recent_pids = frozenset(self.model.pids)  # asked after the stop: costs the kill nothing
                 case StartModel(run=run, gpus=gpus):
                     assert self.model is not None
                     self.model.start(run, self.gpu_plan.cuda_env(gpus))
@@ -548,6 +568,9 @@ class Daemon:
                 case Exit(code=code):
                     self._exit_code = code
                     self._exit.set()
+        left_serving = d.state.phase is not Phase.SERVING and before.phase is Phase.SERVING
+        if left_serving and self.s.tunnel_on_yield is TunnelOnYield.STOP:  # a yield, a crash: leave the pool
+            self._stop_tunnel()
         if self.activity is not None and d.state.phase not in (Phase.STARTING, Phase.SERVING):
             self.activity.stop()
         if d.state != before or notices:
@@ -638,15 +661,6 @@ class Daemon:
 
 def _discard(_: object) -> None:
     return None
-
-
-def _ids(gpus: frozenset[int] | None) -> str:
-    return ",".join(str(g) for g in sorted(gpus)) if gpus else "none"
-
-
-def _our_pids() -> set[int]:
-    """Every process below the daemon (a child subreaper: orphans of the model stay below us)."""
-    return descendants(os.getpid())
 
 
 def _read(path: Path) -> str:

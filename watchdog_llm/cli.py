@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from watchdog_llm import __version__, config
+from watchdog_llm.config import format_ids as _ids
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_NOT_RUNNING = 0, 1, 2, 3
 
@@ -108,10 +109,6 @@ def _ago(t: Any) -> str:
         return "?"
     d = max(0.0, time.time() - t)
     return f"{d:.0f} s ago" if d < 120 else f"{d / 60:.0f} min ago" if d < 7200 else f"{d / 3600:.1f} h ago"
-
-
-def _ids(ids: Any) -> str:
-    return ",".join(str(i) for i in ids) if ids else "none"
 
 
 def _jobs(d: dict[str, Any]) -> str:

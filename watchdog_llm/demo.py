@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import psutil
 
 from watchdog_llm.config import Settings
+from watchdog_llm.config import format_ids as _ids
 from watchdog_llm.status import read as read_status
 from watchdog_llm.supervise.probes import free_port
 from watchdog_llm.supervise.tree import is_gone
@@ -250,10 +251,6 @@ def _script(scratch: Path, daemon: subprocess.Popen[bytes]) -> int:
     if code != 0 or left:
         raise RuntimeError(f"unclean stop: exit code {code}, left {left}")
     return 0
-
-
-def _ids(ids: list[int]) -> str:
-    return ",".join(str(i) for i in ids) or "none"
 
 
 def _name(p: psutil.Process) -> str:

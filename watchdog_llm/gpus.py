@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from watchdog_llm.config import Settings, YieldOn, parse_id_list
+from watchdog_llm.config import format_ids as _ids
 from watchdog_llm.detect.gpu import GpuError, GpuView
 
 
@@ -28,6 +29,7 @@ class GpuPlan:
     set_visible: bool = False  # we set CUDA_VISIBLE_DEVICES (outside Slurm); inside a job Slurm did
     index_of: Mapping[int, int] = field(default_factory=dict)  # physical id -> NVML index
     notes: tuple[str, ...] = ()  # what to log once at start-up
+    allocated: bool = False  # ours come from Slurm's allocation: no other job can be given them
 
     @property
     def aware(self) -> bool:
@@ -55,22 +57,32 @@ def plan(s: Settings, view: GpuView | None, environ: Mapping[str, str], log: log
         index_of = {g.minor: g.index for g in gpus}
         present = frozenset(index_of) if view is not None else None
 
-    fixed: frozenset[int] | None = s.gpu_id_set
-    set_visible = fixed is not None and not in_job
-    if fixed is None and in_job:
+    fixed: frozenset[int] | None = None if in_job else s.gpu_id_set
+    set_visible = fixed is not None
+    allocated = False
+    if in_job:
+        # Slurm chose our GPUs and set CUDA_VISIBLE_DEVICES for them: never choose others, or we
+        # could take GPUs allocated to nobody (or to someone else) where devices are not constrained.
+        if s.gpu_id_set is not None:
+            notes.append("inside a Slurm job GPU_IDS is ignored: the job's own GPUs are used")
         job_gpus = environ.get("SLURM_JOB_GPUS") or environ.get("SLURM_STEP_GPUS") or ""
         try:
             fixed = frozenset(parse_id_list(job_gpus)) or None
         except ValueError:
             notes.append(f"SLURM_JOB_GPUS={job_gpus!r} is not a GPU list: our GPUs are unknown")
         if fixed is not None:
+            allocated = True
             notes.append(f"inside Slurm job {environ['SLURM_JOB_ID']}: our GPUs are {_ids(fixed)} (SLURM_JOB_GPUS)")
+        else:
+            notes.append("inside a Slurm job without GPUs given (SLURM_JOB_GPUS): our GPUs are unknown")
     if fixed is not None:
         if present is not None and not in_job and (missing := fixed - present):
             raise GpuSetupError(f"GPU_IDS={s.gpu_ids!r}: no GPU {_ids(missing)} on this node (found {_ids(present)})")
         if s.num_gpus != len(fixed):
-            what = f"GPU_IDS={s.gpu_ids!r}" if s.gpu_id_set is not None else "the job's GPUs (SLURM_JOB_GPUS)"
+            what = "the job's GPUs (SLURM_JOB_GPUS)" if in_job else f"GPU_IDS={s.gpu_ids!r}"
             raise GpuSetupError(f"{what} names {len(fixed)} GPU(s) but NUM_GPUS={s.num_gpus}: make them agree")
+        all_gpus = None
+    elif in_job:
         all_gpus = None
     elif environ.get("CUDA_VISIBLE_DEVICES") is not None:
         notes.append("CUDA_VISIBLE_DEVICES is set: the model uses it as is; our GPUs are unknown")
@@ -87,8 +99,4 @@ def plan(s: Settings, view: GpuView | None, environ: Mapping[str, str], log: log
         yield_on = "any"
     elif s.yield_on is YieldOn.OVERLAP and not aware:
         notes.append("YIELD_ON=overlap needs our GPUs (NVML, GPU_IDS or SLURM_JOB_GPUS): yielding to every job")
-    return GpuPlan(all_gpus, fixed, yield_on, set_visible, index_of, tuple(notes))
-
-
-def _ids(gpus: frozenset[int]) -> str:
-    return ",".join(str(g) for g in sorted(gpus)) or "none"
+    return GpuPlan(all_gpus, fixed, yield_on, set_visible, index_of, tuple(notes), allocated)

@@ -29,6 +29,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from watchdog_llm.config import format_ids as _ids
+from watchdog_llm.detect.scontrol import job_id_of
 from watchdog_llm.supervise.backoff import backoff_delay
 
 
@@ -67,6 +69,9 @@ class Limits:
     confirm_gpus: bool = False  # a yield's notice waits for GpusReleased (NVML confirms our memory is freed)
     idle_release_after: float = 0.0  # serving with no request this long: stop and exit 0 (0: never)
     own_job: str | None = None  # we run inside this Slurm job: a shutdown signal is its end (preemption)
+    # A job whose GPUs cannot be read: a conflict, to be safe, unless Slurm allocated ours to us (it
+    # never gives them to another job then, and PrivateData hides every other user's job).
+    unknown_conflicts: bool = True
 
     @property
     def gpu_aware(self) -> bool:
@@ -109,6 +114,7 @@ class GpuBusy:
 
 @dataclass(frozen=True, slots=True)
 class GpusReleased:
+    run: int  # the run that was yielded: a late answer about an earlier yield is not this one's
     ms: float | None  # yield detected -> NVML shows none of our processes on our GPUs; None: NVML failed
     holders: int = 0  # our processes still on the GPUs when the confirmation gave up
 
@@ -215,6 +221,7 @@ class YieldRecord:
     gpus: tuple[int, ...] = ()  # our GPUs that were given back
     gpu_release_ms: float | None = None  # detection -> NVML shows our GPU memory freed
     gpu_holders: int = 0  # our processes still on the GPUs when confirmation gave up
+    run: int = 0  # the run that was stopped
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +248,8 @@ class State:
     last_activity: float = 0.0
     awaiting_release: bool = False  # a yield's notice waits for GpusReleased
     ending: str = ""  # why the daemon stops: "signal" | "idle"
+    unsent: tuple[YieldRecord, ...] = ()  # yields whose confirmation a later yield overtook
+    cooldown_over: bool = False  # the cooldown ran out while a job's GPUs were still being looked up
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,10 +275,6 @@ def served(state: State, now: float) -> float:
     return state.served_s
 
 
-def _ids(gpus: frozenset[int] | set[int]) -> str:
-    return ",".join(str(g) for g in sorted(gpus))
-
-
 def _overlap(limits: Limits) -> bool:
     return limits.yield_on == "overlap" and limits.gpu_aware
 
@@ -286,24 +291,32 @@ def _conflict(state: State, limits: Limits, trigger: str) -> tuple[str, str] | N
                 continue  # being looked up: the model keeps serving until we know
             gpus = state.job_gpus[job]
             if gpus is None:
-                return job, f"Slurm job {job.removeprefix('job_')} (its GPUs cannot be known)"
+                if not limits.unknown_conflicts:
+                    continue
+                return job, f"Slurm job {job_id_of(job)} (its GPUs cannot be known)"
             if gpus & state.gpus:
-                return job, f"Slurm job {job.removeprefix('job_')} on GPU {_ids(gpus & state.gpus)}"
+                return job, f"Slurm job {job_id_of(job)} on GPU {_ids(gpus & state.gpus)}"
     if limits.gpu_aware and state.busy & state.gpus:
         detail = f" ({state.busy_detail})" if state.busy_detail else ""
         return "", f"a foreign process on GPU {_ids(state.busy & state.gpus)}{detail}"
     return None
 
 
-def plan_gpus(state: State, limits: Limits) -> frozenset[int] | str:
+def _pending(state: State) -> list[str]:
+    """Jobs whose GPUs are still being looked up."""
+    return sorted(state.jobs - state.job_gpus.keys())
+
+
+def plan_gpus(state: State, limits: Limits, *, ignore_pending: bool = False) -> frozenset[int] | str:
     """The GPUs the next start uses (highest free ids first: Slurm allocates low ones first),
-    or why the model cannot start now."""
+    or why the model cannot start now. `ignore_pending`: judge only the jobs already looked up."""
     if state.jobs and not _overlap(limits):
         return _blocked_reason(state.jobs)
-    pending = sorted(state.jobs - state.job_gpus.keys())
-    if pending:
+    pending = _pending(state)
+    if pending and not ignore_pending:
         return "looking up the GPUs of Slurm job(s) " + ", ".join(pending)
-    unknown = sorted(j for j in state.jobs if state.job_gpus[j] is None)
+    state = replace(state, jobs=state.jobs - set(pending))
+    unknown = sorted(j for j in state.jobs if state.job_gpus[j] is None) if limits.unknown_conflicts else []
     if unknown:
         return _blocked_reason(frozenset(unknown)) + " (their GPUs cannot be known)"
     if not limits.gpu_aware:
@@ -338,7 +351,8 @@ def _start(state: State, now: float, limits: Limits, reason: str) -> Decision:
 
 def _cooldown(state: State, now: float, limits: Limits) -> Decision:
     token = state.timer_token + 1
-    new = _to(state, Phase.COOLDOWN, now, "node idle; waiting before serving again", timer_token=token)
+    reason = "node idle; waiting before serving again"
+    new = _to(state, Phase.COOLDOWN, now, reason, timer_token=token, cooldown_over=False)
     return Decision(new, (SetTimer("cooldown", limits.resume_cooldown, token),))
 
 
@@ -382,8 +396,8 @@ def _decide(state: State, event: Event, now: float, limits: Limits, jitter: floa
             return _reconcile(state, now, limits, job, detect_ms, lookup_ms)
         case GpuBusy(gpus=gpus, detail=detail):
             return _reconcile(replace(state, busy=gpus, busy_detail=detail), now, limits)
-        case GpusReleased(ms=ms, holders=holders):
-            return _released(state, ms, holders)
+        case GpusReleased(run=run, ms=ms, holders=holders):
+            return _released(state, run, ms, holders)
         case Activity():
             return Decision(replace(state, last_activity=now))
         case ModelReady():
@@ -444,14 +458,19 @@ def _reconcile(
             cause=cause,
             gpus=tuple(sorted(state.gpus)),
             lookup_ms=lookup,
+            run=state.run,
         )
+        if state.awaiting_release and state.last_yield is not None:  # its notice goes out with this one's
+            state = replace(state, unsent=(*state.unsent, state.last_yield), awaiting_release=False)
         reason = "GPUs reclaimed by " + cause if _overlap(limits) else _blocked_reason(state.jobs)
         new = _to(state, Phase.YIELDING, now, reason, last_yield=rec)
         if p is Phase.SERVING:
             new = replace(new, down_since=now)
         return Decision(new, (StopModel("yield"),))
     if p in (Phase.COOLDOWN, Phase.BACKOFF, Phase.YIELDED):
-        gpus = plan_gpus(state, limits)
+        # A job still being looked up does not interrupt a cooldown (it would restart it from
+        # zero when its GPUs turn out to be others'): the start itself waits for the lookup.
+        gpus = plan_gpus(state, limits, ignore_pending=True)
         if isinstance(gpus, str):
             if p is Phase.YIELDED:
                 return Decision(replace(state, reason=gpus))
@@ -459,6 +478,8 @@ def _reconcile(
             return Decision(_to(state, Phase.YIELDED, now, gpus, timer_token=state.timer_token + 1))
         if p is Phase.YIELDED:
             return _cooldown(state, now, limits)
+        if p is Phase.COOLDOWN and state.cooldown_over and not _pending(state):
+            return _start(state, now, limits, "resuming after cooldown")
     return Decision(state)  # yielding/failed/stopping/init: just remember
 
 
@@ -483,13 +504,14 @@ def _stop_done(state: State, ms: float, survivors: int, now: float, limits: Limi
     p = state.phase
     if p is Phase.STOPPING:
         new = _to(state, Phase.STOPPED, now, state.reason, serving_since=None, exit_code=0)
-        return Decision(new, (_final_notice(state, now, limits, ms), Exit(0)))
+        return Decision(new, (*_unconfirmed(state), _final_notice(state, now, limits, ms), Exit(0)))
     if p is Phase.YIELDING:
         rec = state.last_yield
         if rec is not None:
             rec = replace(rec, stop_ms=ms, survivors=survivors)
-        state = replace(state, last_yield=rec, serving_since=None, awaiting_release=limits.confirm_gpus)
-        notices: tuple[Action, ...] = () if limits.confirm_gpus else (_yield_notice(rec),)
+        earlier = tuple(_yield_notice(r) for r in state.unsent)
+        state = replace(state, last_yield=rec, serving_since=None, awaiting_release=limits.confirm_gpus, unsent=())
+        notices: tuple[Action, ...] = earlier if limits.confirm_gpus else (*earlier, _yield_notice(rec))
         gpus = plan_gpus(state, limits)
         if isinstance(gpus, str):
             return Decision(_to(state, Phase.YIELDED, now, gpus), notices)
@@ -499,13 +521,18 @@ def _stop_done(state: State, ms: float, survivors: int, now: float, limits: Limi
     return Decision(state)  # the stop of a failed start-up: nothing more to do
 
 
-def _released(state: State, ms: float | None, holders: int) -> Decision:
-    if not state.awaiting_release:
-        return Decision(state)
+def _released(state: State, run: int, ms: float | None, holders: int) -> Decision:
     rec = state.last_yield
-    if rec is not None:
-        rec = replace(rec, gpu_release_ms=ms, gpu_holders=holders)
+    if not state.awaiting_release or rec is None or rec.run != run:
+        return Decision(state)  # not awaited, or about an earlier yield whose notice already went out
+    rec = replace(rec, gpu_release_ms=ms, gpu_holders=holders)
     return Decision(replace(state, last_yield=rec, awaiting_release=False), (_yield_notice(rec),))
+
+
+def _unconfirmed(state: State) -> tuple[Notify, ...]:
+    """Yield notices still waiting for NVML when the daemon stops: sent as they are."""
+    recs = (*state.unsent, *((state.last_yield,) if state.awaiting_release and state.last_yield else ()))
+    return tuple(_yield_notice(r) for r in recs)
 
 
 def _yield_notice(rec: YieldRecord | None) -> Notify:
@@ -555,6 +582,9 @@ def _duration(s: float) -> str:
 def _timer(state: State, name: str, now: float, limits: Limits, jitter: float) -> Decision:
     p = state.phase
     if name == "cooldown" and p is Phase.COOLDOWN:
+        if pending := _pending(state):  # start once the lookup answers (see _reconcile)
+            reason = "looking up the GPUs of Slurm job(s) " + ", ".join(pending)
+            return Decision(replace(state, cooldown_over=True, reason=reason))
         return _start(state, now, limits, "resuming after cooldown")
     if name == "backoff" and p is Phase.BACKOFF:
         return _start(state, now, limits, "restarting after crash")
@@ -610,4 +640,4 @@ def _shutdown(state: State, now: float, why: str, limits: Limits) -> Decision:
         actions: tuple[Action, ...] = (StopModel("shutdown"),) if p in MODEL_RUNNING else ()
         return Decision(new, actions)
     new = _to(state, Phase.STOPPED, now, reason, timer_token=token, exit_code=0, ending="signal")
-    return Decision(new, (_final_notice(new, now, limits, None), Exit(0)))
+    return Decision(new, (*_unconfirmed(state), _final_notice(new, now, limits, None), Exit(0)))

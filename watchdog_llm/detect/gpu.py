@@ -487,21 +487,28 @@ class GpuWatch:
 
 
 def wait_released(
-    view: GpuView, pids: set[int], minors: frozenset[int], timeout: float, interval: float = 0.05
+    view: GpuView,
+    pids: set[int],
+    minors: frozenset[int],
+    timeout: float,
+    interval: float = 0.05,
+    cancel: threading.Event | None = None,
 ) -> tuple[float, list[GpuProcess]]:
     """Block until none of `pids` holds a context on `minors` per NVML, or `timeout` passes.
 
     Returns (seconds waited, processes of ours still there). Used after a yield to confirm that our
     GPU memory is freed. A failing query is retried until the timeout; if none succeeded at all,
     raises GpuError (nothing was confirmed). One query can overrun the timeout by the view's own.
+    `cancel` set (the daemon is exiting) ends the wait at the next query, as a timeout would.
     """
     start = time.monotonic()
     deadline = start + timeout
     last: list[GpuProcess] | None = None
     error: GpuError | None = None
+    cancel = cancel or threading.Event()
     for attempt in itertools.count():
-        if attempt:
-            time.sleep(max(0.0, min(interval, deadline - time.monotonic())))
+        if attempt and cancel.wait(max(0.0, min(interval, deadline - time.monotonic()))):
+            break
         try:
             last = [p for p in view.processes() if p.pid in pids and p.minor in minors]
             error = None

@@ -18,11 +18,10 @@ import contextlib
 import logging
 import re
 
-# Slurm 26.05 SLUID: "s" + 13 Crockford base32 characters (as detect/slurm.py).
-_SLUID = re.compile(r"s[0-9A-HJKMNP-TV-Z]{13}")
 _NODES = re.compile(r"(?:^|\s)Nodes=(\S+)")
 _GRES = re.compile(r"(?:^|\s)GRES(?:_IDX)?=(\S*)")
 _IDX = re.compile(r"\(IDX:([^)]*)\)")
+MAX_RANGE = 65536  # a hostlist or IDX range wider than this is junk, not a cluster
 
 
 def job_id_of(job: str) -> str:
@@ -60,7 +59,10 @@ def _ranges(text: str) -> list[str]:
             out.append(lo)
             continue
         width = len(lo) if lo.startswith("0") else 0
-        out.extend(str(n).zfill(width) for n in range(int(lo), int(hi) + 1))
+        first, last = int(lo), int(hi)  # ValueError on junk: the caller counts the job as unknown
+        if not 0 <= last - first <= MAX_RANGE:
+            raise ValueError(f"range {part!r} out of bounds")
+        out.extend(str(n).zfill(width) for n in range(first, last + 1))
     return out
 
 
@@ -94,32 +96,32 @@ def _gpu_indices(gres: str) -> frozenset[int]:
 
 
 def _same_host(a: str, b: str) -> bool:
-    # scontrol prints NodeName; our hostname may be the FQDN or the short name.
+    # scontrol prints NodeName; our hostname may be the FQDN or the short name, in another case.
+    a, b = a.lower(), b.lower()
     return a == b or a.split(".", 1)[0] == b.split(".", 1)[0]
 
 
 def parse_job_gpus(text: str, node: str | None) -> frozenset[int] | None:
     """GPU indices (Slurm GRES IDX) `scontrol show job -d` text gives the job on `node`.
 
-    node None: the first Nodes= line. frozenset(): the job has no GPUs on this node (or does not
-    run on it). None: the text does not say (job hidden by PrivateData, an error, no detail lines,
-    e.g. a pending job).
+    We only ask about jobs whose cgroups are on this node, so a job's only detail line is ours
+    whatever name it uses (Slurm's NodeName need not be our host name). With several lines, the one
+    naming `node` (node None: the first). frozenset(): no GPUs here. None: the text does not say
+    (hidden by PrivateData, an error, no detail lines as for a pending job, or no line names us).
+    Raises ValueError on malformed ranges.
     """
-    found = False
+    details = [(m.group(1), line) for line in text.splitlines() if (m := _NODES.search(line)) and "CPU_IDs=" in line]
+    if not details:
+        return None  # `NodeList=`/`NumNodes=` lines are not detail lines
+    if node is not None and len(details) > 1:
+        details = [(hosts, line) for hosts, line in details if any(_same_host(h, node) for h in expand_hostlist(hosts))]
+        if not details:
+            return None  # several nodes, none of them us: our node name is not Slurm's
     gpus: set[int] = set()
-    for line in text.splitlines():
-        m = _NODES.search(line)
-        if m is None or "CPU_IDs=" not in line:
-            continue  # `NodeList=`/`NumNodes=` lines are not detail lines
-        found = True
-        if node is not None and not any(_same_host(h, node) for h in expand_hostlist(m.group(1))):
-            continue
-        g = _GRES.search(line)
-        if g is not None:
+    for _, line in details[:1] if node is None else details:
+        if (g := _GRES.search(line)) is not None:
             gpus |= _gpu_indices(g.group(1))
-        if node is None:
-            break
-    return frozenset(gpus) if found else None
+    return frozenset(gpus)
 
 
 class Scontrol:
@@ -133,6 +135,7 @@ class Scontrol:
         self._cache: dict[str, frozenset[int] | None] = {}
         # A job seen twice while its first query runs shares that query: one scontrol per job.
         self._inflight: dict[str, asyncio.Future[frozenset[int] | None]] = {}
+        self._forgotten: dict[str, int] = {}  # forget() count per job: a query it overtook is not cached
 
     async def job_gpus(self, job: str) -> frozenset[int] | None:
         """GPU indices of `job` on our node; None when scontrol cannot say (one log line why)."""
@@ -144,6 +147,7 @@ class Scontrol:
             return await self._join(job, pending)
         fut: asyncio.Future[frozenset[int] | None] = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
+        generation = self._forgotten.get(key, 0)
         try:
             result = await self._query(key)
         except BaseException:  # only cancellation gets here: _query reports every failure as None
@@ -151,7 +155,8 @@ class Scontrol:
             raise
         finally:
             del self._inflight[key]
-        self._cache[key] = result
+        if self._forgotten.get(key, 0) == generation:  # the job ended meanwhile: a requeue reuses its id
+            self._cache[key] = result
         fut.set_result(result)
         return result
 
@@ -165,14 +170,21 @@ class Scontrol:
             return await self.job_gpus(job)  # the query we joined was cancelled: run our own
 
     def forget(self, job: str) -> None:
-        self._cache.pop(job_id_of(job), None)
+        key = job_id_of(job)
+        self._cache.pop(key, None)
+        if key in self._inflight:
+            self._forgotten[key] = self._forgotten.get(key, 0) + 1
 
     async def _query(self, job_id: str) -> frozenset[int] | None:
         out, why = await self._run(job_id)
         if out is None:
             self._log.warning("scontrol: job %s: %s", job_id, why)
             return None
-        gpus = parse_job_gpus(out, self._node)
+        try:
+            gpus = parse_job_gpus(out, self._node)
+        except ValueError as e:
+            self._log.warning("scontrol: job %s: cannot read its GPUs (%s): counting them as unknown", job_id, e)
+            return None
         if gpus is None:
             first = out.strip().splitlines()[0][:160] if out.strip() else "empty output"
             self._log.info("scontrol: job %s: its GPUs are not shown (PrivateData?): %s", job_id, first)
