@@ -79,7 +79,7 @@ log = logging.getLogger("watchdog_llm")
 
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # SIGHUP: tmux session closed
 NOTIFY_FLUSH_TIMEOUT = 8.0
-DUPLICATE_SIGNAL_S = 0.5  # a second stop signal sooner than this is the same request, not "hurry"
+DUPLICATE_SIGNAL_S = 0.25  # a second stop signal sooner than this is the same request, not "hurry"
 KILL_WAIT_DEFAULT = 30  # slurm.conf KillWait: SIGTERM -> SIGKILL of a job's processes
 
 
