@@ -164,7 +164,8 @@ def test_a_pending_lookup_blocks_a_start_but_not_a_running_model() -> None:
     assert start.gpus == {2, 3}
 
 
-def test_a_cooldown_that_ends_during_a_lookup_starts_when_it_answers() -> None:
+def _cooldown_over_during_a_lookup() -> Daemon:
+    """Yielded to job_5 on GPU 3, job_5 gone, and the cooldown runs out while job_6 is looked up."""
     dmn = serving_on()
     dmn.feed(JobSeen("job_5"), 100.0)
     dmn.feed(JobGpus("job_5", frozenset({3})), 100.01)
@@ -173,17 +174,19 @@ def test_a_cooldown_that_ends_during_a_lookup_starts_when_it_answers() -> None:
     dmn.feed(JobSeen("job_6"), 209.9)
     assert dmn.fire("cooldown", 210.0).actions == ()  # job_6's GPUs unknown yet: no start
     assert dmn.phase() is Phase.COOLDOWN and "looking up" in dmn.state.reason
+    return dmn
+
+
+def test_a_cooldown_that_ends_during_a_lookup_starts_when_it_answers() -> None:
+    dmn = _cooldown_over_during_a_lookup()
     [start] = of(dmn.feed(JobGpus("job_6", frozenset({0})), 210.2), StartModel)  # at once, no new cooldown
     assert start.gpus == {2, 3}
-    dmn2 = serving_on()
-    dmn2.feed(JobSeen("job_5"), 100.0)
-    dmn2.feed(JobGpus("job_5", frozenset({3})), 100.01)
-    dmn2.feed(StopDone(20.0, 0), 100.1)
-    dmn2.feed(JobGone("job_5"), 150.0)
-    dmn2.feed(JobSeen("job_6"), 209.9)
-    dmn2.fire("cooldown", 210.0)
-    assert of(dmn2.feed(JobGpus("job_6", frozenset({0, 1, 2})), 210.2), StartModel) == []  # one left: wait
-    assert dmn2.phase() is Phase.YIELDED and "1 free GPU(s), 2 needed" in dmn2.state.reason
+
+
+def test_a_cooldown_that_ends_during_a_lookup_waits_if_the_job_takes_our_gpus() -> None:
+    dmn = _cooldown_over_during_a_lookup()
+    assert of(dmn.feed(JobGpus("job_6", frozenset({0, 1, 2})), 210.2), StartModel) == []  # one left: wait
+    assert dmn.phase() is Phase.YIELDED and "1 free GPU(s), 2 needed" in dmn.state.reason
 
 
 def test_hidden_jobs_do_not_take_gpus_slurm_allocated_to_us() -> None:
