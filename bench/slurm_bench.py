@@ -31,12 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from yield_bench import daemon_env, pct, read_status, start_daemon, wait_until
 from yield_bench import machine as _machine
-from yield_bench import pct, wait_until
 from yield_bench import summary as _summary
-
-from watchdog_llm.config import Settings
-from watchdog_llm.supervise.probes import free_port
 
 VENV_BIN = Path(sys.executable).parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -70,22 +67,12 @@ def bench(arrivals: int, fast_exit: bool, overlap: bool = False) -> dict[str, An
     """`overlap`: YIELD_ON=overlap with the real scontrol: the daemon holds all four (stand-in NVML)
     GPUs, every job asks for one, so each yield waits for `scontrol show job -d` first."""
     state = Path(tempfile.mkdtemp(prefix="wdbench-slurm-"))
-    names = {n.upper() for n in Settings.model_fields}
-    env = {k: v for k, v in os.environ.items() if k.upper() not in names and not k.startswith(("SLURM_", "STANDIN_"))}
-    env.update(
-        LLM_BIN=str(VENV_BIN / "vllm-standin"),
-        MODEL_NAME="bench/standin",
-        NUM_GPUS="2",
-        SERVER_PORT=str(free_port()),
+    env = daemon_env(
+        state,
         CGROUP_ROOT="/sys/fs/cgroup",
         YIELD_ON="any",
-        STATE_DIR=str(state),
         RESUME_COOLDOWN="0.2",
-        YIELD_GRACE="5",
-        STANDIN_STARTUP_S="0.2",
-        LOG_LEVEL="WARNING",
         STANDIN_FAST_EXIT="1" if fast_exit else "",
-        WATCHDOG_LLM_CONFIG=str(state / "none.env"),
     )
     job_args = ["--wrap", "sleep 2"]
     if overlap:
@@ -93,19 +80,10 @@ def bench(arrivals: int, fast_exit: bool, overlap: bool = False) -> dict[str, An
         env.update(YIELD_ON="overlap", GPU_STANDIN=str(state / "gpus.json"), NUM_GPUS="4")
         env.pop("CUDA_VISIBLE_DEVICES", None)
         job_args = ["--gres=gpu:1", "--mem=100M", *job_args]
-    (state / "none.env").write_text("")
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "watchdog_llm", "run"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(state / "daemon.log", "wb"),
-    )
+    daemon = start_daemon(env, state)
 
     def status() -> dict[str, Any]:
-        try:
-            return dict(json.loads((state / "status.json").read_text()))
-        except (OSError, ValueError):
-            return {}
+        return read_status(state)
 
     from_sbatch: list[float] = []
     from_dir: list[float] = []

@@ -163,38 +163,50 @@ def idle_cost(proc: psutil.Process, seconds: float, include_children: bool) -> d
 # ---- watchdog-llm -----------------------------------------------------------------------------
 
 
-def bench_watchdog(tree: Tree, arrivals: int, idle: float, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
-    state = Path(tempfile.mkdtemp(prefix="wdbench-state-"))
+def daemon_env(state: Path, **settings: str) -> dict[str, str]:
+    """The real daemon serving vllm-standin (tensor parallel 2), settings from the environment only."""
     names = {n.upper() for n in Settings.model_fields}
-    env = {k: v for k, v in os.environ.items() if k.upper() not in names and not k.startswith("SLURM_")}
+    env = {k: v for k, v in os.environ.items() if k.upper() not in names and not k.startswith(("SLURM_", "STANDIN_"))}
     env.update(
         LLM_BIN=str(VENV_BIN / "vllm-standin"),
         MODEL_NAME="bench/standin",
         NUM_GPUS="2",
         SERVER_PORT=str(free_port()),
-        CGROUP_ROOT=str(tree.root),
         STATE_DIR=str(state),
-        RESUME_COOLDOWN="0.1",
         YIELD_GRACE="5",
         STANDIN_STARTUP_S="0.2",
         LOG_LEVEL="WARNING",
-        STANDIN_FAST_EXIT=FAST_EXIT,
         WATCHDOG_LLM_CONFIG=str(state / "none.env"),
+        **settings,
     )
-    env.update(extra_env or {})
     (state / "none.env").write_text("")
-    daemon = subprocess.Popen(
+    return env
+
+
+def start_daemon(env: dict[str, str], state: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
         [sys.executable, "-m", "watchdog_llm", "run"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=open(state / "daemon.log", "wb"),
     )
 
+
+def read_status(state: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((state / "status.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def bench_watchdog(tree: Tree, arrivals: int, idle: float, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    state = Path(tempfile.mkdtemp(prefix="wdbench-state-"))
+    env = daemon_env(state, CGROUP_ROOT=str(tree.root), RESUME_COOLDOWN="0.1", STANDIN_FAST_EXIT=FAST_EXIT)
+    env.update(extra_env or {})
+    daemon = start_daemon(env, state)
+
     def status() -> dict[str, Any]:
-        try:
-            return dict(json.loads((state / "status.json").read_text()))
-        except (OSError, ValueError):
-            return {}
+        return read_status(state)
 
     def serving() -> dict[str, Any] | None:
         s = status()

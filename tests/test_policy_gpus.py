@@ -49,7 +49,10 @@ OVERLAP = replace(LIMITS, yield_on="overlap", num_gpus=2, all_gpus=FOUR)
 
 def serving_on(limits: Limits = OVERLAP, jobs: frozenset[str] = frozenset(), known: dict | None = None) -> Daemon:
     dmn = Daemon(limits=limits)
-    d = dmn.feed(Startup(jobs, known or {}), 0.0)
+    for job, gpus in (known or {}).items():  # as the app does: jobs seen and looked up before Startup
+        dmn.feed(JobSeen(job), 0.0)
+        dmn.feed(JobGpus(job, gpus), 0.0)
+    d = dmn.feed(Startup(jobs), 0.0)
     assert dmn.phase() is Phase.STARTING, dmn.state.reason
     [start] = of(d, StartModel)
     dmn.feed(ModelReady(), 10.0)
@@ -228,7 +231,9 @@ def test_a_shutdown_before_the_confirmation_still_sends_the_yield_notice() -> No
 def test_fixed_gpus_are_used_as_given_and_block_when_taken() -> None:
     lim = replace(LIMITS, yield_on="overlap", num_gpus=1, fixed_gpus=frozenset({1}))
     dmn = Daemon(limits=lim)
-    d = dmn.feed(Startup(frozenset({"job_2"}), {"job_2": frozenset({1})}), 0.0)
+    dmn.feed(JobSeen("job_2"), 0.0)
+    dmn.feed(JobGpus("job_2", frozenset({1})), 0.0)
+    d = dmn.feed(Startup(frozenset()), 0.0)
     assert dmn.phase() is Phase.YIELDED and "our GPU 1 in use" in dmn.state.reason
     assert of(d, StartModel) == []
     dmn.feed(JobGone("job_2"), 5.0)

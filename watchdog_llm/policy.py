@@ -83,8 +83,7 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class Startup:
-    jobs: frozenset[str]  # jobs present when detection started
-    job_gpus: Mapping[str, frozenset[int] | None] = field(default_factory=dict)  # of those, already looked up
+    jobs: frozenset[str]  # jobs present when detection started (their GPUs come as JobGpus, before this)
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,12 +376,10 @@ def _decide(state: State, event: Event, now: float, limits: Limits, jitter: floa
     match event:
         case Shutdown(reason=why):
             return _shutdown(state, now, why, limits)
-        case Startup(jobs=jobs, job_gpus=job_gpus):
+        case Startup(jobs=jobs):
             if p is not Phase.INIT:
                 raise TransitionError(f"startup in {p}")
-            jobs = state.jobs | jobs
-            known = {**state.job_gpus, **{j: g for j, g in job_gpus.items() if j in jobs}}
-            state = replace(state, jobs=jobs, job_gpus=known, down_since=now)
+            state = replace(state, jobs=state.jobs | jobs, down_since=now)
             return _start(state, now, limits, "node idle at start-up")
         case JobSeen(job=job, detect_ms=detect_ms):
             return _reconcile(replace(state, jobs=state.jobs | {job}), now, limits, job, detect_ms)
