@@ -172,6 +172,7 @@ def daemon_env(state: Path, **settings: str) -> dict[str, str]:
         MODEL_NAME="bench/standin",
         NUM_GPUS="2",
         SERVER_PORT=str(free_port()),
+        PUBLIC_PORT=str(free_port()),
         STATE_DIR=str(state),
         YIELD_GRACE="5",
         STANDIN_STARTUP_S="0.2",

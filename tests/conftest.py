@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import alive, bin_path, free_port
+from helpers import TEST_KEY, alive, bin_path, free_port
 
 from watchdog_llm.config import Settings
 from watchdog_llm.supervise.tree import set_child_subreaper
@@ -117,6 +117,8 @@ def daemon_env(tmp_path: Path, ntfy: NtfySink) -> dict[str, str]:
         LLM_BIN=bin_path("vllm-standin"),
         MODEL_NAME="standin/test",
         SERVER_PORT=str(free_port()),
+        PUBLIC_PORT=str(free_port()),
+        PUBLIC_API_KEYS=f"test:{TEST_KEY}",
         CGROUP_ROOT=str(root),
         STATE_DIR=str(tmp_path / "state"),
         RESUME_COOLDOWN="0.5",

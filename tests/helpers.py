@@ -11,6 +11,8 @@ from typing import Any
 
 import psutil
 
+TEST_KEY = "test-key-0123456789abcdef"  # the public key every test daemon accepts (consumer "test")
+
 
 def free_port() -> int:
     with socket.socket() as s:

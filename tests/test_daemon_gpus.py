@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from daemon_harness import env_with, gone, start
-from helpers import wait_for
+from helpers import TEST_KEY, wait_for
 
 from watchdog_llm.detect.gpu import StandinView
 
@@ -203,8 +203,7 @@ def test_idle_release_exits_0_after_no_requests(daemons, daemon_env, ntfy) -> No
     d = start(daemons, env_with(daemon_env, IDLE_RELEASE_AFTER="6"))
     st = d.wait_state("serving")
     pids = st["model_pids"]
-    key = (d.state_dir / "api_key").read_text().strip()
-    client = openai.OpenAI(base_url=st["model_url"] + "/v1", api_key=key)
+    client = openai.OpenAI(base_url=st["public_url"] + "/v1", api_key=TEST_KEY)
     last = time.monotonic()
     for _ in range(8):  # used every second: still serving after more than IDLE_RELEASE_AFTER
         time.sleep(1.0)

@@ -201,12 +201,13 @@ def test_leftovers_are_killed_only_if_pid_and_start_time_match(tmp_path: Path) -
 
 def test_model_argv_keeps_the_key_off_the_command_line(tmp_path: Path) -> None:
     s = Settings(model_name="org/m", vllm_args="--max-model-len 4096", num_gpus=2, server_port=8123, api_key="sekrit")
-    spec = model_spec(s, "/usr/bin/vllm", "sekrit")
+    spec = model_spec(s, "/usr/bin/vllm", lambda: "sekrit")
     assert spec.argv == (
         "/usr/bin/vllm", "serve", "org/m", "--tensor-parallel-size", "2", "--max-model-len", "4096",
         "--host", "127.0.0.1", "--port", "8123",
     )  # fmt: skip
-    assert "sekrit" not in " ".join(spec.argv) and spec.env["VLLM_API_KEY"] == "sekrit"
+    assert "sekrit" not in " ".join(spec.argv) and "VLLM_API_KEY" not in spec.env  # given per start
+    assert isinstance(spec.probe, HttpProbe) and spec.probe.confirm_headers() == {"Authorization": "Bearer sekrit"}
     assert spec.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     s2 = Settings(model_name="m", vllm_args="-tp 4", num_gpus=2)
     assert model_argv(s2, "vllm").count("-tp") == 1 and "--tensor-parallel-size" not in model_argv(s2, "vllm")
@@ -222,7 +223,8 @@ def test_tunnel_token_never_on_argv(tmp_path: Path) -> None:
     assert spec.argv[-2:] == ("--token-file", str(f)) and "TUNNEL_TOKEN" not in spec.env
     named = Settings(model_name="m", tunnel_id="abc", cloudflared_creds="/c.json", tunnel_hostname="llm.example.org")
     cfg = tunnel_config(named)
-    assert cfg["ingress"][0] == {"hostname": "llm.example.org", "service": "http://127.0.0.1:8000"}
+    # The tunnel reaches the public gateway, never vLLM's port.
+    assert cfg["ingress"][0] == {"hostname": "llm.example.org", "service": "http://127.0.0.1:8080"}
     assert cfg["ingress"][-1] == {"service": "http_status:404"}
     spec = tunnel_spec(named, "cf", "127.0.0.1:1", tmp_path / "cf.yml")
     assert spec.argv[-3:] == (str(tmp_path / "cf.yml"), "run", "abc")

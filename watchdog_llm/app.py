@@ -32,6 +32,7 @@ import yaml
 
 from watchdog_llm import __version__
 from watchdog_llm.activity import ActivityProbe
+from watchdog_llm.availability import Availability, availability, typical_start
 from watchdog_llm.config import Settings, TunnelOnYield
 from watchdog_llm.config import format_ids as _ids
 from watchdog_llm.detect import DetectError, Detector, JobGone, JobSeen, Signal, make_detector
@@ -40,6 +41,11 @@ from watchdog_llm.detect.scontrol import Scontrol
 from watchdog_llm.detect.slurm import own_jobs
 from watchdog_llm.gpus import GpuPlan, GpuSetupError
 from watchdog_llm.gpus import plan as plan_gpus
+from watchdog_llm.http.api import build_admin
+from watchdog_llm.http.gateway import Gateway, GatewayConfig
+from watchdog_llm.http.keys import KeyConfigError, KeyRing, Limiter
+from watchdog_llm.http.server import Listener, ListenError, bind_tcp, bind_unix
+from watchdog_llm.metrics import Metrics
 from watchdog_llm.notify import Message, Notifier, NotifyConfigError
 from watchdog_llm.policy import (
     Activity,
@@ -106,20 +112,21 @@ def prepare_state_dir(path: Path) -> None:
         raise StartupError(f"STATE_DIR={str(path)!r} is not writable: {e.strerror or e}") from None
 
 
-def load_api_key(s: Settings) -> str:
-    """API_KEY, or a random key kept in STATE_DIR/api_key (0600) so clients can read it once."""
-    if key := s.api_key.get_secret_value():
-        return key
-    path = s.state_dir / "api_key"
-    with contextlib.suppress(FileNotFoundError):
-        if key := path.read_text().strip():
-            return key
-    key = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # an existing (empty) file may have had looser permissions
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
-    return key
+def load_keys(s: Settings) -> KeyRing:
+    try:
+        keys = KeyRing.from_settings(
+            s.public_api_keys.get_secret_value(), s.public_api_keys_file, s.api_key.get_secret_value()
+        )
+    except KeyConfigError as e:
+        raise StartupError(str(e)) from None
+    if keys.open:
+        log.warning(
+            "NO PUBLIC_API_KEYS: the public endpoint %s is OPEN to anyone who can reach it%s; "
+            "set PUBLIC_API_KEYS or PUBLIC_API_KEYS_FILE",
+            s.public_base_url,
+            " (and through the tunnel, to the whole internet)" if s.tunnel_enabled else "",
+        )
+    return keys
 
 
 class Daemon:
@@ -164,6 +171,12 @@ class Daemon:
         self._recent_pids: frozenset[int] = frozenset()
         self._exiting = threading.Event()  # ends a release confirmation's NVML wait at shutdown
         self._tasks: set[asyncio.Task[None]] = set()
+        self._internal_key = secrets.token_urlsafe(32)  # replaced at every model start
+        self._timer_due: dict[str, float] = {}  # monotonic time each armed timer fires
+        self._start_times: list[float] = []  # seconds from start to serving, the last few runs
+        self.metrics = Metrics(served_seconds=lambda: served(self.state, time.monotonic()))
+        self.gateway: Gateway | None = None
+        self.listeners: list[Listener] = []
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -205,10 +218,10 @@ class Daemon:
             raise StartupError(f"NOTIFY_URLS/NTFY_TOPIC: {e}") from None
         self._notifier_task = asyncio.create_task(self.notifier.run(), name="notifier")
         self._setup_gpus()
-        api_key = load_api_key(s)
+        await self._open_listeners(load_keys(s))
         logs = s.state_dir / "logs"
         self.model = Child(
-            model_spec(s, llm_bin, api_key),
+            model_spec(s, llm_bin, lambda: self._internal_key),
             grace=s.yield_grace,
             log_dir=logs,
             records=records,
@@ -269,6 +282,57 @@ class Daemon:
         self.sd.notify("READY=1")
         if usec := os.environ.get("WATCHDOG_USEC"):
             self._pinger = asyncio.create_task(self._watchdog_pings(int(usec) / 1e6), name="sd-watchdog")
+
+    async def _open_listeners(self, keys: KeyRing) -> None:
+        """The public gateway and the admin API. Both sockets are bound before either serves, so a
+        port in use stops the start-up before any model process exists."""
+        s = self.s
+        cfg = GatewayConfig(
+            max_body_bytes=s.max_body_bytes,
+            body_timeout=s.body_timeout,
+            read_timeout=s.upstream_timeout,
+            model_name=s.model_name,
+        )
+        self.gateway = Gateway(
+            cfg,
+            keys,
+            Limiter(s.max_concurrent_per_key),
+            self.metrics,
+            self.availability,
+            lambda: (s.model_base_url, self._internal_key),
+            lambda: {"model": s.model_name, "since": self._wall(self.state.since)},
+        )
+        admin = build_admin(self.status, self._health, self.metrics.render, s.admin_token.get_secret_value())
+        socks = []
+        try:
+            socks.append(bind_tcp(s.public_host, s.public_port, "PUBLIC_HOST/PUBLIC_PORT"))
+            if s.admin_host:
+                socks.append(bind_tcp(s.admin_host, s.admin_port, "ADMIN_HOST/ADMIN_PORT"))
+            else:
+                socks.append(bind_unix(s.admin_socket, "admin socket"))
+        except ListenError as e:
+            for sock in socks:
+                sock.close()
+            raise StartupError(str(e)) from None
+        self.listeners = [Listener("public", self.gateway, socks[0], log), Listener("admin", admin, socks[1], log)]
+        for listener in self.listeners:
+            await listener.start()
+        where = f"{s.admin_host}:{s.admin_port} (token required)" if s.admin_host else str(s.admin_socket)
+        log.info("gateway on %s (%d key(s)); admin API on %s", s.public_base_url, len(keys), where)
+
+    def availability(self) -> Availability:
+        now = time.monotonic()
+        due = [t - now for t in self._timer_due.values() if t > now]
+        return availability(
+            self.state,
+            now,
+            timer_left=max(due) if due else None,
+            start_s=typical_start(self._start_times, self.s.startup_timeout),
+            cooldown_s=self.s.resume_cooldown,
+        )
+
+    def _health(self) -> tuple[str, bool]:
+        return self.state.phase.value, self.state.phase is Phase.SERVING
 
     def _setup_gpus(self) -> None:
         """NVML (or its stand-in), which GPUs are ours, and how jobs are judged against them."""
@@ -366,6 +430,14 @@ class Daemon:
         for child in (self.model, self.tunnel):
             if child is not None:
                 await child.close()
+        # The gateway answered "shutting down" until the model was gone; now it closes too.
+        for listener in self.listeners:
+            await listener.stop()
+        if self.gateway is not None:
+            await self.gateway.aclose()
+        if not self.s.admin_host and self.listeners:
+            with contextlib.suppress(OSError):
+                self.s.admin_socket.unlink()
         # Signal handlers stay until the children are closed: a second Ctrl-C there means "hurry".
         with contextlib.suppress(RuntimeError):
             loop = asyncio.get_running_loop()
@@ -558,7 +630,8 @@ class Daemon:
                     self._recent_pids = frozenset(self.model.pids)  # asked after the stop: costs the kill nothing
                 case StartModel(run=run, gpus=gpus):
                     assert self.model is not None
-                    self.model.start(run, self.gpu_plan.cuda_env(gpus))
+                    self._internal_key = secrets.token_urlsafe(32)  # a fresh key for every run
+                    self.model.start(run, {**self.gpu_plan.cuda_env(gpus), "VLLM_API_KEY": self._internal_key})
                     if self.activity is not None:
                         self.activity.start()
                 case SetTimer(name=name, delay=delay, token=token):
@@ -569,6 +642,8 @@ class Daemon:
                     self._exit_code = code
                     self._exit.set()
         left_serving = d.state.phase is not Phase.SERVING and before.phase is Phase.SERVING
+        if left_serving and self.gateway is not None:  # streams end now, with an error event
+            self.gateway.model_down()
         if left_serving and self.s.tunnel_on_yield is TunnelOnYield.STOP:  # a yield, a crash: leave the pool
             self._stop_tunnel()
         if self.activity is not None and d.state.phase not in (Phase.STARTING, Phase.SERVING):
@@ -578,11 +653,45 @@ class Daemon:
             # status files and notifications never delay a kill.
             prev = before.phase if d.state.phase is not before.phase else None
             asyncio.get_running_loop().call_soon(self._publish, notices, prev)
+            asyncio.get_running_loop().call_soon(self._count, before, d)
 
     def _arm_callback(self, name: str, delay: float, fn: Any) -> None:
         if (old := self._timers.pop(name, None)) is not None:
             old.cancel()
         self._timers[name] = asyncio.get_running_loop().call_later(delay, fn)
+        self._timer_due[name] = time.monotonic() + delay
+
+    def _count(self, before: State, d: Decision) -> None:
+        """Metrics, and start times for Retry-After: after the fact, like every output."""
+        after = d.state
+        m = self.metrics
+        m.state.state(after.phase.value)
+        for action in d.actions:
+            if isinstance(action, StartModel):
+                m.starts.inc()
+                if before.phase is Phase.BACKOFF:
+                    m.restarts.inc()
+        if after.phase is Phase.YIELDING and before.phase is not Phase.YIELDING:
+            m.yields.inc()
+            if after.last_yield is not None and after.last_yield.detect_ms is not None:
+                m.detection.observe(after.last_yield.detect_ms / 1000)
+        rec = after.last_yield
+        if (
+            rec is not None
+            and rec.stop_ms is not None
+            and (before.last_yield is None or before.last_yield.stop_ms is None)
+        ):
+            m.yield_time.observe(rec.stop_ms / 1000)
+        if after.phase is Phase.SERVING and before.phase is Phase.STARTING:
+            self._start_times = [*self._start_times[-4:], time.monotonic() - before.started_at]
+        # Cooldown and backoff timers are over once their phase is: Retry-After must not count them.
+        for name, phase in (("cooldown", Phase.COOLDOWN), ("backoff", Phase.BACKOFF)):
+            if after.phase is not phase:
+                self._timer_due.pop(name, None)
+
+    @staticmethod
+    def _wall(mono: float) -> float:
+        return mono + time.time() - time.monotonic()
 
     # ---- outputs (after the fact) --------------------------------------------------------------
 
@@ -621,6 +730,9 @@ class Daemon:
             "updated_at": time.time(),
             "model": self.s.model_name,
             "model_url": self.s.model_base_url,
+            "public_url": self.s.public_base_url,
+            "admin": f"{self.s.admin_host}:{self.s.admin_port}" if self.s.admin_host else str(self.s.admin_socket),
+            "availability": asdict(self.availability()),
             "model_pids": self.model.pids if self.model else [],
             "model_run": st.run,
             "serving_since": None if st.serving_since is None else st.serving_since + mono_to_wall,

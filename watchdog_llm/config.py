@@ -28,11 +28,12 @@ DEFAULT_CONFIG = Path("config.env")
 RESERVED_VLLM_FLAGS = {
     "--port": "use SERVER_PORT",
     "--host": "use SERVER_HOST",
-    "--api-key": "use API_KEY (it reaches vLLM by environment, never argv)",
+    "--api-key": "the daemon gives vLLM a fresh internal key by environment; clients use PUBLIC_API_KEYS",
 }
 
 
-SECRET_SETTINGS = frozenset({"API_KEY", "TUNNEL_TOKEN"})
+SECRET_SETTINGS = frozenset({"API_KEY", "TUNNEL_TOKEN", "PUBLIC_API_KEYS", "ADMIN_TOKEN"})
+MIN_ADMIN_TOKEN_CHARS = 16
 
 
 class ConfigError(Exception):
@@ -91,9 +92,24 @@ class Settings(BaseSettings):
     num_gpus: int = Field(1, ge=0, le=64, description="GPUs the model uses")
     startup_timeout: float = Field(900.0, gt=0, description="seconds for the model to answer /health")
     health_path: str = Field("/health", description="readiness path of the model server")
-    api_key: SecretStr = Field(
-        SecretStr(""), description="key clients send to the model; empty: generated into STATE_DIR/api_key"
+    api_key: SecretStr = Field(SecretStr(""), description="old name for one public key (see PUBLIC_API_KEYS)")
+
+    # Public gateway: the OpenAI-compatible endpoint, and the tunnel's origin
+    public_host: str = Field("127.0.0.1", description="address the public gateway listens on")
+    public_port: int = Field(8080, ge=1, le=65535, description="port of the public gateway")
+    public_api_keys: SecretStr = Field(
+        SecretStr(""), description="client keys, `name:key` or `key`, separated by commas or spaces"
     )
+    public_api_keys_file: str = Field("", description="file of client keys, one `name:key` per line")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body (413 above)")
+    max_concurrent_per_key: int = Field(64, ge=0, description="requests in flight per key (429 above; 0: no limit)")
+    upstream_timeout: float = Field(600.0, gt=0, description="longest silence from the model before 504")
+    body_timeout: float = Field(30.0, gt=0, le=3600, description="seconds a client has to send its request body")
+
+    # Admin API: status, metrics (and the coordination endpoints)
+    admin_host: str = Field("", description="empty: unix socket STATE_DIR/admin.sock (0600); else listen here")
+    admin_port: int = Field(8081, ge=1, le=65535, description="admin port when ADMIN_HOST is set")
+    admin_token: SecretStr = Field(SecretStr(""), description="bearer token for the admin API over TCP")
 
     # Yield and resume
     detection_mode: DetectionMode = Field(DetectionMode.CGROUP, description="cgroup | procfs | nvml | hybrid")
@@ -195,6 +211,19 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
+    def _listeners(self) -> Settings:
+        if self.admin_host and not self.admin_token.get_secret_value():
+            raise ValueError("ADMIN_HOST needs ADMIN_TOKEN: over TCP every user of the node could reach the admin API")
+        if self.admin_token.get_secret_value() and len(self.admin_token.get_secret_value()) < MIN_ADMIN_TOKEN_CHARS:
+            raise ValueError(f"ADMIN_TOKEN is too short (at least {MIN_ADMIN_TOKEN_CHARS} characters)")
+        ports = {"SERVER_PORT": self.server_port, "PUBLIC_PORT": self.public_port}
+        if self.admin_host:
+            ports["ADMIN_PORT"] = self.admin_port
+        if len(set(ports.values())) < len(ports):
+            raise ValueError(f"{', '.join(f'{k}={v}' for k, v in ports.items())}: each needs its own port")
+        return self
+
+    @model_validator(mode="after")
     def _tunnel_pairs(self) -> Settings:
         if self.tunnel_token.get_secret_value() and self.tunnel_token_file:
             raise ValueError("TUNNEL_TOKEN and TUNNEL_TOKEN_FILE: set one, not both")
@@ -228,10 +257,23 @@ class Settings(BaseSettings):
 
     @property
     def model_base_url(self) -> str:
-        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.server_host, self.server_host)
-        if ":" in host:  # IPv6 literal
-            host = f"[{host}]"
-        return f"http://{host}:{self.server_port}"
+        return _local_url(self.server_host, self.server_port)
+
+    @property
+    def public_base_url(self) -> str:
+        """Where the gateway is reached on this node (the tunnel's origin)."""
+        return _local_url(self.public_host, self.public_port)
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.state_dir / "admin.sock"
+
+
+def _local_url(host: str, port: int) -> str:
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
 
 
 def parse_id_list(text: str) -> list[int]:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import secrets
 import signal
 import socket
 import subprocess
@@ -84,8 +85,9 @@ def run_demo(keep: bool = False) -> int:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     daemon: subprocess.Popen[bytes] | None = None
     try:
-        daemon = _start_daemon(scratch, server.server_address[1])
-        return _script(scratch, daemon)
+        key = "demo:" + secrets.token_urlsafe(24)
+        daemon = _start_daemon(scratch, server.server_address[1], key)
+        return _script(scratch, daemon, key.partition(":")[2])
     except (TimeoutError, FileNotFoundError, RuntimeError) as e:
         print(f"demo failed: {e}", file=sys.stderr)
         log = scratch / "daemon.log"
@@ -148,7 +150,7 @@ def _job(scratch: Path, job_id: int, idx: str, n: int) -> Path:
     return job
 
 
-def _start_daemon(scratch: Path, ntfy_port: int) -> subprocess.Popen[bytes]:
+def _start_daemon(scratch: Path, ntfy_port: int, key: str) -> subprocess.Popen[bytes]:
     scope = scratch / "cgroup" / "system.slice" / "slurmstepd.scope"
     scope.mkdir(parents=True)
     (scope / "system").mkdir()  # slurmstepd's own cgroup: not a job
@@ -160,6 +162,8 @@ def _start_daemon(scratch: Path, ntfy_port: int) -> subprocess.Popen[bytes]:
         MODEL_NAME="standin/tiny-chat",
         NUM_GPUS="2",
         SERVER_PORT=str(port),
+        PUBLIC_PORT=str(free_port()),
+        PUBLIC_API_KEYS=key,  # by environment, like every secret
         CGROUP_ROOT=str(scratch / "cgroup"),
         STATE_DIR=str(scratch / "state"),
         RESUME_COOLDOWN="2",
@@ -199,15 +203,17 @@ def _state_is(scratch: Path, state: str) -> Callable[[], dict[str, Any] | None]:
     return check
 
 
-def _script(scratch: Path, daemon: subprocess.Popen[bytes]) -> int:
+def _script(scratch: Path, daemon: subprocess.Popen[bytes], key: str) -> int:
     st = _wait("the model to be served", _state_is(scratch, "serving"), 60, 0.02)
     pids = st["model_pids"]
     tree = [psutil.Process(p) for p in pids]
     names = ", ".join(sorted({_name(p) for p in tree}))
-    say(f"serving {st['model']} at {st['model_url']}: {len(pids)} processes ({names})")
+    say(f"serving {st['model']}: {len(pids)} processes ({names})")
     say(f"  on GPUs {_ids(st['gpus']['ours'])} of 4 (stand-in NVML): the highest free ones; Slurm hands out low ones")
-    key = (scratch / "state" / "api_key").read_text().strip()
-    say("chat through the official openai client: " + repr(_chat(st["model_url"], key)))
+    public = st["public_url"]
+    say(f"chat through the gateway {public} with the official openai client: " + repr(_chat(public, key)))
+    say(f"  the same key sent straight to vLLM's port ({st['model_url']}): {_chat_error(st['model_url'], key)}")
+    say("  (each start gives vLLM a fresh internal key that only the gateway knows)")
 
     say("a Slurm job on GPU 0 starts (job_4241): scontrol says IDX:0, no overlap with ours")
     other = _job(scratch, 4241, "0", 1)
@@ -231,7 +237,7 @@ def _script(scratch: Path, daemon: subprocess.Popen[bytes]) -> int:
     say("  (most of that is the stand-in's own graceful shutdown, as vLLM's; see docs/PERFORMANCE.md)")
     y = _wait("NVML's confirmation", lambda: (s := _status(scratch)["last_yield"]).get("gpu_release_ms") and s, 15)
     say(f"  NVML: none of our processes left on GPUs {_ids(y['gpus'])} {y['gpu_release_ms']:.0f} ms after detection")
-    say(f"  a request now: {_chat_error(st['model_url'], key)} (the public gateway will answer 503 + Retry-After)")
+    say(f"  a request to the gateway now: {_chat_error(public, key)}")
 
     say("job_4242 ends: its cgroup is removed; waiting RESUME_COOLDOWN=2 s with no job on GPUs 2-3")
     t_end = time.monotonic()
@@ -271,8 +277,13 @@ def _chat(base: str, key: str) -> str:
 
 
 def _chat_error(base: str, key: str) -> str:
+    from openai import APIStatusError
+
     try:
         _chat(base, key)
+    except APIStatusError as e:  # what an SDK user sees: our status code, message and Retry-After
+        after = e.response.headers.get("retry-after")
+        return f"{e.status_code} {e.message!r}" + (f" (Retry-After: {after} s)" if after else "")
     except Exception as e:  # the demo shows whatever the client reports
         return type(e).__name__
     return "answered (unexpected)"

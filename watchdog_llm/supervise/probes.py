@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import httpx
 
@@ -27,7 +28,7 @@ class HttpProbe:
 
     url: str
     confirm_url: str | None = None
-    confirm_headers: dict[str, str] = field(default_factory=dict)
+    confirm_headers: Callable[[], dict[str, str]] = dict  # read per probe: the key changes with each run
 
     async def __call__(self, client: httpx.AsyncClient) -> bool:
         try:
@@ -35,7 +36,7 @@ class HttpProbe:
                 return False
             if self.confirm_url is None:
                 return True
-            r = await client.get(self.confirm_url, headers=self.confirm_headers)
+            r = await client.get(self.confirm_url, headers=self.confirm_headers())
             return r.status_code == 200
         except (httpx.HTTPError, httpx.InvalidURL, OSError):
             return False

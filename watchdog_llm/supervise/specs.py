@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from watchdog_llm.supervise.child import ChildSpec
 from watchdog_llm.supervise.probes import HttpProbe, port_in_use
 
 # Secrets the daemon holds that no child needs: removed from inherited environments.
-_DAEMON_SECRETS = ("API_KEY", "TUNNEL_TOKEN", "VLLM_API_KEY")
+_DAEMON_SECRETS = ("API_KEY", "TUNNEL_TOKEN", "VLLM_API_KEY", "PUBLIC_API_KEYS", "ADMIN_TOKEN")
 
 
 def _base_env() -> dict[str, str]:
@@ -43,9 +44,10 @@ def model_argv(s: Settings, llm_bin: str) -> list[str]:
     return argv
 
 
-def model_spec(s: Settings, llm_bin: str, api_key: str) -> ChildSpec:
+def model_spec(s: Settings, llm_bin: str, api_key: Callable[[], str]) -> ChildSpec:
+    """`api_key` gives the internal key of the run being started: each start passes a fresh one as
+    VLLM_API_KEY in its environment (argv is world-readable on a shared node)."""
     env = _base_env()
-    env["VLLM_API_KEY"] = api_key  # by environment: argv is world-readable on a shared node
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # Slurm's GPU indices are in PCI bus order
     if s.gpu_standin is not None:  # the stand-in model announces its GPU contexts to the stand-in NVML
         env["WATCHDOG_LLM_GPU_STANDIN"] = str(s.gpu_standin)
@@ -59,18 +61,19 @@ def model_spec(s: Settings, llm_bin: str, api_key: str) -> ChildSpec:
     probe = HttpProbe(
         url=base + s.health_path,
         confirm_url=base + "/v1/models",
-        confirm_headers={"Authorization": f"Bearer {api_key}"},
+        confirm_headers=lambda: {"Authorization": f"Bearer {api_key()}"},
     )
     return ChildSpec("model", tuple(model_argv(s, llm_bin)), env, probe, preflight)
 
 
 def tunnel_config(s: Settings) -> dict[str, Any]:
-    """cloudflared's config for a named tunnel: everything for our hostname goes to the local model."""
+    """cloudflared's config for a named tunnel: everything for our hostname goes to the public gateway
+    (never to vLLM itself, nor to the admin API)."""
     rules: list[dict[str, str]] = []
     if s.tunnel_hostname:
-        rules.append({"hostname": s.tunnel_hostname, "service": s.model_base_url})
+        rules.append({"hostname": s.tunnel_hostname, "service": s.public_base_url})
     else:
-        rules.append({"service": s.model_base_url})
+        rules.append({"service": s.public_base_url})
     if s.tunnel_hostname:
         rules.append({"service": "http_status:404"})
     return {"tunnel": s.tunnel_id, "credentials-file": s.cloudflared_creds, "ingress": rules}

@@ -1,0 +1,465 @@
+"""The public gateway: vLLM's OpenAI API behind keys and limits, with a clean answer while it is away.
+
+`/v1/*` is a plain ASGI proxy (the hot path: no routing or validation framework in the way); `/`
+and `/health` and every other path go to a small FastAPI app. What is never forwarded: anything
+outside `/v1` (vLLM's /sleep, /wake_up, /collective_rpc, /reset_prefix_cache, /metrics, docs),
+and the LoRA load/unload endpoints inside it.
+
+Streams pass through chunk by chunk. A stream whose model goes away (a yield, a crash) ends with an
+SSE error event and `data: [DONE]`; a client that disconnects cancels its upstream request at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Message, Receive, Scope, Send
+
+from watchdog_llm.availability import Availability
+from watchdog_llm.http.errors import encode, headers, openai_body
+from watchdog_llm.http.keys import KeyRing, Limiter
+from watchdog_llm.metrics import Metrics, route_label
+
+log = logging.getLogger("watchdog_llm.gateway")
+
+# Paths under /v1 that are administration, not inference: a public user must not load adapters.
+BLOCKED = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+_SEGMENT = re.compile(r"[A-Za-z0-9._~:@!$&'()*+,;=-]+")
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Request headers we set ourselves (the internal key) or that describe the client's connection.
+_DROP_IN = _HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"x-api-key", b"cookie", b"expect"}
+_DROP_OUT = _HOP_BY_HOP | {b"content-length", b"date", b"server", b"set-cookie"}
+_BODY_TYPES = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
+CLIENT_GONE = 499  # nginx's code for "the client closed the connection": metrics only
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    max_body_bytes: int = 16 * 1024 * 1024
+    body_timeout: float = 30.0  # the whole request body must arrive within this (slow clients)
+    connect_timeout: float = 5.0
+    read_timeout: float = 600.0  # longest silence from the model (a long non-streamed answer)
+    model_name: str = ""
+
+
+class _Aborted(Exception):
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+class _Exchange:
+    """One request in flight: what may abort it (client gone, model gone) and when it can be cancelled."""
+
+    __slots__ = ("task", "waiting", "why")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.waiting = False  # inside an upstream await: cancelling lands in our own code
+        self.why: str | None = None
+
+    def abort(self, why: str) -> None:
+        if self.why is not None:
+            return
+        self.why = why
+        if self.waiting:
+            self.task.cancel()
+
+    async def wait(self, aw: Any) -> Any:
+        """Await an upstream operation; an abort meanwhile raises _Aborted (never CancelledError)."""
+        if self.why is not None:
+            raise _Aborted(self.why)
+        self.waiting = True
+        try:
+            return await aw
+        except asyncio.CancelledError:
+            if self.why is None:  # someone else's cancellation (shutdown): not ours to swallow
+                raise
+            self.task.uncancel()
+            raise _Aborted(self.why) from None
+        finally:
+            self.waiting = False
+
+
+class Gateway:
+    """The public ASGI app. `availability()` and `upstream()` are read per request: the daemon owns
+    the truth (phase, base URL, the internal key of the current run)."""
+
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        keys: KeyRing,
+        limiter: Limiter,
+        metrics: Metrics,
+        availability: Callable[[], Availability],
+        upstream: Callable[[], tuple[str, str]],
+        page: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.cfg = cfg
+        self.keys = keys
+        self.limiter = limiter
+        self.metrics = metrics
+        self.availability = availability
+        self.upstream = upstream
+        self.page = page
+        self._streams: set[_Exchange] = set()
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout, write=30.0, pool=cfg.connect_timeout),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30.0),
+            follow_redirects=False,
+            trust_env=False,  # a proxy set for the user's shell must not carry our internal key elsewhere
+        )
+        self.site = _site(self)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def model_down(self) -> None:
+        """The model left serving (yield, crash, stop): end every stream now, with an error event."""
+        for ex in list(self._streams):
+            ex.abort("model")
+
+    # ---- ASGI ------------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
+            await self._proxy(scope, receive, send)
+        else:
+            await self.site(scope, receive, send)
+
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = route_label(scope["path"])
+        self.metrics.in_flight.inc()
+        code = CLIENT_GONE
+        try:
+            code = await self._exchange(scope, receive, send)
+        except Exception:
+            log.exception("gateway: internal error on %s %s", scope["method"], scope["path"])
+            code = 502
+            body = openai_body(502, "gateway_error", "the gateway failed to handle this request; it was logged")
+            await _send_json(send, 502, body)  # fails silently if a response had already started
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(route, str(code)).inc()
+
+    async def _exchange(self, scope: Scope, receive: Receive, send: Send) -> int:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if not _safe(path) or path in BLOCKED:
+            return await self._refuse(send, 404, "not_found", f"{method} {_printable(path)} is not served here")
+        raw = dict(scope["headers"])  # later duplicates win: fine for the few we read
+        consumer = self.keys.consumer(_presented_key(raw))
+        if consumer is None:
+            msg = "missing or unknown API key: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
+            return await self._refuse(send, 401, "invalid_api_key", msg, reason="auth")
+        avail = self.availability()
+        if not avail.serving:
+            return await self._unavailable(send, avail, consumer)
+        if not self.limiter.acquire(consumer):
+            msg = f"too many requests in flight for this key (at most {self.limiter.limit}); retry when one finishes"
+            return await self._refuse(send, 429, "too_many_requests", msg, consumer, True, 1, reason="concurrency")
+        try:
+            return await self._forward(scope, receive, send, raw, consumer)
+        finally:
+            self.limiter.release(consumer)
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, raw: dict[bytes, bytes], consumer: str) -> int:
+        body = await self._read_body(receive, raw)
+        if isinstance(body, tuple):
+            status, code, msg = body
+            return await self._refuse(send, status, code, msg, consumer, reason=code)
+        if body is None:
+            return CLIENT_GONE
+        bad = _check_body(scope["method"], raw, body)
+        if bad is not None:
+            status, code, msg = bad
+            return await self._refuse(send, status, code, msg, consumer, reason=code)
+        base, key = self.upstream()
+        url = base + scope["path"] + ("?" + scope["query_string"].decode("latin-1") if scope["query_string"] else "")
+        fwd = [(k, v) for k, v in scope["headers"] if k not in _DROP_IN]
+        fwd.append((b"authorization", b"Bearer " + key.encode()))
+        try:
+            req = self.client.build_request(scope["method"], url, headers=fwd, content=body)
+        except (httpx.InvalidURL, httpx.LocalProtocolError, ValueError, UnicodeError) as e:
+            return await self._refuse(send, 400, "bad_request", f"request cannot be forwarded: {e}", consumer)
+        me = asyncio.current_task()
+        assert me is not None
+        ex = _Exchange(me)
+        watcher = asyncio.create_task(_watch_disconnect(receive, ex))
+        try:
+            return await self._relay(send, req, ex, consumer, route_label(scope["path"]))
+        finally:
+            watcher.cancel()
+            self._streams.discard(ex)
+
+    async def _relay(self, send: Send, req: httpx.Request, ex: _Exchange, consumer: str, route: str) -> int:
+        t0 = time.perf_counter()
+        try:
+            resp: httpx.Response = await ex.wait(self.client.send(req, stream=True))
+        except _Aborted:
+            return CLIENT_GONE
+        except httpx.TimeoutException:
+            msg = "the model did not answer in time"
+            return await self._refuse(send, 504, "upstream_timeout", msg, consumer, True, 5, reason="timeout")
+        except httpx.HTTPError as e:
+            return await self._upstream_failed(send, consumer, e)
+        self.metrics.upstream_latency.labels(route).observe(time.perf_counter() - t0)
+        try:
+            out = [(k, v) for k, v in resp.headers.raw if k.lower() not in _DROP_OUT]
+            if resp.headers.get("content-type", "").startswith("text/event-stream"):
+                self._streams.add(ex)
+                return await self._stream(send, resp, out, ex, consumer)
+            try:
+                content = b"".join([c async for c in _chunks(resp, ex)])
+            except _Aborted:
+                return CLIENT_GONE
+            except httpx.TimeoutException:
+                msg = "the model stopped answering mid-response"
+                return await self._refuse(send, 504, "upstream_timeout", msg, consumer, True, 5, reason="timeout")
+            except httpx.HTTPError as e:
+                return await self._upstream_failed(send, consumer, e)
+            out.append((b"content-length", str(len(content)).encode()))
+            await send({"type": "http.response.start", "status": resp.status_code, "headers": out})
+            await send({"type": "http.response.body", "body": content})
+            return resp.status_code
+        finally:
+            await resp.aclose()
+
+    async def _stream(
+        self, send: Send, resp: httpx.Response, out: list[tuple[bytes, bytes]], ex: _Exchange, consumer: str
+    ) -> int:
+        await send({"type": "http.response.start", "status": resp.status_code, "headers": out})
+        tail = b""
+        failure: tuple[str, str] | None = None
+        try:
+            async for chunk in _chunks(resp, ex):
+                tail = (tail + chunk)[-64:]
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if ex.why is not None:
+                    raise _Aborted(ex.why)
+        except _Aborted as a:
+            if a.why == "client":
+                return CLIENT_GONE
+            failure = self._down_message()
+        except httpx.TimeoutException:
+            failure = ("upstream_timeout", "the model stopped sending tokens; this response is incomplete")
+        except httpx.HTTPError:
+            failure = self._down_message("the connection to the model was lost; this response is incomplete")
+        except OSError:  # the client went away while we were sending
+            return CLIENT_GONE
+        if failure is None and b"[DONE]" not in tail and not self.availability().serving:
+            failure = self._down_message()  # the model stopped gracefully mid-answer: not a clean end
+        end = b""
+        if failure is not None:
+            code, msg = failure
+            body = openai_body(503, code, msg, consumer=consumer, retryable=True)
+            end = (b"" if tail.endswith(b"\n\n") or not tail else b"\n\n") + b"data: " + encode(body) + b"\n\n"
+            end += b"data: [DONE]\n\n"
+            log.info("stream for %s ended early: %s", consumer, msg)
+        try:
+            await send({"type": "http.response.body", "body": end, "more_body": False})
+        except OSError:
+            return CLIENT_GONE
+        return resp.status_code
+
+    def _down_message(self, default: str = "the model went away mid-answer") -> tuple[str, str]:
+        avail = self.availability()
+        if avail.serving:
+            return ("upstream_error", default)
+        return (avail.code, f"{avail.message}; this response is incomplete")
+
+    async def _upstream_failed(self, send: Send, consumer: str, e: httpx.HTTPError) -> int:
+        avail = self.availability()
+        if not avail.serving:  # it went away between our check and the request: say why
+            return await self._unavailable(send, avail, consumer)
+        log.warning("gateway: upstream error: %s: %s", type(e).__name__, e)
+        msg = "the model's server failed to answer (connection lost); try again"
+        return await self._refuse(send, 502, "upstream_error", msg, consumer, True, 1, reason="upstream")
+
+    async def _unavailable(self, send: Send, avail: Availability, consumer: str | None) -> int:
+        return await self._refuse(
+            send, 503, avail.code, avail.message, consumer, avail.retryable, avail.retry_after, reason="unavailable"
+        )
+
+    async def _refuse(
+        self,
+        send: Send,
+        status: int,
+        code: str,
+        message: str,
+        consumer: str | None = None,
+        retryable: bool = False,
+        retry_after: int | None = None,
+        *,
+        reason: str | None = None,
+    ) -> int:
+        if reason is not None:
+            self.metrics.rejected.labels(reason).inc()
+        body = openai_body(status, code, message, consumer=consumer, retryable=retryable)
+        await _send_json(send, status, body, retry_after)
+        return status
+
+    async def _read_body(self, receive: Receive, raw: dict[bytes, bytes]) -> bytes | tuple[int, str, str] | None:
+        """The whole body, within the size and time limits; None if the client went away."""
+        limit = self.cfg.max_body_bytes
+        too_big = (413, "request_too_large", f"request body larger than {limit} bytes (MAX_BODY_BYTES)")
+        declared = raw.get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                return (400, "bad_request", "Content-Length is not a number")
+            if int(declared) > limit:
+                return too_big
+        parts: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.cfg.body_timeout):
+                while True:
+                    msg: Message = await receive()
+                    if msg["type"] == "http.disconnect":
+                        return None
+                    chunk = msg.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        return too_big
+                    parts.append(chunk)
+                    if not msg.get("more_body", False):
+                        break
+        except TimeoutError:
+            return (408, "request_timeout", f"the request body did not arrive within {self.cfg.body_timeout:.0f} s")
+        return b"".join(parts)
+
+
+def _site(gw: Gateway) -> FastAPI:
+    """`/`, `/health`, and the envelope for every path that is not served."""
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        text = f"{request.method} {_printable(request.url.path)} is not served here"
+        if exc.status_code == 405:
+            text = f"{request.method} is not allowed on {_printable(request.url.path)}"
+        return JSONResponse(openai_body(exc.status_code, code, text), status_code=exc.status_code)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        a = gw.availability()
+        body = {"status": "ok" if a.serving else a.code, "message": a.message, "model": gw.cfg.model_name}
+        if a.serving:
+            return JSONResponse(body)
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(a.retry_after)})
+
+    @app.get("/", response_class=HTMLResponse)
+    async def home() -> HTMLResponse:
+        return HTMLResponse(_page(gw.page(), gw.availability()))
+
+    return app
+
+
+def _page(info: dict[str, Any], a: Availability) -> str:
+    e = html.escape
+    since = info.get("since")
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(since)) if since else "unknown"
+    state = "online" if a.serving else "offline"
+    why = "" if a.serving else f"<p>{e(a.message)}.</p>"
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>watchdog-llm</title>"
+        "<meta name='viewport' content='width=device-width'>"
+        "<style>body{font-family:system-ui,sans-serif;max-width:36em;margin:3em auto;padding:0 1em}"
+        ".online{color:#197a35}.offline{color:#a33}</style></head><body>"
+        f"<h1>{e(str(info.get('model') or 'model'))}</h1>"
+        f"<p class='{state}'><strong>{state}</strong> since {e(when)}</p>{why}"
+        "<p>OpenAI-compatible API at <code>/v1</code> (an API key is needed).</p></body></html>"
+    )
+
+
+async def _chunks(resp: httpx.Response, ex: _Exchange) -> Any:
+    """resp.aiter_raw(), each read abortable by the exchange."""
+    it = resp.aiter_raw()
+    while True:
+        try:
+            chunk = await ex.wait(it.__anext__())
+        except StopAsyncIteration:
+            return
+        if chunk:
+            yield chunk
+
+
+async def _watch_disconnect(receive: Receive, ex: _Exchange) -> None:
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            ex.abort("client")
+            return
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any], retry_after: int | None = None) -> None:
+    content = encode(body)
+    try:
+        await send({"type": "http.response.start", "status": status, "headers": headers(content, retry_after)})
+        await send({"type": "http.response.body", "body": content})
+    except (OSError, RuntimeError):  # the client is gone, or a response had already started
+        pass
+
+
+def _presented_key(raw: dict[bytes, bytes]) -> str | None:
+    auth = raw.get(b"authorization")
+    if auth is not None:
+        scheme, _, token = auth.decode("latin-1").strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        return None
+    key = raw.get(b"x-api-key")
+    return key.decode("latin-1").strip() or None if key is not None else None
+
+
+def _safe(path: str) -> bool:
+    """/v1 and plain segments below it: no dot segments, empty segments or encoded oddities."""
+    segments = path[1:].split("/")
+    if segments[-1] == "" and len(segments) > 1:
+        segments.pop()  # one trailing slash is fine
+    return segments[0] == "v1" and all(_SEGMENT.fullmatch(s) and s not in (".", "..") for s in segments)
+
+
+def _check_body(method: str, raw: dict[bytes, bytes], body: bytes) -> tuple[int, str, str] | None:
+    if not body or method not in ("POST", "PUT", "PATCH"):
+        return None
+    ctype = raw.get(b"content-type", b"").decode("latin-1").split(";", 1)[0].strip().lower()
+    if ctype not in _BODY_TYPES:
+        shown = _printable(ctype) or "none"
+        return (415, "unsupported_media_type", f"Content-Type {shown} is not accepted: send application/json")
+    if ctype == "application/json":
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            return (400, "invalid_json", f"request body is not valid JSON: {e}")
+        if not isinstance(doc, dict):
+            return (400, "invalid_json", "request body must be a JSON object")
+    return None
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text)[:200]

@@ -1,0 +1,61 @@
+"""The daemon's Prometheus metrics (served on the admin listener's /metrics, never publicly).
+
+One registry per daemon (not the process-global one): tests run several daemons' parts in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import Enum as EnumMetric
+
+from watchdog_llm.policy import Phase
+
+# Routes are labels: anything else under /v1 is one label, so clients cannot grow the series set.
+KNOWN_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/v1/responses"})
+_MS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+def route_label(path: str) -> str:
+    return path if path in KNOWN_ROUTES else "/v1/other"
+
+
+class Metrics:
+    def __init__(self, served_seconds: Callable[[], float] | None = None) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        p = "watchdog_llm_"
+        self.state = EnumMetric(p + "state", "Phase of the daemon", states=[x.value for x in Phase], registry=r)
+        self.yields = Counter(
+            p + "yields", "Times the model was stopped for a job or a foreign GPU process", registry=r
+        )
+        self.detection = Histogram(
+            p + "detection_seconds", "Job cgroup created -> job seen by the daemon", buckets=_MS_BUCKETS, registry=r
+        )
+        self.yield_time = Histogram(
+            p + "yield_seconds", "Job seen -> the whole model tree gone", buckets=_MS_BUCKETS, registry=r
+        )
+        self.restarts = Counter(p + "restarts", "Model restarts after a crash", registry=r)
+        self.starts = Counter(p + "model_starts", "Model starts", registry=r)
+        self.requests = Counter(
+            p + "requests", "Public requests answered, by route and status code", ["route", "code"], registry=r
+        )
+        self.upstream_latency = Histogram(
+            p + "upstream_latency_seconds",
+            "Request sent to the model -> its response headers",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(p + "requests_in_flight", "Public requests being answered", registry=r)
+        self.rejected = Counter(
+            p + "requests_rejected", "Requests refused by the gateway, by reason", ["reason"], registry=r
+        )
+        served = Gauge(p + "served_seconds", "Seconds the model has served, over all runs", registry=r)
+        if served_seconds is not None:
+            served.set_function(served_seconds)
+        self.state.state(Phase.INIT.value)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
