@@ -47,7 +47,7 @@ def standin_spec(tmp: Path, *, tp: int = 2, key: str = "k", **fault: str) -> Chi
     env.update({"VLLM_API_KEY": key, "STANDIN_STARTUP_S": "0.3", **fault})
     argv = (bin_path("vllm-standin"), "serve", "m", "--port", str(port), "--tensor-parallel-size", str(tp))
     base = f"http://127.0.0.1:{port}"
-    probe = HttpProbe(base + "/health", base + "/v1/models", {"Authorization": f"Bearer {key}"})
+    probe = HttpProbe(base + "/health", base + "/v1/models", lambda: {"Authorization": f"Bearer {key}"})
     return ChildSpec("model", argv, env, probe)
 
 

@@ -322,11 +322,12 @@ class Daemon:
 
     def availability(self) -> Availability:
         now = time.monotonic()
-        due = [t - now for t in self._timer_due.values() if t > now]
+        timer = {Phase.COOLDOWN: "cooldown", Phase.BACKOFF: "backoff"}.get(self.state.phase)
+        due = self._timer_due.get(timer) if timer else None
         return availability(
             self.state,
             now,
-            timer_left=max(due) if due else None,
+            timer_left=None if due is None else max(0.0, due - now),
             start_s=typical_start(self._start_times, self.s.startup_timeout),
             cooldown_s=self.s.resume_cooldown,
         )
@@ -684,10 +685,6 @@ class Daemon:
             m.yield_time.observe(rec.stop_ms / 1000)
         if after.phase is Phase.SERVING and before.phase is Phase.STARTING:
             self._start_times = [*self._start_times[-4:], time.monotonic() - before.started_at]
-        # Cooldown and backoff timers are over once their phase is: Retry-After must not count them.
-        for name, phase in (("cooldown", Phase.COOLDOWN), ("backoff", Phase.BACKOFF)):
-            if after.phase is not phase:
-                self._timer_due.pop(name, None)
 
     @staticmethod
     def _wall(mono: float) -> float:

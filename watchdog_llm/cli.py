@@ -82,17 +82,41 @@ def _run(s: config.Settings, args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
+def _live_status(s: config.Settings) -> dict[str, Any] | None:
+    """The running daemon's status from its admin API; None when it cannot be asked."""
+    import httpx
+
+    headers = {}
+    if s.admin_host:
+        base = config.local_url(s.admin_host, s.admin_port)
+        headers["Authorization"] = f"Bearer {s.admin_token.get_secret_value()}"
+        transport = httpx.HTTPTransport()
+    elif s.admin_socket.exists():
+        base, transport = "http://admin", httpx.HTTPTransport(uds=str(s.admin_socket))
+    else:
+        return None
+    try:
+        with httpx.Client(transport=transport, timeout=2.0, trust_env=False) as client:
+            r = client.get(base + "/api/status", headers=headers)
+        data = r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _status(s: config.Settings, args: argparse.Namespace) -> int:
     from watchdog_llm import status
 
     path = s.state_dir / status.STATUS_FILE
-    try:
-        data = status.read(path)
-    except FileNotFoundError:
-        data = {}
-    except (OSError, ValueError) as e:
-        print(f"watchdog-llm: cannot read {path}: {e}", file=sys.stderr)
-        return EXIT_FAIL
+    data = _live_status(s)  # live from the daemon; its status file when it does not answer
+    if data is None:
+        try:
+            data = status.read(path)
+        except FileNotFoundError:
+            data = {}
+        except (OSError, ValueError) as e:
+            print(f"watchdog-llm: cannot read {path}: {e}", file=sys.stderr)
+            return EXIT_FAIL
     running = bool(data) and status.daemon_alive(data)
     if args.json:
         print(json.dumps({"running": running, **data}, indent=2, sort_keys=True))
@@ -134,6 +158,7 @@ def _human_status(d: dict[str, Any], running: bool) -> str:
         f"watchdog-llm on {d.get('node', '?')}: {head}",
         f"  reason:  {d.get('reason', '')}",
         f"  model:   {d.get('model', '')} at {d.get('model_url', '')}  pids {d.get('model_pids') or '-'}",
+        f"  public:  {d.get('public_url', '?')}  admin: {d.get('admin', '?')}",
         f"  jobs:    {_jobs(d)}",
     ]
     if (g := d.get("gpus")) and (g.get("ours") or g.get("fixed") or g.get("choose_from")):

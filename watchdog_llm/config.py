@@ -257,19 +257,19 @@ class Settings(BaseSettings):
 
     @property
     def model_base_url(self) -> str:
-        return _local_url(self.server_host, self.server_port)
+        return local_url(self.server_host, self.server_port)
 
     @property
     def public_base_url(self) -> str:
         """Where the gateway is reached on this node (the tunnel's origin)."""
-        return _local_url(self.public_host, self.public_port)
+        return local_url(self.public_host, self.public_port)
 
     @property
     def admin_socket(self) -> Path:
         return self.state_dir / "admin.sock"
 
 
-def _local_url(host: str, port: int) -> str:
+def local_url(host: str, port: int) -> str:
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
     if ":" in host:  # IPv6 literal
         host = f"[{host}]"
