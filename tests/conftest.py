@@ -108,6 +108,10 @@ def ntfy() -> Iterator[NtfySink]:
 
 @pytest.fixture
 def daemon_env(tmp_path: Path, ntfy: NtfySink) -> dict[str, str]:
+    return daemon_env_for(tmp_path, ntfy)
+
+
+def daemon_env_for(tmp_path: Path, ntfy: NtfySink) -> dict[str, str]:
     """Environment for a real daemon: stand-in model, scratch cgroup tree, local ntfy sink."""
     root = tmp_path / "cgroup"
     (root / "system.slice" / "slurmstepd.scope").mkdir(parents=True)
