@@ -120,8 +120,20 @@ def test_doctor_reports_each_check(daemon_env: dict[str, str], ntfy) -> None:  #
     assert "detection (cgroup) works" in out and "cgroup v2" in out
     assert "notification URL(s) parse" in out and "test notification sent" in out
     assert "GPU" in out  # none here: a warning, not a failure
+    assert "ok    1 public API key(s)" in out and "gateway would listen on http://127.0.0.1:" in out
+    assert "admin API on " in out and "admin.sock (mode 0600)" in out
     assert r.returncode == 0, out + r.stderr
     wait_for(lambda: any("doctor" in t for t in ntfy.titles()), 5)
+
+
+def test_doctor_fails_on_bad_keys_and_warns_when_open(daemon_env: dict[str, str]) -> None:
+    r = cli(env_with(daemon_env, PUBLIC_API_KEYS="bob:tooshort"), "doctor")
+    assert r.returncode == 1 and "FAIL  PUBLIC_API_KEYS entry 1: key too short" in r.stdout
+    assert "tooshort" not in r.stdout
+    env = dict(daemon_env)
+    del env["PUBLIC_API_KEYS"]
+    r = cli(env, "doctor")
+    assert "public endpoint would be open to anyone" in r.stdout
 
 
 def test_doctor_fails_on_a_missing_model_binary(daemon_env: dict[str, str], tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ def run_doctor(s: Settings, *, send: bool, out: TextIO, environ: dict[str, str])
     r.ok("config parsed")
     _state_dir(r, s.state_dir)
     _model(r, s)
+    _gateway(r, s)
     _tunnel(r, s)
     _detection(r, s, environ)
     _gpus(r, s, environ)
@@ -70,6 +71,33 @@ def _model(r: Report, s: Settings) -> None:
         r.warn(f"SERVER_PORT {s.server_port} is in use now (by us if the daemon runs; else pick another port)")
     else:
         r.ok(f"SERVER_PORT {s.server_port} is free")
+
+
+def _gateway(r: Report, s: Settings) -> None:
+    from watchdog_llm.http.keys import KeyConfigError, KeyRing
+    from watchdog_llm.http.server import UNIX_PATH_MAX
+
+    try:
+        keys = KeyRing.from_settings(
+            s.public_api_keys.get_secret_value(), s.public_api_keys_file, s.api_key.get_secret_value()
+        )
+    except KeyConfigError as e:
+        r.fail(str(e))
+    else:
+        if keys.open:
+            r.warn("no PUBLIC_API_KEYS: the public endpoint would be open to anyone who reaches it")
+        else:
+            r.ok(f"{len(keys)} public API key(s)")
+    if port_in_use(s.public_host, s.public_port):
+        r.warn(f"PUBLIC_PORT {s.public_port} is in use now (by us if the daemon runs; else pick another port)")
+    else:
+        r.ok(f"gateway would listen on {s.public_base_url}")
+    if s.admin_host:
+        r.ok(f"admin API on {s.admin_host}:{s.admin_port} (token required)")
+    elif len(str(s.admin_socket).encode()) > UNIX_PATH_MAX:
+        r.fail(f"admin socket path {s.admin_socket} is too long for a unix socket: shorten STATE_DIR or set ADMIN_HOST")
+    else:
+        r.ok(f"admin API on {s.admin_socket} (mode 0600)")
 
 
 def _tunnel(r: Report, s: Settings) -> None:

@@ -1,0 +1,184 @@
+"""The gateway's pure parts: what a user is told while the model is away, keys, settings, sockets."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from watchdog_llm import config
+from watchdog_llm.availability import availability, typical_start
+from watchdog_llm.config import ConfigError
+from watchdog_llm.http.keys import ANONYMOUS, KeyConfigError, KeyRing, Limiter, parse_entries
+from watchdog_llm.http.server import ListenError, bind_tcp, bind_unix
+from watchdog_llm.policy import Phase, State, YieldRecord
+
+KEY_A = "alice-key-0123456789"
+KEY_B = "bob-key-0123456789abc"
+
+
+def _state(phase: Phase, **kw: object) -> State:
+    return replace(State(), phase=phase, **kw)  # type: ignore[arg-type]
+
+
+def test_serving_is_available() -> None:
+    a = availability(_state(Phase.SERVING), 100.0, timer_left=None, start_s=20, cooldown_s=60)
+    assert a.serving and a.code == "serving"
+
+
+def test_yielded_says_a_job_took_the_gpus_and_names_no_job() -> None:
+    rec = YieldRecord(job="job_4242", detected_at=1.0, cause="Slurm job 4242 on GPU 3")
+    st = _state(Phase.YIELDED, jobs=frozenset({"job_4242"}), last_yield=rec, reason="GPUs reclaimed by job 4242")
+    a = availability(st, 100.0, timer_left=None, start_s=20, cooldown_s=60)
+    assert not a.serving and a.code == "model_yielded" and a.retryable
+    assert a.message == "GPUs reclaimed by a Slurm job; the model returns when the node is idle"
+    assert "4242" not in a.message
+    assert a.retry_after == 80  # at least the cooldown and a start, once the job ends
+
+
+def test_yield_to_a_foreign_process_says_so() -> None:
+    rec = YieldRecord(job="", detected_at=1.0, cause="a foreign process on GPU 3 (pid 4242)")
+    a = availability(_state(Phase.YIELDED, last_yield=rec), 100.0, timer_left=None, start_s=20, cooldown_s=60)
+    assert a.message.startswith("another program is using the GPUs") and "4242" not in a.message
+
+
+def test_cooldown_and_backoff_count_their_timer_and_a_start() -> None:
+    a = availability(_state(Phase.COOLDOWN), 100.0, timer_left=12.2, start_s=7.5, cooldown_s=60)
+    assert a.code == "model_cooldown" and a.retry_after == 20 and "about 20 s" in a.message
+    b = availability(_state(Phase.BACKOFF), 100.0, timer_left=3.0, start_s=7.0, cooldown_s=60)
+    assert b.code == "model_restarting" and b.retry_after == 10
+
+
+def test_starting_counts_down_and_never_says_zero() -> None:
+    st = _state(Phase.STARTING, started_at=90.0)
+    assert availability(st, 100.0, timer_left=None, start_s=30, cooldown_s=60).retry_after == 20
+    late = availability(st, 200.0, timer_left=None, start_s=30, cooldown_s=60)
+    assert late.retry_after == 5 and late.code == "model_starting"
+
+
+def test_failed_is_not_retryable() -> None:
+    a = availability(_state(Phase.FAILED), 1.0, timer_left=None, start_s=30, cooldown_s=60)
+    assert a.code == "model_failed" and not a.retryable and a.retry_after >= 60
+
+
+def test_typical_start_is_the_median_or_a_bounded_guess() -> None:
+    assert typical_start([], 900) == 60 and typical_start([], 20) == 20
+    assert typical_start([30.0, 5.0, 10.0], 900) == 10.0
+
+
+def test_key_entries_named_or_bare() -> None:
+    ring = KeyRing(parse_entries(f"alice:{KEY_A}, {KEY_B}", "PUBLIC_API_KEYS", lines=False))
+    assert ring.consumer(KEY_A) == "alice" and ring.consumer(KEY_B) == "key-2"
+    assert ring.consumer("nope-nope-nope-nope") is None and ring.consumer("") is None and ring.consumer(None) is None
+    assert ring.consumer(KEY_A + "x") is None and ring.consumer(KEY_A[:-1]) is None
+    assert len(ring) == 2 and not ring.open
+
+
+def test_no_keys_is_open() -> None:
+    ring = KeyRing([])
+    assert ring.open and ring.consumer(None) == ANONYMOUS and ring.consumer("anything") == ANONYMOUS
+
+
+def test_keys_file_with_comments_and_the_legacy_key(tmp_path: Path) -> None:
+    f = tmp_path / "keys"
+    f.write_text(f"# team\n\nalice:{KEY_A}\n  bob:{KEY_B}  \n")
+    ring = KeyRing.from_settings("", str(f), "legacy-key-0123456789")
+    assert ring.consumer(KEY_B) == "bob" and ring.consumer("legacy-key-0123456789") == "api-key"
+
+
+@pytest.mark.parametrize(
+    ("text", "msg"),
+    [
+        ("alice:short", "PUBLIC_API_KEYS entry 1: key too short (5 characters; at least 16)"),
+        (f"alice:{KEY_A} bob:{KEY_A}", "key bob is the same key as alice"),
+        (f"alice:{KEY_A} alice:{KEY_B}", "two keys are named alice"),
+        ("alice:key\x01with-control-chars", "PUBLIC_API_KEYS entry 1: a key must be printable ASCII without spaces"),
+    ],
+)
+def test_bad_keys_name_the_entry_and_never_echo_the_key(text: str, msg: str) -> None:
+    with pytest.raises(KeyConfigError) as err:
+        KeyRing(parse_entries(text, "PUBLIC_API_KEYS", lines=False))
+    assert str(err.value) == msg and KEY_A not in str(err.value)
+
+
+def test_bad_keys_file_names_file_and_line(tmp_path: Path) -> None:
+    f = tmp_path / "keys"
+    f.write_text(f"alice:{KEY_A}\n# x\nbob:short\n")
+    with pytest.raises(KeyConfigError, match=r"PUBLIC_API_KEYS_FILE .*keys line 3: key too short"):
+        KeyRing.from_settings("", str(f))
+    with pytest.raises(KeyConfigError, match="cannot be read: No such file"):
+        KeyRing.from_settings("", str(tmp_path / "missing"))
+
+
+def test_limiter_counts_per_consumer() -> None:
+    lim = Limiter(2)
+    assert lim.acquire("a") and lim.acquire("a") and not lim.acquire("a") and lim.acquire("b")
+    lim.release("a")
+    assert lim.acquire("a") and lim.in_flight("a") == 2
+    assert all(Limiter(0).acquire("x") for _ in range(1000))  # 0: no limit
+
+
+def _load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **env: str) -> config.Settings:
+    monkeypatch.chdir(tmp_path)
+    for k in list(os.environ):
+        if k.upper() in {n.upper() for n in config.Settings.model_fields}:
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return config.load()
+
+
+def test_admin_over_tcp_needs_a_token(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="ADMIN_HOST needs ADMIN_TOKEN"):
+        _load(monkeypatch, tmp_path, ADMIN_HOST="127.0.0.1")
+    with pytest.raises(ConfigError, match="ADMIN_TOKEN is too short") as err:
+        _load(monkeypatch, tmp_path, ADMIN_HOST="127.0.0.1", ADMIN_TOKEN="tiny-secret")
+    assert "tiny-secret" not in str(err.value)
+    s = _load(monkeypatch, tmp_path, ADMIN_HOST="127.0.0.1", ADMIN_TOKEN="a-long-enough-token-123")
+    assert s.admin_port == 8081
+
+
+def test_ports_must_differ(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="SERVER_PORT=9000, PUBLIC_PORT=9000: each needs its own port"):
+        _load(monkeypatch, tmp_path, SERVER_PORT="9000", PUBLIC_PORT="9000")
+
+
+def test_public_keys_are_hidden_in_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "config.env").write_text("PUBLIC_API_KEY=alice:secret-secret-secret\n")
+    with pytest.raises(ConfigError) as err:
+        _load(monkeypatch, tmp_path)
+    assert "did you mean PUBLIC_API_KEYS" in str(err.value) and "secret-secret" not in str(err.value)
+
+
+def test_unix_socket_is_0600_from_the_start_and_replaces_a_leftover(tmp_path: Path) -> None:
+    path = tmp_path / "admin.sock"
+    first = bind_unix(path, "admin socket")
+    first.close()  # a crashed daemon's socket file stays behind
+    sock = bind_unix(path, "admin socket")
+    try:
+        st = path.stat()
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+        assert [p.name for p in tmp_path.iterdir()] == ["admin.sock"]  # no temporary name left
+    finally:
+        sock.close()
+
+
+def test_unix_socket_path_too_long_names_the_fix(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 120)
+    with pytest.raises(ListenError, match="longer than 107 bytes: use a shorter STATE_DIR, or ADMIN_HOST"):
+        bind_unix(deep / "admin.sock", "admin socket")
+
+
+def test_port_in_use_names_the_setting() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ListenError, match=f"PUBLIC_HOST/PUBLIC_PORT: cannot listen on 127.0.0.1:{port}: already"):
+            bind_tcp("127.0.0.1", port, "PUBLIC_HOST/PUBLIC_PORT")
+    with pytest.raises(ListenError, match="cannot resolve host"):
+        bind_tcp("no-such-host.invalid", 1, "PUBLIC_HOST/PUBLIC_PORT")
