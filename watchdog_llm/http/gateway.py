@@ -55,6 +55,8 @@ _DROP_IN = _HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"x-api-
 _DROP_OUT = _HOP_BY_HOP | {b"content-length", b"date", b"server", b"set-cookie"}
 _BODY_TYPES = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
 CLIENT_GONE = 499  # nginx's code for "the client closed the connection": metrics only
+_MAX_HELD = 1024 * 1024  # an "event" this long without a blank line is passed on as it is
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +230,7 @@ class Gateway:
             return await self._upstream_failed(send, consumer, e)
         self.metrics.upstream_latency.labels(route).observe(time.perf_counter() - t0)
         try:
-            out = [(k, v) for k, v in resp.headers.raw if k.lower() not in _DROP_OUT]
+            out = _response_headers(resp, req.url)
             if resp.headers.get("content-type", "").startswith("text/event-stream"):
                 self._streams.add(ex)
                 return await self._stream(send, resp, out, ex, consumer)
@@ -251,13 +253,22 @@ class Gateway:
     async def _stream(
         self, send: Send, resp: httpx.Response, out: list[tuple[bytes, bytes]], ex: _Exchange, consumer: str
     ) -> int:
+        """Relay whole SSE events as they arrive. A partial event is held until its blank line: if the
+        model goes away mid-event, the client never gets half of one (the SDK would fail to parse it
+        instead of showing our error event)."""
         await send({"type": "http.response.start", "status": resp.status_code, "headers": out})
-        tail = b""
+        tail = b""  # the end of what was sent: did the model say [DONE]?
+        held = b""  # bytes after the last complete event
         failure: tuple[str, str] | None = None
         try:
             async for chunk in _chunks(resp, ex):
-                tail = (tail + chunk)[-64:]
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                held += chunk
+                cut = _event_end(held)
+                if cut == 0 and len(held) < _MAX_HELD:
+                    continue
+                ready, held = (held[:cut], held[cut:]) if cut else (held, b"")
+                tail = (tail + ready)[-64:]
+                await send({"type": "http.response.body", "body": ready, "more_body": True})
                 if ex.why is not None:
                     raise _Aborted(ex.why)
         except _Aborted as a:
@@ -270,6 +281,12 @@ class Gateway:
             failure = self._down_message("the connection to the model was lost; this response is incomplete")
         except OSError:  # the client went away while we were sending
             return CLIENT_GONE
+        if failure is None and held:  # a clean end of the body: what is left is the model's to send
+            tail = (tail + held)[-64:]
+            try:
+                await send({"type": "http.response.body", "body": held, "more_body": True})
+            except OSError:
+                return CLIENT_GONE
         if failure is None and b"[DONE]" not in tail and not self.availability().serving:
             failure = self._down_message()  # the model stopped gracefully mid-answer: not a clean end
         end = b""
@@ -348,7 +365,8 @@ class Gateway:
                     if not msg.get("more_body", False):
                         break
         except TimeoutError:
-            return (408, "request_timeout", f"the request body did not arrive within {self.cfg.body_timeout:.0f} s")
+            msg = f"the request body did not arrive within {self.cfg.body_timeout:g} s (BODY_TIMEOUT)"
+            return (408, "request_timeout", msg)
         return b"".join(parts)
 
 
@@ -408,6 +426,26 @@ async def _chunks(resp: httpx.Response, ex: _Exchange) -> Any:
             yield chunk
 
 
+def _response_headers(resp: httpx.Response, upstream: httpx.URL) -> list[tuple[bytes, bytes]]:
+    """The model's headers for the client: hop-by-hop ones dropped, and a redirect to the model's own
+    address (Starlette's trailing-slash 307) made relative, so the internal port never leaks."""
+    origin = f"{upstream.scheme}://{upstream.netloc.decode('ascii')}".encode()
+    out = []
+    for k, v in resp.headers.raw:
+        name = k.lower()
+        if name in _DROP_OUT:
+            continue
+        if name == b"location" and v.startswith(origin):
+            v = v[len(origin) :] or b"/"
+        out.append((k, v))
+    return out
+
+
+def _event_end(data: bytes) -> int:
+    """Length of the prefix of `data` that is whole SSE events (0: none yet)."""
+    return max((i + len(sep) for sep in _EVENT_ENDS if (i := data.rfind(sep)) >= 0), default=0)
+
+
 async def _watch_disconnect(receive: Receive, ex: _Exchange) -> None:
     while True:
         msg = await receive()
@@ -456,6 +494,8 @@ def _check_body(method: str, raw: dict[bytes, bytes], body: bytes) -> tuple[int,
             doc = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             return (400, "invalid_json", f"request body is not valid JSON: {e}")
+        except RecursionError:
+            return (400, "invalid_json", "request body is nested too deeply")
         if not isinstance(doc, dict):
             return (400, "invalid_json", "request body must be a JSON object")
     return None
