@@ -182,3 +182,30 @@ def test_port_in_use_names_the_setting() -> None:
             bind_tcp("127.0.0.1", port, "PUBLIC_HOST/PUBLIC_PORT")
     with pytest.raises(ListenError, match="cannot resolve host"):
         bind_tcp("no-such-host.invalid", 1, "PUBLIC_HOST/PUBLIC_PORT")
+
+
+def test_accepted_connections_have_nagle_off() -> None:
+    """With Nagle on, a response written as headers then body waits 40 ms for the client's delayed
+    ACK on every kept-alive request: asyncio turns it off only for sockets that say IPPROTO_TCP."""
+    import asyncio
+    import socket
+
+    from watchdog_llm.http.server import bind_tcp
+
+    async def main() -> int:
+        sock = bind_tcp("127.0.0.1", 0, "PUBLIC_HOST/PUBLIC_PORT")
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            s = w.get_extra_info("socket")
+            seen.set_result(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            w.close()
+
+        server = await asyncio.start_server(handle, sock=sock)
+        _, w = await asyncio.open_connection(*sock.getsockname()[:2])
+        value = await asyncio.wait_for(seen, 5)
+        w.close()
+        server.close()
+        return value
+
+    assert asyncio.run(main()) != 0

@@ -37,7 +37,9 @@ def bind_tcp(host: str, port: int, setting: str) -> socket.socket:
     except socket.gaierror as e:
         raise ListenError(f"{setting}: cannot resolve host {host!r}: {e.strerror}") from None
     family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on connections whose socket says TCP. With
+    # Nagle on, a response written as headers then body waits for the client's delayed ACK (40 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)

@@ -1182,7 +1182,8 @@ def _non_default(args: argparse.Namespace, serve: argparse.ArgumentParser, extra
 
 def _bind(host: str, port: int, listen: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP: asyncio then sets TCP_NODELAY on each connection, as uvloop does for real vLLM.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
