@@ -23,6 +23,7 @@ from watchdog_llm.policy import (
     JobGone,
     JobSeen,
     Limits,
+    ModelChoice,
     ModelExited,
     ModelReady,
     Notify,
@@ -34,6 +35,8 @@ from watchdog_llm.policy import (
     State,
     StopDone,
     StopModel,
+    SwapRequested,
+    SwapUpdate,
     TimerFired,
     TransitionError,
     decide,
@@ -856,6 +859,7 @@ class World:
     jobs: set[str] = field(default_factory=set)
     pending_stops: int = 0
     runs_started: int = 0
+    swaps: int = 0
     tokens: dict[str, list[int]] = field(default_factory=lambda: {"cooldown": [], "backoff": [], "startup": []})
 
     def next_event(self, state: State) -> Event:
@@ -876,6 +880,10 @@ class World:
             return ModelExited(code=rng.choice([None, 0, 1, -9, -15]), run=run)
         if r < 0.70 and self.pending_stops:
             return StopDone(rng.uniform(1, 12_000), rng.choice([0, 0, 0, 1]))
+        if r < 0.76:
+            self.swaps += 1
+            target = ModelChoice(rng.choice(["m1", "m2", "m3"]), None, rng.choice([None, 5.0, 30.0]))
+            return SwapRequested(f"swap-{self.swaps}", target)
         name = rng.choice(list(self.tokens))
         issued = self.tokens[name]
         if issued and rng.random() < 0.8:
@@ -905,6 +913,7 @@ class Seen:
     """What the invariants need to remember across steps."""
 
     model_live: bool = False  # a StartModel has not yet been followed by a stop, an exit or a crash
+    swaps_ended: set[str] = field(default_factory=set)  # swap ids that reported ready or failed
     exits: int = 0
     max_token: int = -1
 
@@ -918,22 +927,51 @@ def _check_step(before: State, event: Event, d: Decision, lim: Limits, seen: See
     exits = [a for a in actions if isinstance(a, Exit)]
     timers = [a for a in actions if isinstance(a, SetTimer)]
 
-    # StartModel only from a phase without a model, only once per decision, and run numbers count up.
+    # StartModel only from a phase without a model (or with its stop asked for first in the same
+    # decision: a swap's target that timed out, replaced by the model before it), only once per
+    # decision, and run numbers count up. From failed only for a swap: a person asked for a model.
+    if stop_reasons:
+        assert len(stop_reasons) == 1
+        seen.model_live = False
+    exited = isinstance(event, ModelExited) and event.run == before.run  # its tree is gone already
+    if exited:
+        seen.model_live = False
     if starts:
         assert len(starts) == 1, actions
-        assert before.phase not in MODEL_RUNNING and before.phase not in MODEL_STOPPING, (before.phase, event)
-        assert before.phase not in (Phase.FAILED, Phase.STOPPED, Phase.STOPPING), before.phase
+        if before.phase is Phase.SWAPPING:  # the swap's stop finished: its target starts
+            assert isinstance(event, StopDone) and before.stops_pending == 1, (before, event)
+        elif exited:  # a swap's target crashed while starting: the model before it comes back
+            assert before.swap is not None and before.phase is Phase.STARTING, (before, event)
+        elif not stop_reasons:
+            assert before.phase not in MODEL_RUNNING and before.phase not in MODEL_STOPPING, (before.phase, event)
+        else:
+            assert before.phase is Phase.STARTING and stop_reasons == ["startup-timeout"], (before.phase, event)
+            assert actions.index(starts[0]) > 0 and isinstance(actions[0], StopModel)
+        assert before.phase not in (Phase.STOPPED, Phase.STOPPING), before.phase
+        if before.phase is Phase.FAILED:
+            assert isinstance(event, SwapRequested), event
         assert starts[0].run == before.run + 1 == after.run
+        assert starts[0].model == after.model.name
         assert after.phase is Phase.STARTING
         assert not seen.model_live, f"second StartModel without a stop/exit/crash in between ({event})"
         seen.model_live = True
     else:
         assert after.run == before.run
-    if stop_reasons:
-        assert len(stop_reasons) == 1
-        seen.model_live = False
-    if isinstance(event, ModelExited) and event.run == before.run:
-        seen.model_live = False
+
+    # Swaps: each one ends once (ready or failed) and says nothing after; one is open while State.swap says so.
+    for u in (a for a in actions if isinstance(a, SwapUpdate)):
+        assert u.id not in seen.swaps_ended, f"{u} after the swap ended"
+        assert u.stage in ("stopping", "starting", "deferred", "ready", "failed"), u
+        if u.stage in ("ready", "failed"):
+            seen.swaps_ended.add(u.id)
+    if after.swap is not None:
+        assert after.swap.id not in seen.swaps_ended
+        assert after.model == after.swap.target
+    if isinstance(event, SwapRequested):
+        updates = [a for a in actions if isinstance(a, SwapUpdate) and a.id == event.id]
+        assert updates or (after.swap is not None and after.swap.id == event.id), (before.phase, actions)
+    if after.phase is Phase.SWAPPING:
+        assert after.swap is not None
 
     # Kill first, tell later: a yield's stop never comes with a notification.
     if "yield" in stop_reasons:
@@ -952,7 +990,11 @@ def _check_step(before: State, event: Event, d: Decision, lim: Limits, seen: See
     if after.phase is Phase.STOPPED:
         assert seen.exits == 1
     if before.phase is Phase.STOPPED:
-        assert actions == () and after.phase is Phase.STOPPED
+        assert after.phase is Phase.STOPPED
+        if isinstance(event, SwapRequested):  # refused, and said so
+            assert actions == (SwapUpdate(event.id, "failed", "the daemon is stopping"),)
+        else:
+            assert actions == ()
 
     # Timer tokens: never go back; every SetTimer carries a fresh, strictly larger token.
     assert after.timer_token >= before.timer_token
@@ -961,7 +1003,8 @@ def _check_step(before: State, event: Event, d: Decision, lim: Limits, seen: See
         assert t.token == after.timer_token
         seen.max_token = t.token
         if t.name == "startup":
-            assert t.delay == lim.startup_timeout and after.phase is Phase.STARTING
+            want = lim.startup_timeout if after.model.startup_timeout is None else after.model.startup_timeout
+            assert t.delay == want and after.phase is Phase.STARTING
         elif t.name == "cooldown":
             assert t.delay == lim.resume_cooldown and after.phase is Phase.COOLDOWN
         elif t.name == "idle":

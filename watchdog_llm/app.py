@@ -35,6 +35,15 @@ from watchdog_llm.activity import ActivityProbe
 from watchdog_llm.availability import Availability, availability, typical_start
 from watchdog_llm.config import Settings, TunnelOnYield
 from watchdog_llm.config import format_ids as _ids
+from watchdog_llm.coordination.catalog import Catalog, CatalogError, ModelEntry
+from watchdog_llm.coordination.core import Coordinator
+from watchdog_llm.coordination.health import HealthLog
+from watchdog_llm.coordination.lock import SwapLock
+from watchdog_llm.coordination.lock import public as lock_public
+from watchdog_llm.coordination.schedule import Schedule
+from watchdog_llm.coordination.store import JsonStore
+from watchdog_llm.coordination.swap import SwapRecord, Swaps
+from watchdog_llm.coordination.webhook import Webhooks, parse_urls
 from watchdog_llm.detect import DetectError, Detector, JobGone, JobSeen, Signal, make_detector
 from watchdog_llm.detect.gpu import GpuError, GpuProcess, GpuView, GpuWatch, open_gpu_view, wait_released
 from watchdog_llm.detect.scontrol import Scontrol
@@ -42,6 +51,7 @@ from watchdog_llm.detect.slurm import own_jobs
 from watchdog_llm.gpus import GpuPlan, GpuSetupError
 from watchdog_llm.gpus import plan as plan_gpus
 from watchdog_llm.http.api import build_admin
+from watchdog_llm.http.coord_api import coordination_router
 from watchdog_llm.http.gateway import Gateway, GatewayConfig
 from watchdog_llm.http.keys import KeyConfigError, KeyRing, Limiter
 from watchdog_llm.http.server import Listener, ListenError, bind_tcp, bind_unix
@@ -56,6 +66,7 @@ from watchdog_llm.policy import (
     GpusReleased,
     JobGpus,
     Limits,
+    ModelChoice,
     ModelExited,
     ModelReady,
     Notify,
@@ -67,6 +78,8 @@ from watchdog_llm.policy import (
     State,
     StopDone,
     StopModel,
+    SwapRequested,
+    SwapUpdate,
     TimerFired,
     decide,
     served,
@@ -77,7 +90,7 @@ from watchdog_llm.status import STATUS_FILE, write_atomic
 from watchdog_llm.supervise.backoff import backoff_delay
 from watchdog_llm.supervise.child import Child, ChildChanged, ChildEvent, ChildExited, ChildReady, ChildStopped
 from watchdog_llm.supervise.probes import free_port
-from watchdog_llm.supervise.specs import model_spec, resolve_bin, tunnel_config, tunnel_spec
+from watchdog_llm.supervise.specs import load_catalog, model_argv, model_spec, resolve_bin, tunnel_config, tunnel_spec
 from watchdog_llm.supervise.states import ChildState
 from watchdog_llm.supervise.tree import Records, descendants, set_child_subreaper
 
@@ -87,6 +100,9 @@ SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # SIGHUP: tmu
 NOTIFY_FLUSH_TIMEOUT = 8.0
 DUPLICATE_SIGNAL_S = 0.25  # a second stop signal sooner than this is the same request, not "hurry"
 KILL_WAIT_DEFAULT = 30  # slurm.conf KillWait: SIGTERM -> SIGKILL of a job's processes
+WEBHOOK_FLUSH_TIMEOUT = 5.0
+# Daemon notices that are webhook events too (the coordination events are sent where they happen).
+_WEBHOOK_EVENTS = {"yielded": "yielded", "resumed": "resumed", "crashed": "crashed", "failed": "crashed"}
 
 
 class StartupError(Exception):
@@ -177,6 +193,11 @@ class Daemon:
         self.metrics = Metrics(served_seconds=lambda: served(self.state, time.monotonic()))
         self.gateway: Gateway | None = None
         self.listeners: list[Listener] = []
+        self.catalog: Catalog | None = None
+        self.coord: Coordinator | None = None
+        self.webhooks: Webhooks | None = None
+        self._webhooks_task: asyncio.Task[None] | None = None
+        self._llm_bin = ""
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -201,11 +222,15 @@ class Daemon:
         s = self.s
         prepare_state_dir(s.state_dir)
         self._lock()
-        if not s.model_name:
-            raise StartupError("MODEL_NAME is empty: set the model to serve (hub id or local path)")
+        try:
+            self.catalog = load_catalog(s)
+        except CatalogError as e:
+            raise StartupError(str(e)) from None
         llm_bin = resolve_bin(s.llm_bin)
         if llm_bin is None:
             raise StartupError(f"LLM_BIN={s.llm_bin!r} not found or not executable (is vLLM installed?)")
+        self._llm_bin = llm_bin
+        pending = self._setup_coordination()
         records = Records(s.state_dir / "children.json", log)
         for left in records.kill_leftovers():
             log.warning("killed leftover %s process %d (%s) of a previous run", left.child, left.pid, left.name)
@@ -221,13 +246,14 @@ class Daemon:
         await self._open_listeners(load_keys(s))
         logs = s.state_dir / "logs"
         self.model = Child(
-            model_spec(s, llm_bin, lambda: self._internal_key),
+            self._model_spec(self.state.model.name),
             grace=s.yield_grace,
             log_dir=logs,
             records=records,
             post=self._on_child,
             log=log,
             scan_interval=s.tree_scan_interval,
+            on_line=self.coord.swaps.log_line if self.coord is not None else None,
         )
         self.model.launch(self._on_supervisor_crash)
         if s.idle_release_after > 0:
@@ -273,6 +299,9 @@ class Daemon:
         # Jobs already running are looked up before the first decision (no start on a job's GPUs).
         # Meanwhile the detector and signals may already speak: each event goes through the policy
         # (in phase init it just remembers), and a signal in that window ends the daemon here.
+        if pending is not None:  # a swap the previous daemon left open: it completes with this start
+            rec, entry = pending
+            self._handle(SwapRequested(rec.id, self._choice(entry)))
         for job in sorted(jobs):
             self._handle(PolicyJobSeen(job))
         lookups = [self._lookup(job) for job in sorted(jobs)] if self.scontrol is not None else []
@@ -283,6 +312,137 @@ class Daemon:
         if usec := os.environ.get("WATCHDOG_USEC"):
             self._pinger = asyncio.create_task(self._watchdog_pings(int(usec) / 1e6), name="sd-watchdog")
 
+    def _setup_coordination(self) -> tuple[SwapRecord, ModelEntry] | None:
+        """Lock, swaps, schedule, connectivity log and webhooks, from their files in STATE_DIR.
+        Picks the model this start serves; returns a swap left open by the previous daemon."""
+        s, cat = self.s, self.catalog
+        assert cat is not None
+        swaps = Swaps(JsonStore(s.state_dir / "swaps.json", log), log=log)
+        entry = cat.default_entry
+        if swaps.chosen and swaps.chosen != entry.name:
+            chosen = cat.resolve(swaps.chosen)
+            if chosen is None:
+                log.warning(
+                    "model %r, chosen by the last swap, is not in the catalog any more: serving %s",
+                    swaps.chosen,
+                    entry.name,
+                )
+            else:
+                entry = chosen
+        pending: tuple[SwapRecord, ModelEntry] | None = None
+        rec = swaps.recover()
+        if rec is not None:
+            target = cat.resolve(rec.model)
+            if target is None:
+                swaps.update(rec.id, "failed", f"model {rec.model!r} is not in the catalog any more")
+            else:
+                before = cat.resolve(rec.previous) if rec.previous else None
+                entry = before or entry  # what comes back if the target fails
+                pending = (rec, target)
+        self.state = replace(self.state, model=self._choice(entry))
+        urls = parse_urls(s.webhook_urls)
+        if urls:
+            self.webhooks = Webhooks(
+                urls,
+                s.webhook_secret.get_secret_value(),
+                s.node_name,
+                log=log,
+                on_result=lambda outcome, _event: self.metrics.webhooks.labels(outcome).inc(),
+            )
+            self._webhooks_task = asyncio.create_task(self.webhooks.run(), name="webhooks")
+        self.coord = Coordinator(
+            catalog=cat,
+            lock=SwapLock(JsonStore(s.state_dir / "lock.json", log), max_ttl=s.swap_lock_max_ttl, log=log),
+            swaps=swaps,
+            schedule=Schedule(JsonStore(s.state_dir / "schedule.json", log), log=log),
+            health=HealthLog(JsonStore(s.state_dir / "connectivity.json", log), log=log),
+            webhooks=self.webhooks,
+            node=s.node_name,
+            log=log,
+            start_swap=lambda rec, e: self._handle(SwapRequested(rec.id, self._choice(e))),
+            active=lambda: self.state.model.name,
+            refuse=self._refuse_swap,
+            notify=lambda kind, title, body: self._submit(Notify(kind, title, body, "high")),
+        )
+        return pending
+
+    @staticmethod
+    def _choice(e: ModelEntry) -> ModelChoice:
+        return ModelChoice(e.name, e.gpus, e.startup_timeout)
+
+    def _entry(self, name: str) -> ModelEntry:
+        assert self.catalog is not None
+        return self.catalog.resolve(name) or self.catalog.default_entry
+
+    def _model_spec(self, name: str) -> Any:
+        return model_spec(self.s, self._llm_bin, lambda: self._internal_key, self._entry(name))
+
+    def _public_model_name(self) -> str:
+        """What the public page and /health call the model: its hub id, or its catalog name when it
+        is a local path (a path names a user's directory; the page is on the internet)."""
+        e = self._entry(self.state.model.name)
+        return e.model if e.local_path is None else e.name
+
+    def _refuse_swap(self) -> str | None:
+        if self.state.phase in (Phase.STOPPING, Phase.STOPPED):
+            return "the daemon is stopping"
+        return None
+
+    def endpoints(self) -> dict[str, Any]:
+        """Discovery (GET /api/endpoints): where clients reach the model, filled in while it is down too."""
+        st, s = self.state, self.s
+        e = self._entry(st.model.name)
+        a = self.availability()
+        tunnel = None
+        if self.tunnel is not None:
+            tunnel = {
+                "url": self._tunnel_url or None,
+                "ready": self.tunnel.state is ChildState.RUNNING,
+                "state": self.tunnel.state.value,
+                "on_yield": s.tunnel_on_yield.value,
+            }
+        return {
+            "vllm": {
+                "ready": a.serving,
+                "base_url": s.public_base_url + "/v1",
+                "model": e.name,
+                "model_id": e.model,
+                "openai_compat": True,
+                "state": st.phase.value,
+                "message": a.message,
+                "retry_after": None if a.serving else a.retry_after,
+            },
+            "tunnel": tunnel,
+            "node": s.node_name,
+        }
+
+    def validate(self, key: str) -> dict[str, Any]:
+        """A swap's dry run: what would run, and whether it can (POST /api/swap/{key}/validate)."""
+        e = self._entry(key)
+        checks: list[dict[str, Any]] = []
+
+        def check(name: str, ok: bool, detail: str) -> None:
+            checks.append({"check": name, "ok": ok, "detail": detail})
+
+        check("binary", bool(self._llm_bin), self._llm_bin or f"LLM_BIN={self.s.llm_bin!r} not found")
+        if (path := e.local_path) is not None:
+            check("model_path", path.exists(), f"{path} " + ("exists" if path.exists() else "does not exist"))
+        else:
+            check("model_path", True, f"{e.model} is a hub id (fetched by vLLM, not checked here)")
+        gpus = self.limits.fixed_gpus if self.limits.fixed_gpus is not None else self.limits.all_gpus
+        if gpus is None:
+            check("gpus", True, f"needs {e.gpus}; this node's GPUs are unknown (no NVML)")
+        else:
+            check("gpus", e.gpus <= len(gpus), f"needs {e.gpus}; {len(gpus)} can be ours ({_ids(gpus)})")
+        argv = model_argv(self.s, self._llm_bin or self.s.llm_bin, e)
+        return {
+            "ok": all(c["ok"] for c in checks),
+            "model": e.name,
+            "command": argv,
+            "env": sorted(e.env),
+            "checks": checks,
+        }
+
     async def _open_listeners(self, keys: KeyRing) -> None:
         """The public gateway and the admin API. Both sockets are bound before either serves, so a
         port in use stops the start-up before any model process exists."""
@@ -291,7 +451,7 @@ class Daemon:
             max_body_bytes=s.max_body_bytes,
             body_timeout=s.body_timeout,
             read_timeout=s.upstream_timeout,
-            model_name=s.model_name,
+            model_name=self.state.model.name,
         )
         self.gateway = Gateway(
             cfg,
@@ -300,9 +460,16 @@ class Daemon:
             self.metrics,
             self.availability,
             lambda: (s.model_base_url, self._internal_key),
-            lambda: {"model": s.model_name, "since": self._wall(self.state.since)},
+            lambda: {"model": self._public_model_name(), "since": self._wall(self.state.since)},
         )
-        admin = build_admin(self.status, self._health, self.metrics.render, s.admin_token.get_secret_value())
+        assert self.coord is not None
+        admin = build_admin(
+            self.status,
+            self._health,
+            self.metrics.render,
+            s.admin_token.get_secret_value(),
+            [coordination_router(self.coord, self.endpoints, self.validate)],
+        )
         socks = []
         try:
             socks.append(bind_tcp(s.public_host, s.public_port, "PUBLIC_HOST/PUBLIC_PORT"))
@@ -432,6 +599,8 @@ class Daemon:
             if child is not None:
                 await child.close()
         # The gateway answered "shutting down" until the model was gone; now it closes too.
+        if self.coord is not None:
+            self.coord.swaps.close()  # live swap streams end, so the admin listener can close at once
         for listener in self.listeners:
             await listener.stop()
         if self.gateway is not None:
@@ -449,6 +618,11 @@ class Daemon:
         if self._notifier_task is not None:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(self._notifier_task, 1.0)
+        if self.webhooks is not None:
+            await self.webhooks.close(WEBHOOK_FLUSH_TIMEOUT)
+        if self._webhooks_task is not None:
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
+                await asyncio.wait_for(self._webhooks_task, 1.0)
         if self.gpu is not None:
             self.gpu.close()
         if self._lock_fd is not None:  # we own STATE_DIR: record the final state
@@ -621,6 +795,7 @@ class Daemon:
         d: Decision = decide(before, event, time.monotonic(), self.limits, self.rng.random())
         self.state = d.state
         notices: list[Notify] = []
+        updates: list[SwapUpdate] = []
         for action in d.actions:  # kills and starts first: everything else is after the fact
             match action:
                 case StopModel(reason=reason):
@@ -629,16 +804,19 @@ class Daemon:
                     assert self.model is not None
                     self.model.stop()
                     self._recent_pids = frozenset(self.model.pids)  # asked after the stop: costs the kill nothing
-                case StartModel(run=run, gpus=gpus):
+                case StartModel(run=run, gpus=gpus, model=name):
                     assert self.model is not None
                     self._internal_key = secrets.token_urlsafe(32)  # a fresh key for every run
-                    self.model.start(run, {**self.gpu_plan.cuda_env(gpus), "VLLM_API_KEY": self._internal_key})
+                    env = {**self.gpu_plan.cuda_env(gpus), "VLLM_API_KEY": self._internal_key}
+                    self.model.start(run, env, self._model_spec(name))
                     if self.activity is not None:
                         self.activity.start()
                 case SetTimer(name=name, delay=delay, token=token):
                     self._arm_callback(name, delay, lambda n=name, t=token: self._handle(TimerFired(n, t)))
                 case Notify():
                     notices.append(action)
+                case SwapUpdate():
+                    updates.append(action)
                 case Exit(code=code):
                     self._exit_code = code
                     self._exit.set()
@@ -649,6 +827,8 @@ class Daemon:
             self._stop_tunnel()
         if self.activity is not None and d.state.phase not in (Phase.STARTING, Phase.SERVING):
             self.activity.stop()
+        if updates:
+            asyncio.get_running_loop().call_soon(self._swap_updates, updates)
         if d.state != before or notices:
             # call_soon: runs after the child owner's wake-up that was queued above, so logs,
             # status files and notifications never delay a kill.
@@ -700,13 +880,42 @@ class Daemon:
         for n in notices:
             self._submit(n)
 
+    def _swap_updates(self, updates: list[SwapUpdate]) -> None:
+        if self.coord is None:
+            return
+        for u in updates:
+            self.coord.swap_update(u.id, u.stage, u.detail)
+            if u.stage in ("ready", "failed"):
+                self.metrics.swaps.labels(u.stage).inc()
+        self._publish_status()
+
+    def _webhook(self, n: Notify) -> None:
+        event = _WEBHOOK_EVENTS.get(n.kind)
+        if event is None or self.coord is None:
+            return
+        data: dict[str, Any] = {"detail": n.body, "state": self.state.phase.value}
+        rec = self.state.last_yield
+        if event in ("yielded", "resumed") and rec is not None:
+            data.update(
+                job=rec.job or None,
+                cause=rec.cause,
+                detect_ms=rec.detect_ms,
+                stop_ms=rec.stop_ms,
+                lookup_ms=rec.lookup_ms,
+                gpu_release_ms=rec.gpu_release_ms,
+                gpus=list(rec.gpus),
+            )
+        self.coord.event(event, data)
+
     def _submit(self, n: Notify) -> None:
+        self._webhook(n)
         if self.notifier is None:
             return
         body = n.body
-        if n.kind in ("online", "resumed"):
-            url = self._tunnel_url or self.s.model_base_url
-            body += f"\nmodel: {self.s.model_name}\nGPUs: {self.s.num_gpus}\nURL: {url}"
+        if n.kind in ("online", "resumed", "swapped"):
+            url = self._tunnel_url or self.s.public_base_url
+            gpus = self.state.model.gpus if self.state.model.gpus is not None else self.s.num_gpus
+            body += f"\nmodel: {self.state.model.name}\nGPUs: {gpus}\nURL: {url}"
         self.notifier.submit(Message(n.kind, n.title, body, n.priority))
 
     def status(self) -> dict[str, Any]:
@@ -725,7 +934,8 @@ class Daemon:
             "reason": st.reason,
             "since": st.since + mono_to_wall,
             "updated_at": time.time(),
-            "model": self.s.model_name,
+            "model": st.model.name,
+            "model_id": self._entry(st.model.name).model if self.catalog is not None else self.s.model_name,
             "model_url": self.s.model_base_url,
             "public_url": self.s.public_base_url,
             "admin": f"{self.s.admin_host}:{self.s.admin_port}" if self.s.admin_host else str(self.s.admin_socket),
@@ -755,6 +965,16 @@ class Daemon:
                 "yield_on": self.limits.yield_on,
                 "busy": sorted(st.busy),
                 "job_gpus": {j: None if g is None else sorted(g) for j, g in sorted(st.job_gpus.items())},
+            },
+            "swap": None if self.coord is None or (o := self.coord.swaps.open()) is None else o.public(),
+            "lock": lock_public(self.coord.lock.status()) if self.coord is not None else None,
+            "webhooks": None
+            if self.webhooks is None
+            else {
+                "delivered": self.webhooks.delivered,
+                "failed": self.webhooks.failed,
+                "dropped": self.webhooks.dropped,
+                "queued": self.webhooks.queued,
             },
             "notifications": None
             if self.notifier is None

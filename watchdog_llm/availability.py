@@ -56,6 +56,11 @@ def availability(
             who = "GPUs reclaimed by a Slurm job"
         wait = cooldown_s + start_s if state.jobs or p is Phase.YIELDING else UNKNOWN_WAIT_S
         return out("model_yielded", f"{who}; the model returns when the node is idle", max(wait, UNKNOWN_WAIT_S))
+    if p is Phase.SWAPPING:
+        target = state.model.name or "another model"
+        return out(
+            "model_swapping", f"the model is being swapped to {target}; back in about {math.ceil(start_s)} s", start_s
+        )
     if p is Phase.COOLDOWN:
         wait = (timer_left if timer_left is not None else cooldown_s) + start_s
         return out("model_cooldown", f"the node is idle again; the model returns in about {math.ceil(wait)} s", wait)

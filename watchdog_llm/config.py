@@ -19,20 +19,17 @@ from typing import Any
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from watchdog_llm.coordination.catalog import check_vllm_args, split_args
+from watchdog_llm.coordination.webhook import parse_urls, validate_url
+
 CONFIG_ENV_VAR = "WATCHDOG_LLM_CONFIG"
 DEFAULT_CONFIG = Path("config.env")
 
 
-# Flags the daemon sets itself: the same option in two places is a bug waiting to happen, and a key
-# on a command line is readable by every user of the node.
-RESERVED_VLLM_FLAGS = {
-    "--port": "use SERVER_PORT",
-    "--host": "use SERVER_HOST",
-    "--api-key": "the daemon gives vLLM a fresh internal key by environment; clients use PUBLIC_API_KEYS",
-}
-
-
-SECRET_SETTINGS = frozenset({"API_KEY", "TUNNEL_TOKEN", "PUBLIC_API_KEYS", "ADMIN_TOKEN"})
+# Never echoed in an error (webhook URLs often carry a token in their path).
+SECRET_SETTINGS = frozenset(
+    {"API_KEY", "TUNNEL_TOKEN", "PUBLIC_API_KEYS", "ADMIN_TOKEN", "WEBHOOK_SECRET", "WEBHOOK_URLS"}
+)
 MIN_ADMIN_TOKEN_CHARS = 16
 
 
@@ -94,6 +91,9 @@ class Settings(BaseSettings):
     health_path: str = Field("/health", description="readiness path of the model server")
     api_key: SecretStr = Field(SecretStr(""), description="old name for one public key (see PUBLIC_API_KEYS)")
 
+    models: str = Field("", description="model catalog: a YAML file or a directory of *.env profiles")
+    default_model: str = Field("", description="catalog name or alias served when no swap chose another")
+
     # Public gateway: the OpenAI-compatible endpoint, and the tunnel's origin
     public_host: str = Field("127.0.0.1", description="address the public gateway listens on")
     public_port: int = Field(8080, ge=1, le=65535, description="port of the public gateway")
@@ -110,6 +110,11 @@ class Settings(BaseSettings):
     admin_host: str = Field("", description="empty: unix socket STATE_DIR/admin.sock (0600); else listen here")
     admin_port: int = Field(8081, ge=1, le=65535, description="admin port when ADMIN_HOST is set")
     admin_token: SecretStr = Field(SecretStr(""), description="bearer token for the admin API over TCP")
+
+    # Coordination: swap lock, webhooks
+    swap_lock_max_ttl: float = Field(86400.0, gt=0, le=30 * 86400, description="longest swap lock, seconds")
+    webhook_urls: str = Field("", description="URLs that receive signed event webhooks (commas or spaces)")
+    webhook_secret: SecretStr = Field(SecretStr(""), description="HMAC-SHA256 key for X-Spark-Signature")
 
     # Yield and resume
     detection_mode: DetectionMode = Field(DetectionMode.CGROUP, description="cgroup | procfs | nvml | hybrid")
@@ -167,16 +172,14 @@ class Settings(BaseSettings):
     @field_validator("vllm_args")
     @classmethod
     def _shell_words(cls, v: str) -> str:
-        try:
-            words = shlex.split(v)
-        except ValueError as e:
-            raise ValueError(f"expected shell-quoted arguments ({e})") from None
-        for word in words:
-            # argparse in vLLM accepts --api_key for --api-key, and unambiguous prefixes (--api).
-            flag = word.split("=", 1)[0].replace("_", "-")
-            for reserved, instead in RESERVED_VLLM_FLAGS.items():
-                if flag == reserved or (len(flag) > 3 and flag.startswith("--") and reserved.startswith(flag)):
-                    raise ValueError(f"{word.split('=', 1)[0]} is not allowed here: {instead}")
+        check_vllm_args(split_args(v))  # one rule for VLLM_ARGS and every catalog entry
+        return v
+
+    @field_validator("webhook_urls")
+    @classmethod
+    def _webhooks(cls, v: str) -> str:
+        for n, url in enumerate(parse_urls(v), 1):
+            validate_url(url, n)
         return v
 
     @field_validator("gpu_ids")

@@ -52,6 +52,13 @@ class Metrics:
         self.rejected = Counter(
             p + "requests_rejected", "Requests refused by the gateway, by reason", ["reason"], registry=r
         )
+        self.webhooks = Counter(
+            p + "webhook_deliveries",
+            "Webhook deliveries by outcome (delivered, failed, dropped)",
+            ["outcome"],
+            registry=r,
+        )
+        self.swaps = Counter(p + "swaps", "Model swaps finished, by outcome (ready, failed)", ["outcome"], registry=r)
         served = Gauge(p + "served_seconds", "Seconds the model has served, over all runs", registry=r)
         if served_seconds is not None:
             served.set_function(served_seconds)

@@ -12,6 +12,7 @@ Phases
   cooldown    no job any more; waiting RESUME_COOLDOWN before starting again
   backoff     the model crashed; waiting before a restart
   failed      too many fast failures in a row; stays down until restarted by a person
+  swapping    a swap asked for another model; the current model tree is being stopped
   stopping    the daemon is shutting down (a signal, or an idle release); the model tree is being stopped
   stopped     terminal
 
@@ -21,6 +22,13 @@ physical id, the number Slurm's GRES IDX uses (/dev/nvidia<N>). A job's GPUs com
 `yield_on="overlap"` a running model yields only to a job whose GPUs overlap ours, to a job whose GPUs
 cannot be known, or to a foreign compute process on one of our GPUs (`GpuBusy`). Without GPU
 awareness, or under `yield_on="any"`, every job is a conflict, as before.
+
+Swaps. `State.model` is the model every start uses. A swap (`SwapRequested`) while a model runs stops
+it (phase swapping) and starts the target; while the model is down for a reason that is not ours
+(yielded, cooldown, backoff, init) the target is recorded and starts when the node allows (the swap
+is "deferred"). A job arriving mid-swap wins: the swap becomes deferred. A target that crashes or is
+not ready in time fails the swap, and the model that served before it comes back. Progress goes out
+as `SwapUpdate` actions (stopping, starting, deferred, ready, failed).
 """
 
 from __future__ import annotations
@@ -43,13 +51,14 @@ class Phase(StrEnum):
     COOLDOWN = "cooldown"
     BACKOFF = "backoff"
     FAILED = "failed"
+    SWAPPING = "swapping"
     STOPPING = "stopping"
     STOPPED = "stopped"
 
 
 # Named groups (Supervisor-style): where a model process may exist, and where we are not serving.
 MODEL_RUNNING = frozenset({Phase.STARTING, Phase.SERVING})
-MODEL_STOPPING = frozenset({Phase.YIELDING, Phase.STOPPING})
+MODEL_STOPPING = frozenset({Phase.YIELDING, Phase.SWAPPING, Phase.STOPPING})
 MODEL_DOWN = frozenset({Phase.INIT, Phase.YIELDED, Phase.COOLDOWN, Phase.BACKOFF, Phase.FAILED, Phase.STOPPED})
 
 
@@ -79,6 +88,21 @@ class Limits:
 
 
 # ---- events (inputs) ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ModelChoice:
+    """The model a start uses: its catalog name, and what it needs (None: the Limits' defaults)."""
+
+    name: str = ""
+    gpus: int | None = None
+    startup_timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SwapRequested:
+    id: str
+    target: ModelChoice
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +189,7 @@ Event = (
     | StopDone
     | TimerFired
     | Shutdown
+    | SwapRequested
 )
 
 
@@ -175,11 +200,12 @@ Event = (
 class StartModel:
     run: int
     gpus: frozenset[int] | None = None  # physical GPU ids to use; None: leave the choice to the environment
+    model: str = ""  # the catalog name of the model to start
 
 
 @dataclass(frozen=True, slots=True)
 class StopModel:
-    reason: str  # "yield" | "shutdown" | "startup-timeout" | "idle"
+    reason: str  # "yield" | "shutdown" | "startup-timeout" | "idle" | "swap"
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +228,14 @@ class Exit:
     code: int
 
 
-Action = StartModel | StopModel | SetTimer | Notify | Exit
+@dataclass(frozen=True, slots=True)
+class SwapUpdate:
+    id: str
+    stage: str  # stopping | starting | deferred | ready | failed
+    detail: str
+
+
+Action = StartModel | StopModel | SetTimer | Notify | Exit | SwapUpdate
 
 
 # ---- state -------------------------------------------------------------------------------------
@@ -221,6 +254,14 @@ class YieldRecord:
     gpu_release_ms: float | None = None  # detection -> NVML shows our GPU memory freed
     gpu_holders: int = 0  # our processes still on the GPUs when confirmation gave up
     run: int = 0  # the run that was stopped
+
+
+@dataclass(frozen=True, slots=True)
+class SwapCtx:
+    id: str
+    target: ModelChoice
+    previous: ModelChoice | None  # what comes back if the target fails; None: nothing worth it
+    stage: str = "stopping"  # the last stage reported
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +290,8 @@ class State:
     ending: str = ""  # why the daemon stops: "signal" | "idle"
     unsent: tuple[YieldRecord, ...] = ()  # yields whose confirmation a later yield overtook
     cooldown_over: bool = False  # the cooldown ran out while a job's GPUs were still being looked up
+    model: ModelChoice = ModelChoice()  # what the next (or current) start uses
+    swap: SwapCtx | None = None  # a swap not finished yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,21 +374,41 @@ def plan_gpus(state: State, limits: Limits, *, ignore_pending: bool = False) -> 
         return limits.fixed_gpus
     assert limits.all_gpus is not None
     free = sorted(limits.all_gpus - taken)
-    if len(free) < limits.num_gpus:
-        return f"{len(free)} free GPU(s), {limits.num_gpus} needed: " + "; ".join(who)
-    return frozenset(free[len(free) - limits.num_gpus :])
+    need = _need(state, limits)
+    if len(free) < need:
+        return f"{len(free)} free GPU(s), {need} needed: " + "; ".join(who)
+    return frozenset(free[len(free) - need :])
+
+
+def _need(state: State, limits: Limits) -> int:
+    return limits.num_gpus if state.model.gpus is None else state.model.gpus
+
+
+def _startup_timeout_of(state: State, limits: Limits) -> float:
+    t = state.model.startup_timeout
+    return limits.startup_timeout if t is None else t
 
 
 def _start(state: State, now: float, limits: Limits, reason: str) -> Decision:
     gpus = plan_gpus(state, limits)
     if isinstance(gpus, str):  # something arrived that blocks a start: wait for it to go
         token = state.timer_token + 1  # any pending start timer is now stale
-        return Decision(_to(state, Phase.YIELDED, now, gpus, timer_token=token))
+        new, progress = _swap_stage(state, "deferred", f"waiting: {gpus}")
+        return Decision(_to(new, Phase.YIELDED, now, gpus, timer_token=token), progress)
     run = state.run + 1
     token = state.timer_token + 1
+    state, progress = _swap_stage(state, "starting", f"starting {state.model.name or 'the model'}")
     new = _to(state, Phase.STARTING, now, reason, run=run, started_at=now, timer_token=token, gpus=gpus)
-    start = StartModel(run, gpus if limits.gpu_aware else None)
-    return Decision(new, (start, SetTimer("startup", limits.startup_timeout, token)))
+    start = StartModel(run, gpus if limits.gpu_aware else None, state.model.name)
+    return Decision(new, (start, SetTimer("startup", _startup_timeout_of(state, limits), token), *progress))
+
+
+def _swap_stage(state: State, stage: str, detail: str) -> tuple[State, tuple[Action, ...]]:
+    """Report a swap's new stage (once per stage: a deferred swap does not repeat itself)."""
+    sw = state.swap
+    if sw is None or sw.stage == stage:
+        return state, ()
+    return replace(state, swap=replace(sw, stage=stage)), (SwapUpdate(sw.id, stage, detail),)
 
 
 def _cooldown(state: State, now: float, limits: Limits) -> Decision:
@@ -411,17 +474,24 @@ def _decide(state: State, event: Event, now: float, limits: Limits, jitter: floa
             if token != state.timer_token:
                 return Decision(state)  # superseded timer
             return _timer(state, name, now, limits, jitter)
+        case SwapRequested(id=swap_id, target=target):
+            return _swap(state, swap_id, target, now, limits)
     raise TransitionError(f"unhandled event {event!r}")  # pragma: no cover
 
 
 def _ready(state: State, now: float, limits: Limits) -> Decision:
     was_down = state.down_since
-    new = _to(state, Phase.SERVING, now, "serving", serving_since=now, down_since=None, last_activity=now)
+    sw = state.swap
+    new = _to(state, Phase.SERVING, now, "serving", serving_since=now, down_since=None, last_activity=now, swap=None)
     body = "model is online"
     if was_down is not None and state.last_yield is not None:
         body = f"resumed after {now - was_down:.0f} s down"
     kind = "resumed" if state.last_yield is not None else "online"
     actions: tuple[Action, ...] = (Notify(kind, "model online", body, "low"),)
+    if sw is not None:
+        took = f" ({now - was_down:.0f} s without a model)" if was_down is not None else ""
+        done = f"{sw.target.name} is serving{took}"
+        actions = (SwapUpdate(sw.id, "ready", done), Notify("swapped", "model swapped", f"now serving {done}", "low"))
     if limits.idle_release_after > 0:
         new = replace(new, timer_token=new.timer_token + 1)
         actions += (SetTimer("idle", limits.idle_release_after, new.timer_token),)
@@ -438,7 +508,7 @@ def _reconcile(
 ) -> Decision:
     """Facts changed (jobs, their GPUs, busy GPUs): yield, wait, or get ready to start again."""
     p = state.phase
-    if p in MODEL_RUNNING:
+    if p in MODEL_RUNNING or p is Phase.SWAPPING:
         hit = _conflict(state, limits, trigger)
         if hit is None:
             return Decision(state)
@@ -460,10 +530,13 @@ def _reconcile(
         if state.awaiting_release and state.last_yield is not None:  # its notice goes out with this one's
             state = replace(state, unsent=(*state.unsent, state.last_yield), awaiting_release=False)
         reason = "GPUs reclaimed by " + cause if _overlap(limits) else _blocked_reason(state.jobs)
+        state, progress = _swap_stage(state, "deferred", f"waiting: {reason}")  # the yield wins
         new = _to(state, Phase.YIELDING, now, reason, last_yield=rec)
         if p is Phase.SERVING:
             new = replace(new, down_since=now)
-        return Decision(new, (StopModel("yield"),))
+        if p is Phase.SWAPPING:  # the swap's stop is already under way: it is the yield's now
+            return Decision(new, progress)
+        return Decision(new, (StopModel("yield"), *progress))
     if p in (Phase.COOLDOWN, Phase.BACKOFF, Phase.YIELDED):
         # A job still being looked up does not interrupt a cooldown (it would restart it from
         # zero when its GPUs turn out to be others'): the start itself waits for the lookup.
@@ -481,11 +554,13 @@ def _reconcile(
 
 
 def _crashed(state: State, code: int | None, why: str, now: float, limits: Limits, jitter: float) -> Decision:
+    what = f"model {why}" if why else (f"model exited with code {code}" if code is not None else "model exited")
+    if state.swap is not None and state.phase is Phase.STARTING:
+        return _swap_failed(replace(state, last_exit=code), what, now, limits, jitter, stop=False)
     fast = now - state.started_at < limits.min_uptime or state.phase is Phase.STARTING
     failures = state.fast_failures + 1 if fast else 1
     down = state.down_since if state.down_since is not None else now
     state = replace(state, last_exit=code, fast_failures=failures, down_since=down)
-    what = f"model {why}" if why else (f"model exited with code {code}" if code is not None else "model exited")
     if failures >= limits.restart_limit:
         body = f"{what}; {failures} fast failures in a row, giving up until restarted"
         new = _to(state, Phase.FAILED, now, body, serving_since=None)
@@ -515,6 +590,9 @@ def _stop_done(state: State, ms: float, survivors: int, now: float, limits: Limi
         # What we yielded to left while we were stopping.
         d = _cooldown(state, now, limits)
         return Decision(d.state, (*notices, *d.actions))
+    if p is Phase.SWAPPING:
+        name = state.model.name or "the model"
+        return _start(replace(state, serving_since=None), now, limits, f"swapping to {name}")
     return Decision(state)  # the stop of a failed start-up: nothing more to do
 
 
@@ -587,7 +665,9 @@ def _timer(state: State, name: str, now: float, limits: Limits, jitter: float) -
         return _start(state, now, limits, "restarting after crash")
     if name == "startup" and p is Phase.STARTING:
         # Never got ready: stop it and count a failure; the stop's ModelExited is ignored (not running).
-        body = f"model not ready after {limits.startup_timeout:.0f} s"
+        body = f"model not ready after {_startup_timeout_of(state, limits):.0f} s"
+        if state.swap is not None:
+            return _swap_failed(state, body, now, limits, jitter, stop=True)
         return _startup_timeout(state, now, limits, body, jitter)
     if name == "idle" and p is Phase.SERVING:
         return _idle(state, now, limits)
@@ -638,3 +718,71 @@ def _shutdown(state: State, now: float, why: str, limits: Limits) -> Decision:
         return Decision(new, actions)
     new = _to(state, Phase.STOPPED, now, reason, timer_token=token, exit_code=0, ending="signal")
     return Decision(new, (*_unconfirmed(state), _final_notice(new, now, limits, None), Exit(0)))
+
+
+# ---- swaps -------------------------------------------------------------------------------------
+
+
+def _swap(state: State, swap_id: str, target: ModelChoice, now: float, limits: Limits) -> Decision:
+    p = state.phase
+    if p in (Phase.STOPPING, Phase.STOPPED):  # an open swap stays open: the next start completes it
+        return Decision(state, (SwapUpdate(swap_id, "failed", "the daemon is stopping"),))
+    actions: tuple[Action, ...] = ()
+    previous: ModelChoice | None = state.model if state.model.name else None
+    if state.swap is not None and state.swap.id != swap_id:  # a deferred swap, replaced by this one
+        actions = (SwapUpdate(state.swap.id, "failed", f"superseded by swap {swap_id}"),)
+        previous = state.swap.previous
+    if p is Phase.FAILED:
+        previous = None  # it failed: bringing it back would not help
+    if p is Phase.SERVING and target.name == state.model.name:
+        return Decision(replace(state, swap=None), (*actions, SwapUpdate(swap_id, "ready", "already serving")))
+    if previous is not None and previous.name == target.name:
+        previous = None
+    same = target.name == state.model.name
+    state = replace(state, model=target, swap=SwapCtx(swap_id, target, previous, stage=""))
+    if p is Phase.STARTING and same:  # it is starting already: this swap completes with it
+        state, progress = _swap_stage(state, "starting", f"{target.name} is starting")
+        return Decision(state, (*actions, *progress))
+    if p in MODEL_RUNNING:
+        if p is Phase.SERVING and now - state.started_at >= limits.min_uptime:
+            state = replace(state, fast_failures=0)
+        down = now if p is Phase.SERVING else state.down_since
+        state, progress = _swap_stage(state, "stopping", f"stopping {previous.name if previous else 'the model'}")
+        new = _to(state, Phase.SWAPPING, now, f"swapping to {target.name}", timer_token=state.timer_token + 1)
+        return Decision(replace(new, down_since=down), (StopModel("swap"), *actions, *progress))
+    if p is Phase.SWAPPING:  # the stop is under way; the new target starts after it
+        return Decision(replace(state, reason=f"swapping to {target.name}"), actions)
+    if p is Phase.FAILED:
+        d = _start(replace(state, fast_failures=0), now, limits, f"swapping to {target.name}")
+        return Decision(d.state, (*actions, *d.actions))
+    why = {
+        Phase.INIT: "the daemon is starting",
+        Phase.COOLDOWN: "the node is idle again; it starts after the cooldown",
+        Phase.BACKOFF: "it starts when the crashed model's restart is due",
+    }.get(p, f"waiting: {state.reason}")
+    state, progress = _swap_stage(state, "deferred", why)
+    return Decision(state, (*actions, *progress))
+
+
+def _swap_failed(state: State, what: str, now: float, limits: Limits, jitter: float, *, stop: bool) -> Decision:
+    """The swap's target crashed or was not ready in time: the swap fails, and the model that served
+    before it comes back at once (a failed swap is not the old model's failure: its count starts
+    afresh). With nothing to go back to, the target is retried like any crashed model."""
+    sw = state.swap
+    assert sw is not None
+    body = f"swap to {sw.target.name} failed: {what}"
+    fail: tuple[Action, ...] = (
+        SwapUpdate(sw.id, "failed", what),
+        Notify("swap_failed", "model swap failed", body, "high"),
+    )
+    state = replace(state, swap=None)
+    if sw.previous is None:
+        if stop:
+            d = _startup_timeout(state, now, limits, what, jitter)
+        else:
+            d = _crashed(state, state.last_exit, what.removeprefix("model "), now, limits, jitter)
+        stops = tuple(a for a in d.actions if isinstance(a, StopModel))  # kills first, as always
+        return Decision(d.state, (*stops, *fail, *(a for a in d.actions if not isinstance(a, StopModel))))
+    state = replace(state, model=sw.previous, fast_failures=0, timer_token=state.timer_token + 1)
+    d = _start(state, now, limits, f"{body}; bringing back {sw.previous.name}")
+    return Decision(d.state, (*((StopModel("startup-timeout"),) if stop else ()), *fail, *d.actions))

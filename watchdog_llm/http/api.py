@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
@@ -84,8 +84,11 @@ def build_admin(
     health: Callable[[], tuple[str, bool]],
     metrics: Callable[[], bytes],
     token: str = "",
+    routers: Sequence[APIRouter] = (),
 ) -> ASGIApp:
     app = FastAPI(title="watchdog-llm admin API", version=__version__, responses=_ERRORS)
+    for router in routers:
+        app.include_router(router)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -95,7 +98,7 @@ def build_admin(
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
         return JSONResponse(api_body("invalid_request", f"{where}: {first.get('msg', 'invalid')}"), 422)
 
     @app.get("/api/status", response_model=Status, summary="The daemon's state, live")

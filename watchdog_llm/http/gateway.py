@@ -365,8 +365,8 @@ class Gateway:
                     if not msg.get("more_body", False):
                         break
         except TimeoutError:
-            msg = f"the request body did not arrive within {self.cfg.body_timeout:g} s (BODY_TIMEOUT)"
-            return (408, "request_timeout", msg)
+            late = f"the request body did not arrive within {self.cfg.body_timeout:g} s (BODY_TIMEOUT)"
+            return (408, "request_timeout", late)
         return b"".join(parts)
 
 
@@ -385,7 +385,11 @@ def _site(gw: Gateway) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         a = gw.availability()
-        body = {"status": "ok" if a.serving else a.code, "message": a.message, "model": gw.cfg.model_name}
+        body = {
+            "status": "ok" if a.serving else a.code,
+            "message": a.message,
+            "model": gw.page().get("model") or gw.cfg.model_name,
+        }
         if a.serving:
             return JSONResponse(body)
         return JSONResponse(body, status_code=503, headers={"Retry-After": str(a.retry_after)})

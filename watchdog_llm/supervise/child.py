@@ -114,8 +114,10 @@ class Child:
         post: Callable[[ChildEvent], None],
         log: logging.Logger,
         scan_interval: float = 30.0,
+        on_line: Callable[[str], None] | None = None,
     ) -> None:
         self.spec = spec
+        self.on_line = on_line  # each line of output, as it arrives (a swap's live log)
         self.grace = grace
         self.records = records
         self.post = post
@@ -125,7 +127,7 @@ class Child:
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self.log_path = log_dir / f"{spec.name}.log"
         self._output = _output_logger(spec.name, self.log_path)
-        self._requests: asyncio.Queue[tuple[str, int, dict[str, str]]] = asyncio.Queue()
+        self._requests: asyncio.Queue[tuple[str, int, dict[str, str], ChildSpec | None]] = asyncio.Queue()
         self._current: _Run | None = None
         self._hurry = asyncio.Event()
         self._owner: asyncio.Task[None] | None = None
@@ -133,12 +135,13 @@ class Child:
 
     # ---- requests (any task may call these; they never block) --------------------------------
 
-    def start(self, run: int, env: dict[str, str] | None = None) -> None:
-        """Start run `run`; `env` adds to (or overrides) the spec's environment for this run only."""
-        self._requests.put_nowait(("start", run, env or {}))
+    def start(self, run: int, env: dict[str, str] | None = None, spec: ChildSpec | None = None) -> None:
+        """Start run `run`; `env` adds to (or overrides) the spec's environment for this run only.
+        `spec` replaces the spec from this run on (a swap to another model); same name, same log."""
+        self._requests.put_nowait(("start", run, env or {}, spec))
 
     def stop(self) -> None:
-        self._requests.put_nowait(("stop", 0, {}))
+        self._requests.put_nowait(("stop", 0, {}, None))
 
     def hurry(self) -> None:
         """Cut the SIGTERM grace short (a second Ctrl-C): SIGKILL now."""
@@ -146,7 +149,7 @@ class Child:
 
     async def close(self) -> None:
         """Stop whatever runs and end the owner task."""
-        self._requests.put_nowait(("close", 0, {}))
+        self._requests.put_nowait(("close", 0, {}, None))
         if self._owner is not None and not self._owner.done():
             with contextlib.suppress(Exception):  # a crashed owner was reported by its callback
                 await self._owner
@@ -186,8 +189,11 @@ class Child:
 
     async def _own(self) -> None:
         while True:
-            what, run, env = await self._requests.get()
+            what, run, env, spec = await self._requests.get()
             if what == "start":
+                if spec is not None:
+                    assert spec.name == self.spec.name, (spec.name, self.spec.name)
+                    self.spec = spec
                 await self._spawn(run, env)
             elif what == "stop":
                 await self._stop(post=True)
@@ -342,13 +348,13 @@ class Child:
 
     async def _wait_exit(self, cur: _Run) -> None:
         await cur.exited
-        self._requests.put_nowait(("exited", cur.run, {}))
+        self._requests.put_nowait(("exited", cur.run, {}, None))
 
     async def _probe(self, cur: _Run, probe: Probe) -> None:
         async with probe_client() as client:
             while self.state is ChildState.STARTING and cur.proc.returncode is None:
                 if await probe(client) and cur.proc.returncode is None:
-                    self._requests.put_nowait(("ready", cur.run, {}))
+                    self._requests.put_nowait(("ready", cur.run, {}, None))
                     return
                 await asyncio.sleep(PROBE_INTERVAL)
 
@@ -395,6 +401,8 @@ class Child:
         line = raw.decode("utf-8", "replace").rstrip("\r")
         self.tail.append(line)
         self._output.info("%s", line)
+        if self.on_line is not None:
+            self.on_line(line)
 
 
 def _watch_exit(proc: subprocess.Popen[bytes]) -> asyncio.Future[int]:

@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from watchdog_llm.config import Settings
+from watchdog_llm.coordination import catalog
+from watchdog_llm.coordination.catalog import Catalog, ModelEntry
 from watchdog_llm.supervise.child import ChildSpec
 from watchdog_llm.supervise.probes import HttpProbe, port_in_use
 
 # Secrets the daemon holds that no child needs: removed from inherited environments.
-_DAEMON_SECRETS = ("API_KEY", "TUNNEL_TOKEN", "VLLM_API_KEY", "PUBLIC_API_KEYS", "ADMIN_TOKEN")
+_DAEMON_SECRETS = ("API_KEY", "TUNNEL_TOKEN", "VLLM_API_KEY", "PUBLIC_API_KEYS", "ADMIN_TOKEN", "WEBHOOK_SECRET")
 
 
 def _base_env() -> dict[str, str]:
@@ -28,26 +30,33 @@ def resolve_bin(name: str) -> str | None:
     return os.path.abspath(found) if found else None
 
 
-def model_argv(s: Settings, llm_bin: str) -> list[str]:
-    argv = [
-        llm_bin,
-        "serve",
-        s.model_name,
-        *s.vllm_argv,
-        "--host",
-        s.server_host,
-        "--port",
-        str(s.server_port),
-    ]
-    if s.num_gpus > 1 and not any(a.split("=", 1)[0] in ("--tensor-parallel-size", "-tp") for a in s.vllm_argv):
-        argv[3:3] = ["--tensor-parallel-size", str(s.num_gpus)]
+def catalog_defaults(s: Settings) -> catalog.Defaults:
+    return catalog.Defaults(gpus=s.num_gpus, health_path=s.health_path, startup_timeout=s.startup_timeout)
+
+
+def load_catalog(s: Settings) -> Catalog:
+    """MODELS (a YAML file or a directory of *.env profiles), or MODEL_NAME/VLLM_ARGS. Raises CatalogError."""
+    return catalog.load(s.models, s.default_model, catalog_defaults(s), model_name=s.model_name, vllm_args=s.vllm_args)
+
+
+def settings_entry(s: Settings) -> ModelEntry:
+    """MODEL_NAME with VLLM_ARGS as a catalog entry (the model of a config.env without MODELS)."""
+    return catalog.single(s.model_name or "model", s.vllm_args, catalog_defaults(s)).entries[0]
+
+
+def model_argv(s: Settings, llm_bin: str, entry: ModelEntry | None = None) -> list[str]:
+    e = entry or settings_entry(s)
+    argv = [llm_bin, "serve", e.model, *e.args, "--host", s.server_host, "--port", str(s.server_port)]
+    if e.gpus > 1 and not any(a.split("=", 1)[0] in ("--tensor-parallel-size", "-tp") for a in e.args):
+        argv[3:3] = ["--tensor-parallel-size", str(e.gpus)]
     return argv
 
 
-def model_spec(s: Settings, llm_bin: str, api_key: Callable[[], str]) -> ChildSpec:
+def model_spec(s: Settings, llm_bin: str, api_key: Callable[[], str], entry: ModelEntry | None = None) -> ChildSpec:
     """`api_key` gives the internal key of the run being started: each start passes a fresh one as
     VLLM_API_KEY in its environment (argv is world-readable on a shared node)."""
-    env = _base_env()
+    e = entry or settings_entry(s)
+    env = {**_base_env(), **e.env}
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # Slurm's GPU indices are in PCI bus order
     if s.gpu_standin is not None:  # the stand-in model announces its GPU contexts to the stand-in NVML
         env["WATCHDOG_LLM_GPU_STANDIN"] = str(s.gpu_standin)
@@ -59,11 +68,11 @@ def model_spec(s: Settings, llm_bin: str, api_key: Callable[[], str]) -> ChildSp
         return None
 
     probe = HttpProbe(
-        url=base + s.health_path,
+        url=base + e.health_path,
         confirm_url=base + "/v1/models",
         confirm_headers=lambda: {"Authorization": f"Bearer {api_key()}"},
     )
-    return ChildSpec("model", tuple(model_argv(s, llm_bin)), env, probe, preflight)
+    return ChildSpec("model", tuple(model_argv(s, llm_bin, e)), env, probe, preflight)
 
 
 def tunnel_config(s: Settings) -> dict[str, Any]:

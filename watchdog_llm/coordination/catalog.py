@@ -1,0 +1,343 @@
+"""The model catalog: which models this node can serve, by name and alias.
+
+Sources (MODELS): a YAML file, or a directory of predecessor-style `*.env` profiles (MODEL_NAME,
+VLLM_ARGS, NUM_GPUS, any other line is environment for the model); with neither, the daemon's own
+MODEL_NAME/VLLM_ARGS form a one-model catalog. Profiles are read as data (dotenv syntax, no variable
+expansion): `$(...)` in one is a literal string, never run by a shell.
+
+Every problem is reported as one line naming the file, the entry and the field.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import shlex
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from dotenv import dotenv_values
+
+# Flags the daemon sets itself: the same option in two places is a bug waiting to happen, and a key
+# on a command line is readable by every user of the node.
+RESERVED_VLLM_FLAGS = {
+    "--port": "use SERVER_PORT",
+    "--host": "use SERVER_HOST",
+    "--api-key": "the daemon gives vLLM a fresh internal key by environment; clients use PUBLIC_API_KEYS",
+}
+# Environment a profile may not set: the daemon owns GPU placement and the internal key.
+RESERVED_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "VLLM_API_KEY", "CUDA_DEVICE_ORDER", "WATCHDOG_LLM_RUN_TAG"})
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,63}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_FIELDS = ("name", "aliases", "model", "args", "env", "gpus", "health_path", "startup_timeout", "description")
+# Profile keys that are fields, not environment.
+_PROFILE_KEYS = {
+    "MODEL_NAME": "model",
+    "VLLM_ARGS": "args",
+    "NUM_GPUS": "gpus",
+    "HEALTH_PATH": "health_path",
+    "STARTUP_TIMEOUT": "startup_timeout",
+    "DESCRIPTION": "description",
+    "ALIASES": "aliases",
+}
+
+
+class CatalogError(ValueError):
+    """A bad catalog: one line naming the source, entry and field at fault."""
+
+
+def check_vllm_args(words: Iterable[str]) -> None:
+    """Raise ValueError for a flag the daemon sets itself (vLLM's argparse accepts `--api_key` and
+    unambiguous prefixes such as `--api`, so those count too)."""
+    for word in words:
+        flag = word.split("=", 1)[0].replace("_", "-")
+        for reserved, instead in RESERVED_VLLM_FLAGS.items():
+            if flag == reserved or (len(flag) > 3 and flag.startswith("--") and reserved.startswith(flag)):
+                raise ValueError(f"{word.split('=', 1)[0]} is not allowed here: {instead}")
+
+
+def split_args(text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as e:
+        raise ValueError(f"expected shell-quoted arguments ({e})") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Defaults:
+    """What an entry gets for a field it leaves out (the daemon's settings)."""
+
+    gpus: int = 1
+    health_path: str = "/health"
+    startup_timeout: float = 900.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    name: str
+    model: str  # hub id or local path: what `vllm serve` is given
+    aliases: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    gpus: int = 1
+    health_path: str = "/health"
+    startup_timeout: float = 900.0
+    description: str = ""
+
+    @property
+    def local_path(self) -> Path | None:
+        """The model as a local directory, when it is written as a path rather than a hub id."""
+        if self.model.startswith(("/", "./", "../", "~")):
+            return Path(self.model).expanduser()
+        return None
+
+    def public(self) -> dict[str, Any]:
+        """What `GET /api/models` shows: everything but the environment's values (they may hold tokens)."""
+        return {
+            "name": self.name,
+            "aliases": list(self.aliases),
+            "model": self.model,
+            "args": list(self.args),
+            "env": sorted(self.env),
+            "gpus": self.gpus,
+            "health_path": self.health_path,
+            "startup_timeout": self.startup_timeout,
+            "description": self.description,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    entries: tuple[ModelEntry, ...]
+    default: str  # the name of the model served when no swap chose another
+    source: str  # where it came from, for people: a file, a directory, or "MODEL_NAME"
+
+    def resolve(self, key: str) -> ModelEntry | None:
+        """An entry by name or alias (exact, then case-insensitive)."""
+        for exact in (True, False):
+            for e in self.entries:
+                names = (e.name, *e.aliases)
+                if key in names if exact else key.lower() in (n.lower() for n in names):
+                    return e
+        return None
+
+    def get(self, name: str) -> ModelEntry:
+        e = self.resolve(name)
+        if e is None:
+            raise KeyError(name)
+        return e
+
+    @property
+    def default_entry(self) -> ModelEntry:
+        return self.get(self.default)
+
+
+def single(model: str, args: str, defaults: Defaults) -> Catalog:
+    """The catalog of a config.env without MODELS: MODEL_NAME with VLLM_ARGS."""
+    entry = _entry({"name": _name_of(model), "model": model, "args": args}, "MODEL_NAME", defaults)
+    return Catalog((entry,), entry.name, "MODEL_NAME")
+
+
+def load(models: str, default_model: str, defaults: Defaults, *, model_name: str = "", vllm_args: str = "") -> Catalog:
+    """The catalog MODELS points at (a YAML file or a directory of *.env profiles), or the one-model
+    catalog of MODEL_NAME. DEFAULT_MODEL (a name or alias) picks the model served at start."""
+    if not models:
+        if not model_name:
+            raise CatalogError("MODEL_NAME is empty and MODELS is not set: name the model to serve")
+        cat = single(model_name, vllm_args, defaults)
+    else:
+        path = Path(models).expanduser()
+        if path.is_dir():
+            cat = _from_dir(path, defaults)
+        elif path.is_file():
+            cat = _from_yaml(path, defaults)
+        else:
+            raise CatalogError(f"MODELS={models!r}: no such file or directory")
+    if default_model:
+        e = cat.resolve(default_model)
+        if e is None:
+            names = ", ".join(x.name for x in cat.entries)
+            raise CatalogError(f"DEFAULT_MODEL={default_model!r} is not in the catalog ({names})")
+        cat = Catalog(cat.entries, e.name, cat.source)
+    return cat
+
+
+def _from_yaml(path: Path, defaults: Defaults) -> Catalog:
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise CatalogError(f"MODELS {path}: cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise CatalogError(f"MODELS {path}: not valid YAML{where}: {problem}") from None
+    if isinstance(doc, dict) and "models" in doc:
+        default = doc.get("default")
+        unknown = sorted(set(doc) - {"models", "default"})
+        if unknown:
+            raise CatalogError(f"MODELS {path}: unknown top-level key {unknown[0]!r} (expected models, default)")
+        items = doc["models"]
+    else:
+        default, items = None, doc
+    if isinstance(items, dict):  # name: {fields}
+        raw = []
+        for name, body in items.items():
+            if not isinstance(body, dict):
+                raise CatalogError(f"MODELS {path}: model {name!r}: expected a mapping of fields")
+            raw.append({"name": str(name), **body})
+    elif isinstance(items, list):
+        raw = items
+    else:
+        raise CatalogError(f"MODELS {path}: expected a list of models (or `models:` with one)")
+    entries = []
+    for i, item in enumerate(raw, 1):
+        where = f"MODELS {path}: model {i}"
+        if not isinstance(item, dict):
+            raise CatalogError(f"{where}: expected a mapping of fields")
+        if isinstance(item.get("name"), str):
+            where = f"MODELS {path}: model {item['name']!r}"
+        entries.append(_entry(item, where, defaults))
+    if default is not None and not isinstance(default, str):
+        raise CatalogError(f"MODELS {path}: default: expected a model name")
+    return _catalog(entries, default, str(path))
+
+
+def _from_dir(path: Path, defaults: Defaults) -> Catalog:
+    files = sorted(p for p in path.glob("*.env") if p.is_file())
+    if not files:
+        raise CatalogError(f"MODELS {path}: no *.env profiles in this directory")
+    entries = []
+    for f in files:
+        where = f"MODELS {f}"
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CatalogError(f"{where}: cannot be read: {getattr(e, 'strerror', None) or e}") from None
+        values = dotenv_values(stream=io.StringIO(text), interpolate=False)  # data: no ${VAR}, no $(...)
+        item: dict[str, Any] = {"name": f.stem}
+        env: dict[str, str] = {}
+        for key, value in values.items():
+            if value is None:
+                raise CatalogError(f"{where}: line {key!r} has no '=': expected KEY=value")
+            if key.upper() in _PROFILE_KEYS:
+                item[_PROFILE_KEYS[key.upper()]] = value
+            else:
+                env[key] = value
+        if "model" not in item:
+            raise CatalogError(f"{where}: MODEL_NAME is missing")
+        if isinstance(item.get("aliases"), str):
+            item["aliases"] = item["aliases"].replace(",", " ").split()
+        item["env"] = env
+        entries.append(_entry(item, where, defaults))
+    return _catalog(entries, None, str(path))
+
+
+def _catalog(entries: list[ModelEntry], default: str | None, source: str) -> Catalog:
+    if not entries:
+        raise CatalogError(f"MODELS {source}: the catalog is empty")
+    owner: dict[str, str] = {}
+    for e in entries:
+        for n in (e.name, *e.aliases):
+            other = owner.get(n.lower())
+            if other is not None:
+                what = "name" if n == e.name else "alias"
+                raise CatalogError(
+                    f"MODELS {source}: model {e.name!r}: {what} {n!r} is already used by model {other!r}"
+                )
+            owner[n.lower()] = e.name
+    name = entries[0].name
+    if default is not None:
+        hit = next((e for e in entries if default in (e.name, *e.aliases)), None)
+        if hit is None:
+            raise CatalogError(f"MODELS {source}: default {default!r} is not one of its models")
+        name = hit.name
+    return Catalog(tuple(entries), name, source)
+
+
+def _name_of(model: str) -> str:
+    """A catalog name for a bare MODEL_NAME: its last path part, made safe."""
+    base = model.rstrip("/").rsplit("/", 1)[-1] or "model"
+    safe = re.sub(r"[^A-Za-z0-9_.:+-]", "-", base).lstrip("-_.:+") or "model"
+    return safe[:64]
+
+
+def _entry(item: Mapping[str, Any], where: str, defaults: Defaults) -> ModelEntry:
+    unknown = sorted(set(item) - set(_FIELDS))
+    if unknown:
+        raise CatalogError(f"{where}: unknown field {unknown[0]!r} (expected one of {', '.join(_FIELDS)})")
+
+    def bad(fld: str, why: str) -> CatalogError:
+        return CatalogError(f"{where}: {fld}: {why}")
+
+    name = item.get("name")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise bad("name", "expected 1-64 letters, digits or _.:+- (starting with a letter or digit)")
+    model = item.get("model")
+    if not isinstance(model, str) or not model.strip() or any(not c.isprintable() for c in model):
+        raise bad("model", "expected a hub id or a local path")
+    aliases = item.get("aliases") or []
+    if isinstance(aliases, str):
+        aliases = [aliases]
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and NAME.fullmatch(a) for a in aliases):
+        raise bad("aliases", "expected a list of names (letters, digits, _.:+-)")
+    args = item.get("args") or []
+    try:
+        words = split_args(args) if isinstance(args, str) else args
+        if not isinstance(words, list) or not all(isinstance(w, str | int | float) for w in words):
+            raise ValueError("expected a list of arguments or one shell-quoted string")
+        words = [str(w) for w in words]
+        check_vllm_args(words)
+    except ValueError as e:
+        raise bad("args", str(e)) from None
+    env = item.get("env") or {}
+    if not isinstance(env, dict):
+        raise bad("env", "expected a mapping of NAME: value")
+    for k, v in env.items():
+        if not isinstance(k, str) or not _ENV_NAME.fullmatch(k):
+            raise bad("env", f"{k!r} is not a valid environment variable name")
+        if k.upper() in RESERVED_ENV:
+            raise bad("env", f"{k} is set by the daemon (GPU placement, the internal key)")
+        if not isinstance(v, str | int | float | bool):
+            raise bad("env", f"{k}: expected a string")
+    gpus = _number(item.get("gpus", defaults.gpus), int, 0, 64)
+    if gpus is None:
+        raise bad("gpus", "expected a whole number from 0 to 64")
+    timeout = _number(item.get("startup_timeout", defaults.startup_timeout), float, 1, 86400)
+    if timeout is None:
+        raise bad("startup_timeout", "expected seconds, from 1 to 86400")
+    health = item.get("health_path", defaults.health_path)
+    if not isinstance(health, str) or not health.startswith("/") or any(c.isspace() for c in health):
+        raise bad("health_path", "expected a path starting with /")
+    desc = item.get("description", "")
+    if not isinstance(desc, str) or len(desc) > 500:
+        raise bad("description", "expected text of at most 500 characters")
+    return ModelEntry(
+        name=name,
+        model=model.strip(),
+        aliases=tuple(aliases),
+        args=tuple(words),
+        env={k: str(v) for k, v in env.items()},
+        gpus=int(gpus),
+        health_path=health,
+        startup_timeout=float(timeout),
+        description=desc,
+    )
+
+
+def _number(value: Any, kind: type[int] | type[float], lo: float, hi: float) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        n = float(value) if isinstance(value, str) else value
+    except ValueError:
+        return None
+    if not isinstance(n, int | float) or not math.isfinite(n) or not lo <= n <= hi:
+        return None
+    if kind is int and n != int(n):
+        return None
+    return n

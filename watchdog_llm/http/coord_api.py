@@ -1,0 +1,221 @@
+"""The coordination endpoints of the admin API: models, swaps (with live logs), the swap lock, the
+schedule registry, discovery and the connectivity log. The HTTP layer only translates: every rule
+lives in `watchdog_llm.coordination`.
+
+Shapes follow the Spark controller's (`X-Swap-Lock-Token`, 423 when locked, `?force=true`); errors
+are `{"error", "message", "consumer", "retryable"}` plus, where useful, the lock or the running swap.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Path, Query
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from watchdog_llm.coordination.core import CoordError, Coordinator
+from watchdog_llm.coordination.health import HealthEventIn
+from watchdog_llm.coordination.lock import public as lock_public
+from watchdog_llm.coordination.schedule import ID_PATTERN, ScheduleError, ScheduleIn
+from watchdog_llm.http.errors import api_body
+
+LockToken = Annotated[str | None, Header(alias="X-Swap-Lock-Token", max_length=1024)]
+
+
+class ApiError(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    error: str
+    message: str
+    consumer: str | None = None
+    retryable: bool = False
+
+
+class SwapIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=200, description="catalog name or alias")
+
+
+class LockIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    holder: str = Field(min_length=1, max_length=64)
+    ttl_s: float = Field(gt=0, description="seconds; at most SWAP_LOCK_MAX_TTL")
+    reason: str = Field("", max_length=500)
+
+
+class LockOut(BaseModel):
+    locked: bool
+    holder: str | None
+    reason: str | None
+    acquired_at: float | None
+    expires_at: float | None
+    token: str | None = Field(None, description="only in the answer that created the lock")
+
+
+class SwapOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    model: str
+    previous: str | None
+    state: str
+    detail: str
+    created_at: float
+    updated_at: float
+
+
+def _err(status: int, description: str) -> dict[str, Any]:
+    return {"model": ApiError, "description": description}
+
+
+def error_response(e: CoordError | ScheduleError) -> JSONResponse:
+    extra = e.extra if isinstance(e, CoordError) else {}
+    retryable = e.retryable if isinstance(e, CoordError) else False
+    body = {**api_body(e.code, e.message, retryable=retryable), **extra}
+    headers = {"Retry-After": "5"} if e.status in (409, 503) else None
+    return JSONResponse(body, status_code=e.status, headers=headers)
+
+
+def coordination_router(
+    coord: Coordinator,
+    endpoints: Callable[[], dict[str, Any]],
+    validate: Callable[[str], dict[str, Any]],
+) -> APIRouter:
+    r = APIRouter(prefix="/api")
+
+    @r.get("/models", summary="The model catalog, and which model is active")
+    async def models() -> dict[str, Any]:
+        active = coord.active()
+        return {
+            "active": active,
+            "default": coord.catalog.default,
+            "source": coord.catalog.source,
+            "models": [{**e.public(), "active": e.name == active} for e in coord.catalog.entries],
+        }
+
+    # The lock's routes come before /swap/{swap_id}: "lock" is not a swap id.
+    @r.get("/swap/lock", response_model=LockOut, summary="The swap lock (never its token)")
+    async def lock_status() -> dict[str, Any]:
+        return lock_public(coord.lock.status())
+
+    @r.post(
+        "/swap/lock",
+        response_model=LockOut,
+        summary="Take the swap lock (token returned once), or extend it with X-Swap-Lock-Token",
+        responses={400: _err(400, "bad ttl_s, holder or reason"), 423: _err(423, "held by someone else")},
+    )
+    async def lock_acquire(body: LockIn, token: LockToken = None) -> Any:
+        try:
+            new, info = coord.acquire_lock(body.holder, body.ttl_s, body.reason, token)
+        except CoordError as e:
+            return error_response(e)
+        return {**info.to_public(), "token": new}
+
+    @r.delete(
+        "/swap/lock",
+        response_model=LockOut,
+        summary="Release the swap lock with its token; ?force=true releases anyone's (logged, notified)",
+        responses={423: _err(423, "held by someone else and no force")},
+    )
+    async def lock_release(token: LockToken = None, force: bool = False) -> Any:
+        try:
+            coord.release_lock(token, force=force)
+        except CoordError as e:
+            return error_response(e)
+        return lock_public(coord.lock.status())
+
+    @r.post(
+        "/swap",
+        status_code=202,
+        response_model=SwapOut,
+        summary="Swap the model; follow it at /api/swap/{id} or /api/swap/{id}/stream",
+        responses={
+            404: _err(404, "unknown model"),
+            409: _err(409, "another swap is under way"),
+            423: _err(423, "the swap lock is held by someone else"),
+            503: _err(503, "the daemon is stopping"),
+        },
+    )
+    async def swap(body: SwapIn, token: LockToken = None) -> Any:
+        try:
+            rec = coord.swap(body.model, token)
+        except CoordError as e:
+            return error_response(e)
+        return JSONResponse(rec.public(), status_code=202, headers={"Location": f"/api/swap/{rec.id}"})
+
+    @r.get("/swap/{swap_id}", response_model=SwapOut, responses={404: _err(404, "no such swap")})
+    async def swap_status(swap_id: str) -> Any:
+        rec = coord.swaps.get(swap_id)
+        if rec is None:
+            return error_response(CoordError(404, "unknown_swap", f"no swap {swap_id[:80]!r}"))
+        return rec.public()
+
+    @r.get(
+        "/swap/{swap_id}/stream",
+        summary="Server-sent events: the model's log lines and the swap's states until ready or failed",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}}, 404: _err(404, "no such swap")},
+    )
+    async def swap_stream(swap_id: str) -> Any:
+        if coord.swaps.get(swap_id) is None:
+            return error_response(CoordError(404, "unknown_swap", f"no swap {swap_id[:80]!r}"))
+
+        async def events() -> AsyncIterator[bytes]:
+            async for ev in coord.swaps.stream(swap_id):
+                yield f"event: {ev['event']}\ndata: {json.dumps(ev['data'])}\n\n".encode()
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+
+    @r.post(
+        "/swap/{key}/validate",
+        summary="Dry run: the command, the binary, a local model path, the GPU count",
+        responses={404: _err(404, "unknown model")},
+    )
+    async def swap_validate(key: str) -> Any:
+        try:
+            coord.resolve(key)
+        except CoordError as e:
+            return error_response(e)
+        return validate(key)
+
+    @r.get("/schedule", summary="What external schedulers said they will do (never run by the daemon)")
+    async def schedule_list() -> dict[str, Any]:
+        return {"entries": [e.model_dump(mode="json") for e in coord.schedule.list()]}
+
+    @r.post(
+        "/schedule",
+        summary="Register or replace an entry (by id)",
+        responses={200: {"description": "replaced"}, 201: {"description": "created"}, 409: _err(409, "full")},
+    )
+    async def schedule_put(body: ScheduleIn) -> Any:
+        try:
+            entry, created = coord.schedule.put(body)
+        except ScheduleError as e:
+            return error_response(e)
+        return JSONResponse(entry.model_dump(mode="json"), status_code=201 if created else 200)
+
+    @r.delete("/schedule/{entry_id}", responses={404: _err(404, "no such entry")})
+    async def schedule_delete(entry_id: Annotated[str, Path(pattern=ID_PATTERN)]) -> Any:
+        if not coord.schedule.delete(entry_id):
+            return error_response(CoordError(404, "unknown_entry", f"no schedule entry {entry_id[:80]!r}"))
+        return {"deleted": entry_id}
+
+    @r.get("/endpoints", summary="Where the model lives and whether it is ready")
+    async def get_endpoints() -> dict[str, Any]:
+        return endpoints()
+
+    @r.post("/health-event", status_code=201, summary="Report whether a service was reachable")
+    async def health_event(body: HealthEventIn) -> dict[str, Any]:
+        return coord.health.append(body).model_dump(mode="json")
+
+    @r.get("/connectivity", summary="The connectivity log, newest last")
+    async def connectivity(
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+        service: Annotated[str | None, Query(max_length=64)] = None,
+    ) -> dict[str, Any]:
+        return {"events": [e.model_dump(mode="json") for e in coord.health.list(limit, service)]}
+
+    return r
