@@ -1,0 +1,321 @@
+"""Swaps, the swap lock and webhooks inside the real daemon: what automation and people see through
+the admin API (a real unix socket), the gateway (the openai client), a real webhook receiver, and
+the processes of the model tree.
+
+The catalog holds stand-in models: each serves the model id it is given, so `/v1/models` through
+the gateway says which one runs. A model whose profile sets STANDIN_EXIT_AT_ONCE fails its start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from daemon_harness import DaemonProc, env_with, gone, start
+from helpers import TEST_KEY, wait_for
+from test_webhooks import Receiver
+
+SECRET = "webhook-secret-for-the-daemon-tests"
+
+CATALOG = """\
+default: alpha
+models:
+  - name: alpha
+    aliases: [a]
+    model: standin/alpha
+    description: the first stand-in
+  - name: beta
+    model: standin/beta
+    env:
+      STANDIN_STARTUP_S: "1.0"
+  - name: broken
+    model: standin/broken
+    env:
+      STANDIN_EXIT_AT_ONCE: "3"
+  - name: slow
+    model: standin/slow
+    env:
+      STANDIN_STARTUP_S: "4"
+"""
+
+
+def signed_by(secret: str, body: bytes, header: str | None) -> bool:
+    """What a receiver does (independent of our code): HMAC-SHA256 of the raw body, constant-time compare."""
+    want = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return header is not None and hmac.compare_digest(want, header)
+
+
+@pytest.fixture(scope="module")
+def hooks() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+    r.server.server_close()
+
+
+@pytest.fixture
+def env(daemon_env: dict[str, str], tmp_path: Path, hooks: Receiver) -> dict[str, str]:
+    with hooks.mu:
+        hooks.requests.clear()
+    (tmp_path / "models.yaml").write_text(CATALOG)
+    path = f"/{tmp_path.name}"
+    return env_with(
+        daemon_env,
+        MODELS=str(tmp_path / "models.yaml"),
+        MODEL_NAME="",
+        WEBHOOK_URLS=hooks.base + path,
+        WEBHOOK_SECRET=SECRET,
+        STARTUP_TIMEOUT="20",
+    )
+
+
+def admin(d: DaemonProc) -> httpx.Client:
+    return httpx.Client(
+        transport=httpx.HTTPTransport(uds=str(d.state_dir / "admin.sock")), base_url="http://admin", timeout=10
+    )
+
+
+def served_model(d: DaemonProc) -> str:
+    c = openai.OpenAI(base_url=d.status()["public_url"] + "/v1", api_key=TEST_KEY, max_retries=0, timeout=10)
+    return c.models.list().data[0].id
+
+
+def events(hooks: Receiver, env: dict[str, str], name: str) -> list[dict[str, Any]]:
+    path = "/" + env["WEBHOOK_URLS"].rsplit("/", 1)[1]
+    out = []
+    for r in hooks.on(path):
+        if r.headers.get("X-Spark-Event") == name:
+            assert signed_by(SECRET, r.body, r.headers.get("X-Spark-Signature")), r.headers
+            out.append(json.loads(r.body))
+    return out
+
+
+def wait_swap(c: httpx.Client, swap_id: str, state: str, timeout: float = 30.0) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        rec = c.get(f"/api/swap/{swap_id}").json()
+        if rec["state"] in ("ready", "failed") and rec["state"] != state:
+            raise AssertionError(f"swap ended {rec['state']}, not {state}: {rec}")
+        return rec if rec["state"] == state else None
+
+    result: dict[str, Any] = wait_for(check, timeout, 0.05, f"swap {swap_id} {state}")
+    return result
+
+
+def read_stream(c: httpx.Client, swap_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """The swap's server-sent events until the server ends the stream."""
+    got: list[tuple[str, dict[str, Any]]] = []
+    with c.stream("GET", f"/api/swap/{swap_id}/stream", timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        event = ""
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                got.append((event, json.loads(line[6:])))
+    return got
+
+
+def test_swap_streams_the_new_models_log_and_serves_it_with_the_old_tree_gone(daemons, env, hooks) -> None:
+    d = start(daemons, env)
+    st = d.wait_state("serving")
+    assert st["model"] == "alpha" and served_model(d) == "standin/alpha"
+    old_pids = st["model_pids"]
+    with admin(d) as c:
+        models = c.get("/api/models").json()
+        assert [(m["name"], m["active"]) for m in models["models"]][:2] == [("alpha", True), ("beta", False)]
+        r = c.post("/api/swap", json={"model": "beta"})
+        assert r.status_code == 202, r.text
+        swap = r.json()
+        assert r.headers["location"] == f"/api/swap/{swap['id']}"
+        assert swap["model"] == "beta" and swap["previous"] == "alpha"
+        stream = read_stream(c, swap["id"])
+        final = wait_swap(c, swap["id"], "ready")
+        # While the swap ran, a second one is refused with the running one named.
+        assert [m["name"] for m in c.get("/api/models").json()["models"] if m["active"]] == ["beta"]
+    states = [data["state"] for ev, data in stream if ev == "state"]
+    assert states[-1] == "ready" and "starting" in states
+    lines = [data["line"] for ev, data in stream if ev == "log"]
+    assert any("standin/beta" in line for line in lines), lines[:20]  # vLLM's own log lines, live
+    assert gone(old_pids)  # never two models at once: the old tree died before the new one was ready
+    assert served_model(d) == "standin/beta"
+    assert d.status()["model"] == "beta" and final["finished_at"] is not None
+    done = wait_for(lambda: events(hooks, env, "swap_complete"), 10, 0.05, "swap_complete webhook")
+    assert done[0]["model"] == "beta" and done[0]["previous"] == "alpha" and done[0]["node"] == "testnode"
+    assert done[0]["swap_id"] == swap["id"] and done[0]["duration_s"] > 0
+
+
+def test_a_second_swap_while_one_runs_is_409_naming_it_and_unknown_models_are_404(daemons, env) -> None:
+    d = start(daemons, env)
+    d.wait_state("serving")
+    with admin(d) as c:
+        first = c.post("/api/swap", json={"model": "slow"}).json()
+        r = c.post("/api/swap", json={"model": "beta"})
+        assert r.status_code == 409 and r.headers["retry-after"]
+        body = r.json()
+        assert body["error"] == "swap_in_progress" and first["id"] in body["message"]
+        assert body["running"]["id"] == first["id"] and body["retryable"] is True
+        r = c.post("/api/swap", json={"model": "gamma"})
+        assert r.status_code == 404 and r.json()["error"] == "unknown_model"
+        assert "alpha" in r.json()["message"] and "beta" in r.json()["message"]
+        r = c.post("/api/swap", json={"model": ""})
+        assert r.status_code == 422 and r.json()["error"] == "invalid_request"
+        wait_swap(c, first["id"], "ready")
+        r = c.post("/api/swap", json={"model": "a"})  # by alias
+        assert r.status_code == 202 and r.json()["model"] == "alpha"
+
+
+def test_a_model_that_fails_to_start_fails_the_swap_with_its_log_and_the_old_one_comes_back(
+    daemons, env, hooks
+) -> None:
+    d = start(daemons, env)
+    d.wait_state("serving")
+    with admin(d) as c:
+        swap = c.post("/api/swap", json={"model": "broken"}).json()
+        failed = wait_swap(c, swap["id"], "failed")
+        assert "exit" in failed["error"]
+        assert any("STANDIN_EXIT_AT_ONCE" in line for line in failed["log_tail"]), failed["log_tail"]
+        stream = read_stream(c, swap["id"])  # a finished swap streams its end at once
+        assert stream[-1][0] == "state" and stream[-1][1]["state"] == "failed"
+    st = d.wait_state("serving")
+    assert st["model"] == "alpha" and served_model(d) == "standin/alpha"
+    bad = wait_for(lambda: events(hooks, env, "swap_failed"), 10, 0.05, "swap_failed webhook")
+    assert bad[0]["model"] == "broken" and bad[0]["error"] and bad[0]["log_tail"]
+
+
+def test_swap_lock_gates_swaps_survives_a_restart_and_force_is_webhooked(daemons, env, hooks) -> None:
+    d = start(daemons, env)
+    d.wait_state("serving")
+    with admin(d) as c:
+        r = c.post("/api/swap/lock", json={"holder": "demo-dashboard", "ttl_s": 600, "reason": "live demo"})
+        assert r.status_code == 200
+        token = r.json()["token"]
+        assert r.json()["locked"] and token
+        r = c.post("/api/swap/lock", json={"holder": "nightly-cron", "ttl_s": 60})
+        assert r.status_code == 423 and r.json()["lock"]["holder"] == "demo-dashboard"
+        r = c.post("/api/swap", json={"model": "beta"})
+        assert r.status_code == 423 and "demo-dashboard" in r.json()["message"]
+        r = c.post("/api/swap", json={"model": "beta"}, headers={"X-Swap-Lock-Token": "x" * 5000})
+        assert r.status_code in (422, 423)  # far too long a token is no token
+        shown = c.get("/api/swap/lock").json()
+        assert shown["holder"] == "demo-dashboard" and shown.get("token") is None and token not in json.dumps(shown)
+        assert token not in (d.state_dir / "lock.json").read_text()  # only its digest is on disk
+    assert d.terminate() == 0
+
+    d2 = start(daemons, env)
+    d2.wait_state("serving")
+    with admin(d2) as c:
+        shown = c.get("/api/swap/lock").json()
+        assert shown["locked"] and shown["holder"] == "demo-dashboard" and shown["reason"] == "live demo"
+        r = c.post("/api/swap", json={"model": "beta"}, headers={"X-Swap-Lock-Token": token})
+        assert r.status_code == 202, r.text  # the token from before the restart still opens it
+        wait_swap(c, r.json()["id"], "ready")
+        assert c.delete("/api/swap/lock").status_code == 423  # no token, no force
+        r = c.delete("/api/swap/lock", params={"force": "true"})
+        assert r.status_code == 200 and r.json()["locked"] is False
+    forced = wait_for(lambda: events(hooks, env, "lock_forced"), 10, 0.05, "lock_forced webhook")
+    assert forced[0]["holder"] == "demo-dashboard"
+    assert events(hooks, env, "lock_acquired")[0]["holder"] == "demo-dashboard"
+
+
+def test_a_job_arriving_mid_swap_wins_and_the_swap_completes_when_the_node_is_idle(daemons, env, hooks) -> None:
+    d = start(daemons, env)
+    d.wait_state("serving")
+    with admin(d) as c:
+        swap = c.post("/api/swap", json={"model": "slow"}).json()
+        wait_swap(c, swap["id"], "starting")
+        d.start_job("job_4242")
+        deferred = wait_swap(c, swap["id"], "deferred")
+        assert "4242" in deferred["detail"]
+        st = d.wait_state("yielded")
+        assert not st["model_pids"]
+        assert c.get("/api/endpoints").json()["vllm"]["ready"] is False
+        d.end_job("job_4242")
+        wait_swap(c, swap["id"], "ready")
+    assert served_model(d) == "standin/slow"
+    assert events(hooks, env, "yielded")[0]["job"] == "job_4242"
+
+
+def test_daemon_sigkilled_mid_swap_completes_it_after_a_restart(daemons, env) -> None:
+    d = start(daemons, env)
+    d.wait_state("serving")
+    with admin(d) as c:
+        swap = c.post("/api/swap", json={"model": "slow"}).json()
+        wait_swap(c, swap["id"], "starting")
+    left = d.status()["model_pids"]
+    d.kill_hard()  # no shutdown at all: the model tree is left running
+
+    d2 = start(daemons, env)
+    assert gone(left, 15)  # the new daemon killed the leftovers of the old one
+    d2.wait_state("serving", 30)
+    with admin(d2) as c:
+        rec = wait_swap(c, swap["id"], "ready")
+        assert any("restarted mid-swap" in h["detail"] for h in rec["history"])
+    assert served_model(d2) == "standin/slow"
+
+
+def test_a_swap_while_yielded_is_deferred_and_happens_on_resume(daemons, env) -> None:
+    d = start(daemons, env_with(env, RESUME_COOLDOWN="0.5"))
+    d.wait_state("serving")
+    d.start_job("job_77")
+    d.wait_state("yielded")
+    with admin(d) as c:
+        swap = c.post("/api/swap", json={"model": "beta"}).json()
+        assert wait_swap(c, swap["id"], "deferred")["model"] == "beta"
+        time.sleep(0.3)
+        assert d.status()["state"] == "yielded"  # deferred: nothing started on the job's GPUs
+        d.end_job("job_77")
+        wait_swap(c, swap["id"], "ready")
+    assert served_model(d) == "standin/beta"
+
+
+def test_corrupt_state_files_are_moved_aside_and_the_daemon_starts_clean(daemons, env) -> None:
+    state = Path(env["STATE_DIR"])
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for name in ("lock.json", "swaps.json", "schedule.json", "connectivity.json"):
+        (state / name).write_text("{not json")
+    d = start(daemons, env)
+    d.wait_state("serving")
+    for name in ("lock.json", "swaps.json", "schedule.json", "connectivity.json"):
+        assert list(state.glob(name + ".corrupt-*")), name
+    with admin(d) as c:
+        assert c.get("/api/swap/lock").json()["locked"] is False
+        assert c.get("/api/schedule").json() == {"entries": []}
+    assert "moved aside" in d.log()
+
+
+def test_schedule_and_connectivity_persist_and_endpoints_say_where_the_model_is(daemons, env) -> None:
+    d = start(daemons, env)
+    d.wait_state("serving")
+    entry = {"id": "nightly-eval", "owner": "eval-bot", "cron": "0 3 * * *", "action": "swap beta"}
+    with admin(d) as c:
+        r = c.post("/api/schedule", json=entry)
+        assert r.status_code == 201
+        assert c.post("/api/schedule", json={**entry, "description": "moved"}).status_code == 200
+        assert c.post("/api/schedule", json={**entry, "id": "../etc"}).status_code == 422
+        assert c.post("/api/schedule", json={**entry, "cron": "99 * * * *"}).status_code == 422
+        r = c.post("/api/health-event", json={"service": "vllm", "ok": False, "source": "spark-ui", "ms": 12.5})
+        assert r.status_code == 201
+        ep = c.get("/api/endpoints").json()
+        assert ep["vllm"]["ready"] is True and ep["vllm"]["model"] == "alpha" and ep["vllm"]["openai_compat"]
+        assert ep["vllm"]["base_url"] == d.status()["public_url"] + "/v1"
+        check = c.post("/api/swap/beta/validate").json()
+        assert check["ok"] is True and check["command"][1:3] == ["serve", "standin/beta"]
+        assert c.post("/api/swap/nope/validate").status_code == 404
+    assert d.terminate() == 0
+    d2 = start(daemons, env)
+    d2.wait_state("serving")
+    with admin(d2) as c:
+        entries = c.get("/api/schedule").json()["entries"]
+        assert [(e["id"], e["description"]) for e in entries] == [("nightly-eval", "moved")]
+        log = c.get("/api/connectivity").json()["events"]
+        assert [(e["service"], e["ok"], e["source"]) for e in log] == [("vllm", False, "spark-ui")]
+        assert c.delete("/api/schedule/nightly-eval").status_code == 200
+        assert c.delete("/api/schedule/nightly-eval").status_code == 404
