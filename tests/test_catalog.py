@@ -1,0 +1,163 @@
+"""The model catalog: YAML files and *.env profile directories, and every way they can be wrong.
+Each error is one line that names the file, the model and the field."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from watchdog_llm.config import Settings
+from watchdog_llm.coordination.catalog import CatalogError, Defaults, load
+from watchdog_llm.supervise.specs import load_catalog, model_argv, model_spec
+
+D = Defaults(gpus=1, health_path="/health", startup_timeout=900.0)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    yield  # no processes here
+
+
+def yaml_catalog(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "models.yaml"
+    p.write_text(text)
+    return p
+
+
+def error(tmp_path: Path, text: str, default: str = "") -> str:
+    with pytest.raises(CatalogError) as e:
+        load(str(yaml_catalog(tmp_path, text)), default, D)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_yaml_catalog_with_defaults_aliases_env_and_the_default(tmp_path: Path) -> None:
+    p = yaml_catalog(
+        tmp_path,
+        """
+default: big
+models:
+  - name: small
+    model: Qwen/Qwen2.5-7B-Instruct
+    args: --max-model-len 8192 --gpu-memory-utilization 0.9
+  - name: big
+    aliases: [llama, l70]
+    model: /models/llama-70b
+    args: ["--max-model-len", 4096]
+    gpus: 4
+    env: {HF_HUB_OFFLINE: 1}
+    startup_timeout: 1800
+    description: for the afternoon
+""",
+    )
+    cat = load(str(p), "", D)
+    assert cat.default == "big"
+    small, big = cat.entries
+    assert small.args == ("--max-model-len", "8192", "--gpu-memory-utilization", "0.9")
+    assert small.gpus == 1 and small.startup_timeout == 900.0 and small.health_path == "/health"
+    assert big.args == ("--max-model-len", "4096") and big.env == {"HF_HUB_OFFLINE": "1"}
+    assert cat.resolve("LLAMA") is big and cat.resolve("l70") is big and cat.resolve("nope") is None
+    assert big.local_path == Path("/models/llama-70b") and small.local_path is None
+    assert load(str(p), "small", D).default == "small"  # DEFAULT_MODEL wins over the file's default
+    s = Settings(_env_file=None, model_name="", models=str(p), num_gpus=1)  # type: ignore[call-arg]
+    argv = model_argv(s, "/bin/vllm", big)
+    assert argv[:5] == ["/bin/vllm", "serve", "/models/llama-70b", "--tensor-parallel-size", "4"]
+    spec = model_spec(s, "/bin/vllm", lambda: "k", big)
+    assert spec.env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_a_mapping_of_names_is_a_catalog_too(tmp_path: Path) -> None:
+    cat = load(str(yaml_catalog(tmp_path, "a: {model: org/a}\nb: {model: org/b, gpus: 2}\n")), "", D)
+    assert [e.name for e in cat.entries] == ["a", "b"] and cat.default == "a"
+
+
+def test_without_models_the_config_model_is_a_one_model_catalog() -> None:
+    s = Settings(_env_file=None, model_name="Qwen/Qwen2.5-7B-Instruct", vllm_args="--max-model-len 4096")  # type: ignore[call-arg]
+    cat = load_catalog(s)
+    assert [(e.name, e.model, e.args) for e in cat.entries] == [
+        ("Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct", ("--max-model-len", "4096"))
+    ]
+    with pytest.raises(CatalogError, match="MODEL_NAME is empty"):
+        load_catalog(Settings(_env_file=None))  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("models: [{name: a, model: x}, {name: b, model: y, aliases: [A]}]", "alias 'A' is already used by model 'a'"),
+        ("models: [{name: a, model: x}, {name: a, model: y}]", "name 'a' is already used"),
+        ("models:\n  - name: a\n    model: x\n   bad: indent", "not valid YAML (line 4"),
+        ("models: [{name: a, model: x, gpu: 2}]", "model 'a': unknown field 'gpu'"),
+        ("models: [{name: a, model: x, gpus: -1}]", "model 'a': gpus:"),
+        ("models: [{name: a, model: x, gpus: 1.5}]", "model 'a': gpus:"),
+        ("models: [{name: a, model: x, startup_timeout: .inf}]", "model 'a': startup_timeout:"),
+        ("models: [{name: a, model: x, args: '--port 9000'}]", "model 'a': args: --port is not allowed"),
+        ("models: [{name: a, model: x, args: '--api-key=s3cret'}]", "model 'a': args: --api-key is not allowed"),
+        ("models: [{name: a, model: x, args: 'unclosed \"quote'}]", "model 'a': args: expected shell-quoted"),
+        ("models: [{name: a, model: x, env: {CUDA_VISIBLE_DEVICES: '0'}}]", "env: CUDA_VISIBLE_DEVICES is set by"),
+        ("models: [{name: a, model: x, env: {'1BAD': v}}]", "env: '1BAD' is not a valid"),
+        ("models: [{name: 'a/b', model: x}]", "name:"),
+        ("models: [{name: a}]", "model 'a': model:"),
+        ("models: [{name: a, model: x, health_path: health}]", "health_path:"),
+        ("models: 5", "expected a list of models"),
+        ("models: [{name: a, model: x}]\nextra: 1", "unknown top-level key 'extra'"),
+        ("default: zz\nmodels: [{name: a, model: x}]", "default 'zz' is not one of its models"),
+        ("models: []", "the catalog is empty"),
+    ],
+)
+def test_bad_catalogs_name_the_file_the_model_and_the_field(tmp_path: Path, text: str, where: str) -> None:
+    msg = error(tmp_path, text)
+    assert where in msg, msg
+    assert "models.yaml" in msg
+
+
+def test_unknown_default_model_names_the_catalog(tmp_path: Path) -> None:
+    msg = error(tmp_path, "models: [{name: a, model: x}, {name: b, model: y}]", default="c")
+    assert msg == "DEFAULT_MODEL='c' is not in the catalog (a, b)"
+
+
+def test_missing_catalog_file(tmp_path: Path) -> None:
+    with pytest.raises(CatalogError, match="no such file or directory"):
+        load(str(tmp_path / "nope.yaml"), "", D)
+
+
+def test_env_profiles_are_data_never_run_by_a_shell(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    profiles = tmp_path / "models"
+    profiles.mkdir()
+    (profiles / "qwen.env").write_text(
+        "# predecessor profile\n"
+        "export MODEL_NAME=Qwen/Qwen2.5-7B-Instruct\n"
+        'VLLM_ARGS="--max-model-len 8192"\n'
+        "NUM_GPUS=2\n"
+        f"HF_HOME=$(touch {marker})\n"
+        f"OTHER=`touch {marker}`\n"
+        "TOKENIZERS_PARALLELISM=${HOME}\n"
+    )
+    (profiles / "tiny.env").write_text("MODEL_NAME=org/tiny\nALIASES=t, small\n")
+    (profiles / "notes.txt").write_text("not a profile")
+    cat = load(str(profiles), "t", D)
+    assert [e.name for e in cat.entries] == ["qwen", "tiny"] and cat.default == "tiny"
+    q = cat.get("qwen")
+    assert q.model == "Qwen/Qwen2.5-7B-Instruct" and q.args == ("--max-model-len", "8192") and q.gpus == 2
+    assert q.env["HF_HOME"] == f"$(touch {marker})"  # the text, as written
+    assert q.env["OTHER"] == f"`touch {marker}`" and q.env["TOKENIZERS_PARALLELISM"] == "${HOME}"
+    assert not marker.exists()
+    assert cat.get("small").name == "tiny"
+
+
+def test_env_profile_without_model_name_or_with_a_bad_line(tmp_path: Path) -> None:
+    profiles = tmp_path / "p"
+    profiles.mkdir()
+    (profiles / "x.env").write_text("VLLM_ARGS=--foo\n")
+    with pytest.raises(CatalogError, match=r"x\.env: MODEL_NAME is missing"):
+        load(str(profiles), "", D)
+    (profiles / "x.env").write_text("MODEL_NAME=m\nNUM_GPUS=lots\n")
+    with pytest.raises(CatalogError, match=r"x\.env: gpus:"):
+        load(str(profiles), "", D)
+    (profiles / "x.env").unlink()
+    with pytest.raises(CatalogError, match=r"no \*\.env profiles"):
+        load(str(profiles), "", D)
