@@ -319,3 +319,41 @@ def test_schedule_and_connectivity_persist_and_endpoints_say_where_the_model_is(
         assert [(e["service"], e["ok"], e["source"]) for e in log] == [("vllm", False, "spark-ui")]
         assert c.delete("/api/schedule/nightly-eval").status_code == 200
         assert c.delete("/api/schedule/nightly-eval").status_code == 404
+
+
+def test_racing_clients_one_lock_holder_and_a_swap_racing_a_lock_is_all_or_nothing(daemons, env) -> None:
+    import threading
+
+    d = start(daemons, env)
+    d.wait_state("serving")
+    go = threading.Barrier(9)
+    answers: list[tuple[str, int, dict[str, Any]]] = []
+
+    def take(who: str) -> None:
+        with admin(d) as c:
+            go.wait()
+            r = c.post("/api/swap/lock", json={"holder": who, "ttl_s": 60})
+            answers.append((who, r.status_code, r.json()))
+
+    def swap() -> None:
+        with admin(d) as c:
+            go.wait()
+            r = c.post("/api/swap", json={"model": "beta"})
+            answers.append(("swap", r.status_code, r.json()))
+
+    threads = [threading.Thread(target=take, args=(f"client-{i}",)) for i in range(8)] + [threading.Thread(target=swap)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    locks = [(who, code, body) for who, code, body in answers if who != "swap"]
+    winners = [who for who, code, _ in locks if code == 200]
+    assert len(winners) == 1, locks
+    assert all(code == 423 and body["lock"]["holder"] == winners[0] for who, code, body in locks if who != winners[0])
+    ((_, code, body),) = [a for a in answers if a[0] == "swap"]
+    with admin(d) as c:
+        if code == 202:  # admitted before the lock was taken: it runs to the end
+            wait_swap(c, body["id"], "ready")
+        else:  # the lock came first: refused, and nothing was opened
+            assert code == 423 and body["lock"]["holder"] == winners[0]
+            assert d.status()["swap"] is None and d.status()["model"] == "alpha"
