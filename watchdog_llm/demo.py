@@ -159,7 +159,7 @@ def _start_daemon(scratch: Path, ntfy_port: int, key: str) -> subprocess.Popen[b
     env = {k: v for k, v in os.environ.items() if k.upper() not in settings_names and k != "SLURM_JOB_ID"}
     env.update(
         LLM_BIN=_bin("vllm-standin"),
-        MODEL_NAME="standin/tiny-chat",
+        MODELS=str(_catalog(scratch)),
         NUM_GPUS="2",
         SERVER_PORT=str(port),
         PUBLIC_PORT=str(free_port()),
@@ -186,6 +186,46 @@ def _start_daemon(scratch: Path, ntfy_port: int, key: str) -> subprocess.Popen[b
     say(f"  scratch cgroup tree: {scope}")
     log = open(scratch / "daemon.log", "wb")  # noqa: SIM115 (the child keeps it open)
     return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _catalog(scratch: Path) -> Path:
+    path = scratch / "models.yaml"
+    path.write_text(
+        "default: tiny-chat\n"
+        "models:\n"
+        "  - {name: tiny-chat, model: standin/tiny-chat, gpus: 2, description: the demo's first model}\n"
+        "  - {name: small-chat, aliases: [small], model: standin/small-chat, gpus: 1}\n"
+    )
+    return path
+
+
+def _swap(scratch: Path, public: str, key: str) -> None:
+    """A swap through the admin API (the 0600 unix socket), following its live log stream."""
+    import httpx
+
+    sock = scratch / "state" / "admin.sock"
+    say("swap to small-chat through the admin API (POST /api/swap on the 0600 unix socket STATE_DIR/admin.sock)")
+    t0 = time.monotonic()
+    transport = httpx.HTTPTransport(uds=str(sock))
+    with httpx.Client(transport=transport, base_url="http://admin", timeout=60, trust_env=False) as c:
+        swap = c.post("/api/swap", json={"model": "small"}).json()
+        lines, states = 0, []
+        with c.stream("GET", f"/api/swap/{swap['id']}/stream") as r:
+            event = ""
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event == "log":
+                    lines += 1
+                elif line.startswith("data: ") and event == "state":
+                    states.append(json.loads(line[6:])["state"])
+    took = time.monotonic() - t0
+    say(f"  swap {swap['id']}: {' -> '.join(states)} in {took:.1f} s; {lines} lines of the model's log streamed live")
+    st = _status(scratch)
+    from openai import OpenAI
+
+    served = OpenAI(base_url=public + "/v1", api_key=key, max_retries=0, timeout=10).models.list().data[0].id
+    say(f"  now serving {st['model']} on GPU {_ids(st['gpus']['ours'])}; the gateway's /v1/models says {served!r}")
 
 
 def _status(scratch: Path) -> dict[str, Any]:
@@ -247,6 +287,7 @@ def _script(scratch: Path, daemon: subprocess.Popen[bytes], key: str) -> int:
     say(f"serving again {time.monotonic() - t_end:.1f} s after the job ended (2 s cooldown + model start-up)")
     (other / "step_extern").rmdir()
     other.rmdir()
+    _swap(scratch, public, key)
 
     new_tree = [psutil.Process(p) for p in _status(scratch).get("model_pids", [])]
     say(f"SIGTERM to the daemon (pid {daemon.pid}), as Slurm or systemd would send it")

@@ -491,7 +491,8 @@ def _ready(state: State, now: float, limits: Limits) -> Decision:
     if sw is not None:
         took = f" ({now - was_down:.0f} s without a model)" if was_down is not None else ""
         done = f"{sw.target.name} is serving{took}"
-        actions = (SwapUpdate(sw.id, "ready", done), Notify("swapped", "model swapped", f"now serving {done}", "low"))
+        body = f"now serving {sw.target.name}{took}"
+        actions = (SwapUpdate(sw.id, "ready", done), Notify("swapped", "model swapped", body, "low"))
     if limits.idle_release_after > 0:
         new = replace(new, timer_token=new.timer_token + 1)
         actions += (SetTimer("idle", limits.idle_release_after, new.timer_token),)
