@@ -161,3 +161,19 @@ def test_env_profile_without_model_name_or_with_a_bad_line(tmp_path: Path) -> No
     (profiles / "x.env").unlink()
     with pytest.raises(CatalogError, match=r"no \*\.env profiles"):
         load(str(profiles), "", D)
+
+
+def test_the_coordination_core_imports_nothing_of_the_daemon_or_the_http_layer() -> None:
+    """Other controllers embed `watchdog_llm.coordination`: it must come without the daemon."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pkgutil, importlib, watchdog_llm.coordination as c\n"
+        "for m in pkgutil.iter_modules(c.__path__): importlib.import_module('watchdog_llm.coordination.' + m.name)\n"
+        "bad = ('watchdog_llm.app', 'watchdog_llm.http', 'watchdog_llm.policy', 'watchdog_llm.config',\n"
+        "       'watchdog_llm.supervise.child', 'fastapi', 'uvicorn', 'starlette')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(bad)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
