@@ -179,7 +179,8 @@ def test_demo_runs_and_leaves_nothing(tmp_path: Path) -> None:
     out = r.stdout
     for needle in ("STAND-IN", "serving", "on GPUs 2,3 of 4", "still serving on GPUs 2,3", "yielded to job_4242",
                    "NVML: none of our processes left on GPUs 2,3", "serving again", "exited with code 0",
-                   "processes of ours left running: 0", "GPUs yielded"):  # fmt: skip
+                   "processes of ours left running: 0", "GPUs yielded",
+                   "stopping -> starting -> ready", "now serving small-chat", "model swapped"):  # fmt: skip
         assert needle in out, f"{needle!r} missing from the demo's output:\n{out}"
 
 
@@ -196,3 +197,38 @@ def test_config_file_that_is_not_utf8(daemon_env: dict[str, str], tmp_path: Path
     cfg.write_bytes("# caf\xe9\nMODEL_NAME=m\n".encode("latin-1"))
     r = cli(env_with(daemon_env, WATCHDOG_LLM_CONFIG=str(cfg)), "run")
     assert r.returncode == 2 and "not UTF-8" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_doctor_checks_the_model_catalog(daemon_env: dict[str, str], tmp_path: Path) -> None:
+    local = tmp_path / "weights"
+    local.mkdir()
+    (tmp_path / "models.yaml").write_text(
+        "default: b\n"
+        "models:\n"
+        "  - {name: a, model: standin/a}\n"
+        f"  - {{name: b, aliases: [bee], model: {local}}}\n"
+        f"  - {{name: gone, model: {tmp_path / 'no-such-dir'}}}\n"
+        "  - {name: big, model: standin/big, gpus: 4}\n"
+    )
+    env = env_with(daemon_env, MODELS=str(tmp_path / "models.yaml"), GPU_IDS="2,3", NUM_GPUS="2")
+    r = cli(env, "doctor")
+    out = r.stdout
+    assert f"ok    MODELS {tmp_path / 'models.yaml'}: 4 model(s), default b" in out
+    assert "MODEL_NAME and VLLM_ARGS are not used" in out
+    assert "ok    model 'a': standin/a (hub id" in out and "2 GPUs" in out
+    assert f"ok    model 'b' (default): {local} exists, 2 GPUs, aliases bee" in out
+    assert f"FAIL  model 'gone': local model path {tmp_path / 'no-such-dir'} does not exist" in out
+    assert "FAIL  model 'big' needs 4 GPU(s); 2 can be ours (GPU 2,3)" in out
+    assert "would run: " in out and "serve standin/big --tensor-parallel-size 4" in out
+    assert r.returncode == 1 and "2 check(s) failed" in out and "Traceback" not in r.stderr
+
+
+def test_doctor_reports_a_bad_catalog_in_one_line(daemon_env: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "models.yaml").write_text("- {name: a, model: x}\n- {name: b, aliases: [a], model: y}\n")
+    r = cli(env_with(daemon_env, MODELS=str(tmp_path / "models.yaml")), "doctor")
+    fails = [line for line in r.stdout.splitlines() if line.startswith("FAIL")]
+    assert fails == [f"FAIL  MODELS {tmp_path / 'models.yaml'}: model 'b': alias 'a' is already used by model 'a'"]
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    r = cli(daemon_env, "doctor")  # no MODELS: MODEL_NAME is the catalog
+    assert "ok    model from MODEL_NAME: test (set MODELS for a catalog to swap between)" in r.stdout
+    assert "models' GPU counts not checked" in r.stdout and r.returncode == 0, r.stdout

@@ -357,3 +357,26 @@ def test_racing_clients_one_lock_holder_and_a_swap_racing_a_lock_is_all_or_nothi
         else:  # the lock came first: refused, and nothing was opened
             assert code == 423 and body["lock"]["holder"] == winners[0]
             assert d.status()["swap"] is None and d.status()["model"] == "alpha"
+
+
+def test_a_deferred_swap_replaced_by_one_that_fails_brings_back_what_served_before_and_a_restart_keeps_it(
+    daemons, env
+) -> None:
+    d = start(daemons, env)
+    d.wait_state("serving")
+    d.start_job("job_78")
+    d.wait_state("yielded")
+    with admin(d) as c:
+        first = c.post("/api/swap", json={"model": "beta"}).json()
+        wait_swap(c, first["id"], "deferred")
+        second = c.post("/api/swap", json={"model": "broken"}).json()  # replaces the deferred one
+        assert second["previous"] == "alpha"  # beta never served
+        assert "superseded" in wait_swap(c, first["id"], "failed")["error"]
+        d.end_job("job_78")
+        wait_swap(c, second["id"], "failed")
+    st = d.wait_state("serving")
+    assert st["model"] == "alpha"
+    assert d.terminate() == 0
+    d2 = start(daemons, env)
+    assert d2.wait_state("serving")["model"] == "alpha"
+    assert served_model(d2) == "standin/alpha"

@@ -1,26 +1,45 @@
-"""Command line: `watchdog-llm [--config PATH] run|status|doctor|notify-test|demo`.
+"""Command line: `watchdog-llm [--config PATH] run|status|doctor|notify-test|demo|models|swap|lock|schedule`.
 
 The only module that chooses exit codes:
-  0 success (run: stopped on request)   1 failure at run time / check failed
-  2 bad configuration or cannot start   3 status: daemon not running
+  0 success (run: stopped on request; swap --wait: the model is ready)
+  1 failure at run time / check failed / the daemon refused the request (unknown model 404, a swap
+    under way 409, the swap lock held 423, the daemon stopping 503, bad input 400/422) / the swap failed
+  2 bad configuration or cannot start (also: a bad model catalog, an unreadable or empty token file)
+  3 the daemon is not running (status, models, swap, lock, schedule; `status --json` and `models`
+    still print what they know)
+  4 swap --wait: --timeout ran out before the swap ended (it goes on in the daemon)
+  130 interrupted (Ctrl-C; swap --wait: the swap goes on in the daemon)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
-from typing import Any
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from watchdog_llm import __version__, config
 from watchdog_llm.config import format_ids as _ids
 
-EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_NOT_RUNNING = 0, 1, 2, 3
+if TYPE_CHECKING:
+    from watchdog_llm.admin_client import AdminClient, AdminError
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_NOT_RUNNING, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+LOCK_TOKEN_ENV = "WATCHDOG_LLM_LOCK_TOKEN"
+SWAP_WAIT_DEFAULT = 1800.0
+_TOKEN_NOTE = (
+    f"Command lines are visible to every user of the node (ps): prefer --token-file or ${LOCK_TOKEN_ENV} to --token"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +58,87 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("notify-test", help="send a test notification to every configured URL")
     demo = sub.add_parser("demo", help="run the daemon against a stand-in model and a scratch cgroup tree")
     demo.add_argument("--keep", action="store_true", help="keep the scratch directory afterwards")
+    _coordination_parsers(sub)
     return p
+
+
+def _token_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--token", metavar="TOKEN", help="the swap lock's token (other users can read it in ps)")
+    g.add_argument(
+        "--token-file", metavar="PATH", help=f"read the swap lock's token from PATH (else ${LOCK_TOKEN_ENV})"
+    )
+
+
+def _coordination_parsers(sub: Any) -> None:
+    m = sub.add_parser("models", help="list the model catalog and which model is active")
+    m.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sw = sub.add_parser(
+        "swap",
+        help="swap the served model (POST /api/swap)",
+        description="Swap the served model. While the swap lock is held, pass its token: "
+        f"--token-file PATH or ${LOCK_TOKEN_ENV}. {_TOKEN_NOTE}.",
+    )
+    sw.add_argument("model", metavar="MODEL", help="catalog name or alias")
+    sw.add_argument("--wait", action="store_true", help="follow the model's log until the swap is ready or failed")
+    sw.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=SWAP_WAIT_DEFAULT,
+        metavar="S",
+        help=f"with --wait: give up waiting after S seconds (default {SWAP_WAIT_DEFAULT:g}; the swap goes on)",
+    )
+    sw.add_argument("--json", action="store_true", help="print the swap record as JSON (log lines go to stderr)")
+    _token_args(sw)
+
+    lk = sub.add_parser("lock", help="the swap lock: acquire, status, extend, release")
+    lsub = lk.add_subparsers(dest="lock_command", required=True, metavar="ACTION")
+    acq = lsub.add_parser(
+        "acquire",
+        help="take the swap lock; prints its token once",
+        description="Take the swap lock. The token is printed once (stdout), or written to --token-file "
+        "with mode 0600. Anyone with the token can swap models and release the lock: keep it private.",
+    )
+    acq.add_argument("--holder", required=True, help="who holds it (shown to everyone)")
+    acq.add_argument("--ttl", type=_seconds, required=True, metavar="SECONDS", help="expires after this long")
+    acq.add_argument("--reason", default="", help="why (shown to everyone)")
+    acq.add_argument("--token-file", metavar="PATH", help="write the token to PATH (mode 0600) instead of printing it")
+    acq.add_argument("--json", action="store_true", help="machine-readable output")
+    ls = lsub.add_parser("status", help="who holds the swap lock, until when")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ext = lsub.add_parser(
+        "extend",
+        help="extend the swap lock you hold (needs its token)",
+        description=f"Extend the swap lock to now + --ttl. Needs its token. {_TOKEN_NOTE}.",
+    )
+    ext.add_argument("--ttl", type=_seconds, required=True, metavar="SECONDS", help="expires this long from now")
+    ext.add_argument("--reason", default="", help="a new reason (default: keep the old one)")
+    ext.add_argument("--json", action="store_true", help="machine-readable output")
+    _token_args(ext)
+    rel = lsub.add_parser(
+        "release",
+        help="release the swap lock (its token, or --force)",
+        description=f"Release the swap lock with its token, or anyone's with --force. {_TOKEN_NOTE}.",
+    )
+    rel.add_argument("--force", action="store_true", help="release it whoever holds it (logged, notified, webhooked)")
+    rel.add_argument("--json", action="store_true", help="machine-readable output")
+    _token_args(rel)
+
+    sc = sub.add_parser("schedule", help="the schedule registry (what external schedulers will do)")
+    ssub = sc.add_subparsers(dest="schedule_command", required=True, metavar="ACTION")
+    sl = ssub.add_parser("list", help="list the registered schedule entries")
+    sl.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 seconds")
+    return v
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,8 +153,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in str(e).splitlines():
             print(f"watchdog-llm: {line}", file=sys.stderr)
         return EXIT_CONFIG
-    handler = {"run": _run, "status": _status, "doctor": _doctor, "notify-test": _notify_test}[args.command]
-    return handler(settings, args)
+    handler = {
+        "run": _run,
+        "status": _status,
+        "doctor": _doctor,
+        "notify-test": _notify_test,
+        "models": _models,
+        "swap": _swap,
+        "lock": _lock,
+        "schedule": _schedule,
+    }[args.command]
+    if args.command == "run":
+        return handler(settings, args)
+    try:
+        return handler(settings, args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `watchdog-llm swap --wait | head`: the reader went away
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_FAIL
 
 
 def _setup_logging(level: str) -> None:
@@ -84,22 +202,11 @@ def _run(s: config.Settings, args: argparse.Namespace) -> int:
 
 def _live_status(s: config.Settings) -> dict[str, Any] | None:
     """The running daemon's status from its admin API; None when it cannot be asked."""
-    import httpx
+    from watchdog_llm.admin_client import AdminClient, AdminError
 
-    headers = {}
-    if s.admin_host:
-        base = config.local_url(s.admin_host, s.admin_port)
-        headers["Authorization"] = f"Bearer {s.admin_token.get_secret_value()}"
-        transport = httpx.HTTPTransport()
-    elif s.admin_socket.exists():
-        base, transport = "http://admin", httpx.HTTPTransport(uds=str(s.admin_socket))
-    else:
-        return None
     try:
-        with httpx.Client(transport=transport, timeout=2.0, trust_env=False) as client:
-            r = client.get(base + "/api/status", headers=headers)
-        data = r.json() if r.status_code == 200 else None
-    except (httpx.HTTPError, OSError, ValueError):
+        data = AdminClient(s, timeout=2.0).get("/api/status")
+    except AdminError:
         return None
     return data if isinstance(data, dict) else None
 
@@ -157,10 +264,14 @@ def _human_status(d: dict[str, Any], running: bool) -> str:
     lines = [
         f"watchdog-llm on {d.get('node', '?')}: {head}",
         f"  reason:  {d.get('reason', '')}",
-        f"  model:   {d.get('model', '')} at {d.get('model_url', '')}  pids {d.get('model_pids') or '-'}",
+        f"  model:   {_model_name(d)} at {d.get('model_url', '')}  pids {d.get('model_pids') or '-'}",
         f"  public:  {d.get('public_url', '?')}  admin: {d.get('admin', '?')}",
         f"  jobs:    {_jobs(d)}",
     ]
+    if sw := d.get("swap"):
+        lines.append(f"  swap:    {_swap_line(sw)}")
+    if (lk := d.get("lock")) and lk.get("locked"):
+        lines.append(f"  lock:    {_lock_line(lk)}")
     if (g := d.get("gpus")) and (g.get("ours") or g.get("fixed") or g.get("choose_from")):
         busy = f"; foreign processes on {_ids(g['busy'])}" if g.get("busy") else ""
         lines.append(f"  GPUs:    ours {_ids(g.get('ours'))} (yield on {g.get('yield_on')}; {g.get('view')}){busy}")
@@ -203,6 +314,386 @@ def _doctor(s: config.Settings, args: argparse.Namespace) -> int:
 
     _setup_logging("WARNING")
     return EXIT_OK if run_doctor(s, send=args.send, out=sys.stdout, environ=dict(os.environ)) else EXIT_FAIL
+
+
+# ---- coordination: models, swap, lock, schedule --------------------------------------------------
+
+
+class _ArgError(Exception):
+    """A bad argument found after parsing (an unreadable token file): exit 2, one line."""
+
+
+def _err(msg: str) -> None:
+    print(f"watchdog-llm: {msg}", file=sys.stderr)
+
+
+def _client(s: config.Settings) -> AdminClient:
+    from watchdog_llm.admin_client import AdminClient
+
+    return AdminClient(s)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _refused(e: AdminError, args: argparse.Namespace, hint: str = "") -> int:
+    """The one-line answer to a request the daemon refused, or could not be asked; its exit code.
+    `hint` is what to do about a held swap lock (423)."""
+    from watchdog_llm.admin_client import NotRunning
+
+    if isinstance(e, NotRunning):
+        _err(e.message)
+        return EXIT_NOT_RUNNING
+    msg = e.message
+    lock = e.body.get("lock")
+    if e.status == 423 and isinstance(lock, dict) and lock.get("locked"):
+        reason = f" ({lock['reason']})" if lock.get("reason") else ""
+        msg = f"the swap lock is held by {lock.get('holder')!r} until {_when(lock.get('expires_at'))}{reason}"
+    if hint and e.status == 423:
+        msg += f"; {hint}"
+    if getattr(args, "json", False) and e.body:
+        _print_json(e.body)
+    _err(msg)
+    return EXIT_FAIL
+
+
+def _when(t: Any) -> str:
+    """An epoch time as people read it: UTC, and how far away."""
+    if not isinstance(t, int | float):
+        return "?"
+    try:
+        stamp = datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    except (OverflowError, ValueError, OSError):
+        return f"{t:.0f} (epoch s)"
+    d = t - time.time()
+    span = abs(d)
+    text = f"{span:.0f} s" if span < 120 else f"{span / 60:.0f} min" if span < 7200 else f"{span / 3600:.1f} h"
+    return f"{stamp} ({'in ' + text if d >= 0 else text + ' ago'})"
+
+
+def _model_name(d: dict[str, Any]) -> str:
+    name, model_id = d.get("model", ""), d.get("model_id")
+    return f"{name} ({model_id})" if model_id and model_id != name else str(name)
+
+
+def _swap_line(sw: dict[str, Any]) -> str:
+    prev = f" from {sw['previous']}" if sw.get("previous") else ""
+    return f"{sw.get('id')} to {sw.get('model')}{prev}: {sw.get('state')} ({sw.get('detail', '')})"
+
+
+def _lock_line(lk: dict[str, Any]) -> str:
+    reason = f": {lk['reason']}" if lk.get("reason") else ""
+    return f"held by {lk.get('holder')!r} until {_when(lk.get('expires_at'))}{reason}"
+
+
+def _lock_token(args: argparse.Namespace) -> str | None:
+    """The lock token from --token, --token-file or $WATCHDOG_LLM_LOCK_TOKEN (in that order), if any."""
+    if args.token is not None:
+        token, where = args.token, "--token"
+    elif args.token_file:
+        path = Path(args.token_file).expanduser()
+        try:
+            token = path.read_text(encoding="utf-8")
+            mode = path.stat().st_mode
+        except (OSError, UnicodeDecodeError) as e:
+            raise _ArgError(f"--token-file {path}: cannot be read: {getattr(e, 'strerror', None) or e}") from None
+        if mode & 0o077:
+            _err(f"warning: other users have access to {path}: chmod 600 it")
+        where = f"--token-file {path}"
+    else:
+        token, where = os.environ.get(LOCK_TOKEN_ENV, ""), f"${LOCK_TOKEN_ENV}"
+        if not token:  # unset or empty: no token
+            return None
+    token = str(token).strip()
+    if not token:
+        raise _ArgError(f"{where} is empty")
+    return token
+
+
+def _write_secret(path: Path, text: str) -> None:
+    """`text` into `path`, mode 0600 from the first byte; replaced atomically (a symlink there is replaced,
+    never followed)."""
+    path = path.expanduser()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _models(s: config.Settings, args: argparse.Namespace) -> int:
+    from watchdog_llm.admin_client import AdminError, NotRunning
+
+    note = ""
+    try:
+        data = _client(s).get("/api/models")
+    except NotRunning as e:
+        note = e.message
+    except AdminError as e:
+        return _refused(e, args)
+    if note:  # the catalog as the daemon would load it
+        from watchdog_llm.coordination.catalog import CatalogError
+        from watchdog_llm.supervise.specs import load_catalog
+
+        try:
+            cat = load_catalog(s)
+        except CatalogError as e:
+            _err(str(e))
+            return EXIT_CONFIG
+        models = [{**e.public(), "active": False} for e in cat.entries]
+        data = {"active": None, "default": cat.default, "source": cat.source, "models": models}
+    if args.json:
+        _print_json({"running": not note, **data})
+        if note:
+            _err(f"{note}: the active model is unknown")
+    else:
+        print(_human_models(data))
+        if note:
+            print(f"{note}: the active model is unknown")
+    return EXIT_NOT_RUNNING if note else EXIT_OK
+
+
+def _human_models(d: dict[str, Any]) -> str:
+    models = d.get("models") or []
+    active = "* active, " if d.get("active") else ""
+    lines = [f"models in {d.get('source', '?')} ({active}default {d.get('default', '?')}):"]
+    wn = max((len(str(m.get("name", ""))) for m in models), default=0)
+    wm = max((len(str(m.get("model", ""))) for m in models), default=0)
+    for m in models:
+        gpus = m.get("gpus")
+        extra = [f"{gpus} GPU" + ("" if gpus == 1 else "s")]
+        if m.get("aliases"):
+            extra.append("aliases " + ", ".join(m["aliases"]))
+        if m.get("description"):
+            extra.append(m["description"])
+        mark = "*" if m.get("active") else " "
+        lines.append(f"{mark} {m.get('name', ''):<{wn}}  {m.get('model', ''):<{wm}}  {'; '.join(extra)}")
+    return "\n".join(lines)
+
+
+def _swap(s: config.Settings, args: argparse.Namespace) -> int:
+    from watchdog_llm.admin_client import AdminError
+
+    try:
+        token = _lock_token(args)
+    except _ArgError as e:
+        _err(str(e))
+        return EXIT_CONFIG
+    client = _client(s)
+    try:
+        rec = client.post("/api/swap", {"model": args.model}, token=token)
+    except AdminError as e:
+        hint = "pass its token (--token-file PATH or $WATCHDOG_LLM_LOCK_TOKEN)" if token is None else ""
+        if e.status == 423 and token is not None:
+            hint = "the token given is not this lock's token"
+        return _refused(e, args, hint)
+    if not args.wait:
+        if args.json:
+            _print_json(rec)
+        else:
+            print(f"{rec['id']}: swap to {rec['model']} {rec['state']}")
+        return EXIT_OK
+    if not args.json:
+        print(f"{rec['id']}: swap to {rec['model']} {rec['state']}", flush=True)
+    return _follow_swap(client, rec, args)
+
+
+def _follow_swap(client: AdminClient, rec: dict[str, Any], args: argparse.Namespace) -> int:
+    try:
+        return _follow(client, rec, args)
+    except KeyboardInterrupt:
+        _err(f"stopped following {rec['id']}; the swap goes on in the daemon (watchdog-llm status shows it)")
+        return EXIT_INTERRUPTED
+
+
+def _follow(client: AdminClient, rec: dict[str, Any], args: argparse.Namespace) -> int:
+    """Print the swap's log lines and states as they come (its SSE stream; polling when the stream
+    breaks, e.g. across a daemon restart) until it ends or --timeout runs out."""
+    from watchdog_llm.admin_client import AdminError, NotRunning
+
+    swap_id = rec["id"]
+    out = sys.stderr if args.json else sys.stdout
+    deadline = time.monotonic() + args.timeout
+    shown: tuple[Any, Any] = (rec.get("state"), rec.get("detail"))
+
+    def state(data: dict[str, Any]) -> dict[str, Any] | None:
+        nonlocal shown
+        if (data.get("state"), data.get("detail")) != shown:
+            shown = (data.get("state"), data.get("detail"))
+            print(f"==> {data.get('state')}: {data.get('detail', '')}", file=out, flush=True)
+        return data if data.get("state") in ("ready", "failed") else None
+
+    end: dict[str, Any] | None = None
+    why = "the stream ended before the swap did"
+    try:
+        for event, data in client.events(f"/api/swap/{swap_id}/stream", read_timeout=max(0.1, args.timeout)):
+            if event == "log" and isinstance(data, dict):
+                print(data.get("line", ""), file=out, flush=True)
+            elif event == "state" and isinstance(data, dict):
+                if (end := state(data)) is not None:
+                    break
+            elif event == "end":
+                why = str(data.get("detail") if isinstance(data, dict) else data) or why
+                break
+            if time.monotonic() >= deadline:
+                break
+    except TimeoutError:
+        pass
+    except NotRunning as e:
+        why = e.message
+    except AdminError as e:
+        if e.status == 404:
+            return _refused(e, args)
+        why = e.message
+    if end is None and time.monotonic() < deadline:
+        print(f"==> {why}; polling the swap every second", file=out, flush=True)
+        while end is None and time.monotonic() < deadline:
+            try:
+                end = state(client.get(f"/api/swap/{swap_id}"))
+            except NotRunning:
+                pass  # restarting: a swap left open completes on the next start
+            except AdminError as e:
+                if e.status is not None and e.status < 500:
+                    return _refused(e, args)
+            if end is None:
+                time.sleep(max(0.0, min(1.0, deadline - time.monotonic())))
+    if end is None:
+        _err(f"{swap_id} is still {shown[0]} after {args.timeout:g} s; it goes on (GET /api/swap/{swap_id})")
+        if args.json:
+            _print_json({"id": swap_id, "state": shown[0], "detail": shown[1], "timed_out": True})
+        return EXIT_TIMEOUT
+    final: dict[str, Any] = end
+    with contextlib.suppress(AdminError):  # the event has what people need
+        final = client.get(f"/api/swap/{swap_id}")
+    ok = final.get("state") == "ready"
+    if args.json:
+        _print_json(final)
+    if not ok:
+        tail = final.get("log_tail") or end.get("log_tail") or []
+        if tail:
+            print("last lines of the model's output:", file=out)
+            for line in tail:
+                print(f"  {line}", file=out)
+        _err(f"{swap_id}: swap to {final.get('model', args.model)} failed: {final.get('detail', '')}")
+    return EXIT_OK if ok else EXIT_FAIL
+
+
+def _lock(s: config.Settings, args: argparse.Namespace) -> int:
+    from watchdog_llm.admin_client import AdminError
+
+    client = _client(s)
+    try:
+        if args.lock_command == "status":
+            lk = client.get("/api/swap/lock")
+            if args.json:
+                _print_json(lk)
+            else:
+                print(f"swap lock {_lock_line(lk)}" if lk.get("locked") else "swap lock: free")
+            return EXIT_OK
+        if args.lock_command == "acquire":
+            return _lock_acquire(client, args)
+        token = _lock_token(args)
+        if args.lock_command == "extend":
+            return _lock_extend(client, args, token)
+        return _lock_release(client, args, token)
+    except _ArgError as e:
+        _err(str(e))
+        return EXIT_CONFIG
+    except AdminError as e:
+        hint = {
+            "release": "--force releases it anyway (logged, notified, webhooked)",
+            "acquire": "wait for it to expire, or ask its holder",
+        }.get(args.lock_command, "")
+        return _refused(e, args, hint)
+
+
+def _lock_acquire(client: AdminClient, args: argparse.Namespace) -> int:
+    lk = client.post("/api/swap/lock", {"holder": args.holder, "ttl_s": args.ttl, "reason": args.reason})
+    return _new_token(lk, args, "taken")
+
+
+def _new_token(lk: dict[str, Any], args: argparse.Namespace, what: str) -> int:
+    """Hand over a token the daemon created: to --token-file (0600), else once on stdout."""
+    token = lk.get("token")
+    path = Path(args.token_file).expanduser() if getattr(args, "token_file", None) else None
+    if path is not None and token:
+        try:
+            _write_secret(path, token)
+        except OSError as e:
+            # The lock is ours now, and this was the only copy of its token: show it rather than lose it.
+            _err(f"cannot write {path} ({e.strerror or e}); the token follows, keep it private")
+            print(token)
+            return EXIT_FAIL
+    if args.json:
+        _print_json({**lk, "token": None, "token_file": str(path)} if path is not None else lk)
+    elif token and path is None:
+        print(token)
+    where = f"; token in {path} (mode 0600)" if path is not None else ""
+    _err(f"swap lock {what}: {_lock_line(lk)}{where}")
+    if token and path is None:
+        _err("the token is shown only this once: keep it private (anyone with it can swap models and release the lock)")
+    return EXIT_OK
+
+
+def _lock_extend(client: AdminClient, args: argparse.Namespace, token: str | None) -> int:
+    if token is None:
+        raise _ArgError(f"lock extend needs the lock's token: --token-file PATH or ${LOCK_TOKEN_ENV} (or --token)")
+    lk = client.get("/api/swap/lock")
+    if not lk.get("locked"):
+        _err("the swap lock is not held (it expired or was released): take it again with `lock acquire`")
+        return EXIT_FAIL
+    lk = client.post("/api/swap/lock", {"holder": lk["holder"], "ttl_s": args.ttl, "reason": args.reason}, token=token)
+    if lk.get("token"):  # it expired between our two calls: the daemon made a new lock for us
+        return _new_token(lk, args, "had expired and was taken again")
+    if args.json:
+        _print_json(lk)
+    else:
+        print(f"swap lock extended: {_lock_line(lk)}")
+    return EXIT_OK
+
+
+def _lock_release(client: AdminClient, args: argparse.Namespace, token: str | None) -> int:
+    before = client.get("/api/swap/lock")
+    lk = client.delete("/api/swap/lock", token=token, params={"force": "true"} if args.force else None)
+    if args.json:
+        _print_json(lk)
+    elif not before.get("locked"):
+        print("swap lock: not held")
+    else:
+        how = " by force" if args.force and token is None else " (--force given)" if args.force else ""
+        print(f"swap lock of {before.get('holder')!r} released{how}")
+    return EXIT_OK
+
+
+def _schedule(s: config.Settings, args: argparse.Namespace) -> int:
+    from watchdog_llm.admin_client import AdminError
+
+    try:
+        data = _client(s).get("/api/schedule")
+    except AdminError as e:
+        return _refused(e, args)
+    if args.json:
+        _print_json(data)
+        return EXIT_OK
+    entries = data.get("entries") or []
+    if not entries:
+        print("no schedule entries (external schedulers register them with POST /api/schedule)")
+        return EXIT_OK
+    for entry in entries:
+        when = []
+        if entry.get("cron"):
+            when.append(f"cron {entry['cron']!r}")
+        if entry.get("next_run"):
+            when.append(f"next run {entry['next_run']}")
+        print(f"{entry.get('id')}  by {entry.get('owner')}  {' and '.join(when)}: {entry.get('action')}")
+        if entry.get("description"):
+            print(f"    {' '.join(str(entry['description']).split())}")
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

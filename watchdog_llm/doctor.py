@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import TextIO
 
 from watchdog_llm.config import Settings
+from watchdog_llm.config import format_ids as _ids
+from watchdog_llm.coordination.catalog import Catalog
 from watchdog_llm.detect import DetectError, make_detector
 from watchdog_llm.detect.slurm import own_jobs
 from watchdog_llm.supervise.probes import port_in_use
@@ -38,11 +40,13 @@ def run_doctor(s: Settings, *, send: bool, out: TextIO, environ: dict[str, str])
     r = Report(out)
     r.ok("config parsed")
     _state_dir(r, s.state_dir)
-    _model(r, s)
+    catalog = _model(r, s)
     _gateway(r, s)
     _tunnel(r, s)
     _detection(r, s, environ)
-    _gpus(r, s, environ)
+    ours = _gpus(r, s, environ)
+    if catalog is not None:
+        _catalog_gpus(r, catalog, ours)
     _notifications(r, s, send)
     print(f"{'all checks passed' if not r.failures else f'{r.failures} check(s) failed'}", file=out)
     return r.failures == 0
@@ -58,19 +62,63 @@ def _state_dir(r: Report, path: Path) -> None:
         r.fail(str(e))
 
 
-def _model(r: Report, s: Settings) -> None:
-    if not s.model_name:
-        r.fail("MODEL_NAME is empty: set the model to serve")
+def _model(r: Report, s: Settings) -> Catalog | None:
+    """LLM_BIN, the model catalog (MODELS, or MODEL_NAME alone) and SERVER_PORT; returns the catalog."""
+    from watchdog_llm.coordination.catalog import CatalogError
+    from watchdog_llm.supervise.specs import load_catalog
+
+    catalog: Catalog | None = None
+    try:
+        catalog = load_catalog(s)
+    except CatalogError as e:
+        r.fail(str(e))
     llm = resolve_bin(s.llm_bin)
     if llm is None:
         r.fail(f"LLM_BIN={s.llm_bin!r} not found or not executable")
     else:
         r.ok(f"LLM_BIN {llm}")
-        r.info("would run: " + " ".join(model_argv(s, llm)))
+    if catalog is not None:
+        _catalog(r, s, catalog, llm)
     if port_in_use(s.server_host, s.server_port):
         r.warn(f"SERVER_PORT {s.server_port} is in use now (by us if the daemon runs; else pick another port)")
     else:
         r.ok(f"SERVER_PORT {s.server_port} is free")
+    return catalog
+
+
+def _catalog(r: Report, s: Settings, catalog: Catalog, llm: str | None) -> None:
+    """One line for the catalog, one per model: what it runs, and whether a local model path exists."""
+    default = f"default {catalog.default}" + (" (DEFAULT_MODEL)" if s.default_model else "")
+    if s.models:
+        r.ok(f"MODELS {catalog.source}: {len(catalog.entries)} model(s), {default}")
+        if s.model_name or s.vllm_args:
+            r.info("MODEL_NAME and VLLM_ARGS are not used: MODELS is the catalog")
+    else:
+        r.ok(f"model from MODEL_NAME: {catalog.default} (set MODELS for a catalog to swap between)")
+    for e in catalog.entries:
+        what = f"model {e.name!r}" + (" (default)" if e.name == catalog.default else "")
+        aliases = f", aliases {', '.join(e.aliases)}" if e.aliases else ""
+        gpus = f"{e.gpus} GPU" + ("" if e.gpus == 1 else "s")
+        if (path := e.local_path) is None:
+            r.ok(f"{what}: {e.model} (hub id, fetched by vLLM), {gpus}{aliases}")
+        elif path.exists():
+            r.ok(f"{what}: {path} exists, {gpus}{aliases}")
+        else:
+            r.fail(f"{what}: local model path {path} does not exist")
+        if llm is not None:
+            r.info("would run: " + " ".join(model_argv(s, llm, e)))
+
+
+def _catalog_gpus(r: Report, catalog: Catalog, ours: frozenset[int] | None) -> None:
+    """Each model's GPU count against the GPUs that can be ours, when those are known."""
+    if ours is None:
+        r.info("models' GPU counts not checked: which GPUs can be ours is unknown (no NVML, GPU_IDS or job GPUs)")
+        return
+    too_many = [e for e in catalog.entries if e.gpus > len(ours)]
+    for e in too_many:
+        r.fail(f"model {e.name!r} needs {e.gpus} GPU(s); {len(ours)} can be ours (GPU {_ids(ours)})")
+    if not too_many:
+        r.ok(f"every model fits the {len(ours)} GPU(s) that can be ours (GPU {_ids(ours)})")
 
 
 def _gateway(r: Report, s: Settings) -> None:
@@ -139,7 +187,8 @@ def _detection(r: Report, s: Settings, environ: dict[str, str]) -> None:
         det.stop()
 
 
-def _gpus(r: Report, s: Settings, environ: dict[str, str]) -> None:
+def _gpus(r: Report, s: Settings, environ: dict[str, str]) -> frozenset[int] | None:
+    """NVML, and how GPUs would be chosen; returns the GPUs that can be ours (None: unknown)."""
     from watchdog_llm.detect.gpu import GpuError, open_gpu_view
     from watchdog_llm.gpus import GpuSetupError, plan
 
@@ -159,17 +208,22 @@ def _gpus(r: Report, s: Settings, environ: dict[str, str]) -> None:
         else:
             r.warn(said[-1] if said else "GPU: NVML unavailable: GPU features off")
         _yield_on(r, s, None)
-        return
+        try:  # GPU_IDS (or a job's GPUs) still say which are ours
+            blind = plan(s, None, environ, log)
+        except GpuSetupError as e:
+            r.fail(str(e))
+            return None
+        return blind.fixed_gpus
     try:
         gpus = view.gpus()
         procs = view.processes()
         gp = plan(s, view, environ, log)
     except GpuError as e:
         r.fail(f"{view.name} is present but failed: {e}")
-        return
+        return None
     except GpuSetupError as e:
         r.fail(str(e))
-        return
+        return None
     finally:
         view.close()
     r.ok(f"{len(gpus)} GPU(s) visible through {view.name}")
@@ -185,6 +239,7 @@ def _gpus(r: Report, s: Settings, environ: dict[str, str]) -> None:
     elif gp.all_gpus is not None:
         r.info(f"ours: {s.num_gpus} chosen at each start from the free ones, highest ids first")
     _yield_on(r, s, gp.yield_on)
+    return gp.fixed_gpus if gp.fixed_gpus is not None else gp.all_gpus
 
 
 def _yield_on(r: Report, s: Settings, effective: str | None) -> None:

@@ -72,8 +72,11 @@ class Coordinator:
             except LockError as e:
                 raise _lock_error(e) from None
             holder = self.lock.status()
+            # A deferred swap being replaced never served: what comes back on failure is its own previous.
+            cur = self.swaps.open()
+            previous = cur.previous if cur is not None and cur.state is SwapState.DEFERRED else self.active() or None
             try:
-                rec = self.swaps.begin(entry.name, self.active() or None, holder.holder if holder else None)
+                rec = self.swaps.begin(entry.name, previous, holder.holder if holder else None)
             except SwapBusy as e:
                 raise CoordError(409, "swap_in_progress", str(e), retryable=True, running=e.running.public()) from None
         self.log.info(

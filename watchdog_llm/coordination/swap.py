@@ -27,7 +27,7 @@ from watchdog_llm.coordination.store import JsonStore
 KEEP = 50  # records kept (and persisted)
 LOG_LINES = 200  # a swap's log lines kept for late subscribers and the failure's tail
 FAIL_TAIL = 40  # lines of the model's output a failed swap carries
-_SUB_QUEUE = 1000  # a subscriber this far behind loses lines (and is told so), never blocks the daemon
+_SUB_QUEUE = 1000  # a subscriber this far behind loses lines (but never the end): it never blocks the daemon
 
 
 class SwapState(StrEnum):

@@ -51,7 +51,10 @@ class LockOut(BaseModel):
     reason: str | None
     acquired_at: float | None
     expires_at: float | None
-    token: str | None = Field(None, description="only in the answer that created the lock")
+
+
+class LockTaken(LockOut):
+    token: str | None = Field(description="the lock's token: only in the answer that created the lock")
 
 
 class SwapOut(BaseModel):
@@ -101,9 +104,12 @@ def coordination_router(
 
     @r.post(
         "/swap/lock",
-        response_model=LockOut,
+        response_model=LockTaken,
         summary="Take the swap lock (token returned once), or extend it with X-Swap-Lock-Token",
-        responses={400: _err(400, "bad ttl_s, holder or reason"), 423: _err(423, "held by someone else")},
+        responses={
+            400: _err(400, "ttl_s above SWAP_LOCK_MAX_TTL, or a holder or reason that is not printable"),
+            423: _err(423, "held by someone else"),
+        },
     )
     async def lock_acquire(body: LockIn, token: LockToken = None) -> Any:
         try:
