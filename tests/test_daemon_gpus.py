@@ -302,3 +302,32 @@ def test_doctor_shows_gpus_and_how_jobs_are_judged(daemon_env, gpus, fake_slurm)
     env.pop("GPU_STANDIN")
     r = subprocess.run([sys.executable, "-m", "watchdog_llm", "doctor"], env=env, capture_output=True, text=True)
     assert r.returncode == 1 and "FAIL  DETECTION_MODE=nvml needs NVML" in r.stdout, r.stdout
+
+
+def test_swaps_take_each_models_gpu_count_and_a_model_that_cannot_fit_is_refused(
+    daemons, daemon_env, gpus, fake_slurm, tmp_path
+) -> None:
+    import httpx
+
+    catalog = tmp_path / "models.yaml"
+    catalog.write_text(
+        "default: pair\nmodels:\n"
+        "  - {name: pair, model: standin/pair, gpus: 2}\n"
+        "  - {name: one, model: standin/one, gpus: 1}\n"
+        "  - {name: huge, model: standin/huge, gpus: 8}\n"
+    )
+    d = start(daemons, gpu_env(daemon_env, gpus, fake_slurm, MODELS=str(catalog), MODEL_NAME=""))
+    st = d.wait_state("serving")
+    assert st["gpus"]["ours"] == [2, 3]
+    uds = httpx.HTTPTransport(uds=str(d.state_dir / "admin.sock"))
+    with httpx.Client(transport=uds, base_url="http://admin", timeout=10) as c:
+        r = c.post("/api/swap", json={"model": "huge"})
+        assert r.status_code == 409 and r.json()["error"] == "model_does_not_fit"
+        assert "needs 8 GPUs; at most 4" in r.json()["message"]
+        check = c.post("/api/swap/huge/validate").json()
+        assert check["ok"] is False and [x["check"] for x in check["checks"] if not x["ok"]] == ["gpus"]
+        swap = c.post("/api/swap", json={"model": "one"}).json()
+        wait_for(lambda: c.get(f"/api/swap/{swap['id']}").json()["state"] == "ready", 30, 0.05, "swap ready")
+    st = d.wait_state("serving")
+    assert st["model"] == "one" and st["gpus"]["ours"] == [3]  # the highest free GPU, as always
+    assert set().union(*on_gpus(gpus, st["model_pids"]).values()) == {3}

@@ -362,6 +362,7 @@ class Daemon:
             start_swap=lambda rec, e: self._handle(SwapRequested(rec.id, self._choice(e))),
             active=lambda: self.state.model.name,
             refuse=self._refuse_swap,
+            unfit=self._unfit,
             notify=lambda kind, title, body: self._submit(Notify(kind, title, body, "high")),
         )
         return pending
@@ -382,6 +383,16 @@ class Daemon:
         is a local path (a path names a user's directory; the page is on the internet)."""
         e = self._entry(self.state.model.name)
         return e.model if e.local_path is None else e.name
+
+    def _our_gpus(self) -> frozenset[int] | None:
+        """Every GPU that can be ours (given, or to choose from); None: unknown (no NVML)."""
+        return self.limits.fixed_gpus if self.limits.fixed_gpus is not None else self.limits.all_gpus
+
+    def _unfit(self, e: ModelEntry) -> str | None:
+        gpus = self._our_gpus()
+        if gpus is not None and e.gpus > len(gpus):
+            return f"model {e.name} needs {e.gpus} GPUs; at most {len(gpus)} can be ours here ({_ids(gpus)})"
+        return None
 
     def _refuse_swap(self) -> str | None:
         if self.state.phase in (Phase.STOPPING, Phase.STOPPED):
@@ -429,7 +440,7 @@ class Daemon:
             check("model_path", path.exists(), f"{path} " + ("exists" if path.exists() else "does not exist"))
         else:
             check("model_path", True, f"{e.model} is a hub id (fetched by vLLM, not checked here)")
-        gpus = self.limits.fixed_gpus if self.limits.fixed_gpus is not None else self.limits.all_gpus
+        gpus = self._our_gpus()
         if gpus is None:
             check("gpus", True, f"needs {e.gpus}; this node's GPUs are unknown (no NVML)")
         else:

@@ -47,6 +47,7 @@ class Coordinator:
     start_swap: Callable[[SwapRecord, ModelEntry], None]  # the owner makes it happen (never blocks)
     active: Callable[[], str]  # the catalog name of the model now chosen
     refuse: Callable[[], str | None] = lambda: None  # why no swap can start now (e.g. shutting down)
+    unfit: Callable[[ModelEntry], str | None] = lambda e: None  # why this model can never run here
     notify: Callable[[str, str, str], None] = lambda kind, title, body: None  # phone alerts
     _mu: threading.Lock = field(default_factory=threading.Lock)
 
@@ -63,6 +64,9 @@ class Coordinator:
         """The gate: unknown model 404, lock held by someone else 423, a swap under way 409, the
         daemon unable to start anything 503; else the swap is recorded and handed to the owner."""
         entry = self.resolve(key)
+        why_not = self.unfit(entry)
+        if why_not is not None:  # it would wait for ever, deferred: say so now
+            raise CoordError(409, "model_does_not_fit", why_not)
         with self._mu:
             why = self.refuse()
             if why is not None:

@@ -138,7 +138,7 @@ def coordination_router(
         summary="Swap the model; follow it at /api/swap/{id} or /api/swap/{id}/stream",
         responses={
             404: _err(404, "unknown model"),
-            409: _err(409, "another swap is under way"),
+            409: _err(409, "another swap is under way, or the model needs more GPUs than can be ours"),
             423: _err(423, "the swap lock is held by someone else"),
             503: _err(503, "the daemon is stopping"),
         },
