@@ -190,7 +190,7 @@ def test_a_model_that_fails_to_start_fails_the_swap_with_its_log_and_the_old_one
     assert bad[0]["model"] == "broken" and bad[0]["error"] and bad[0]["log_tail"]
 
 
-def test_swap_lock_gates_swaps_survives_a_restart_and_force_is_webhooked(daemons, env, hooks) -> None:
+def test_swap_lock_gates_swaps_survives_a_restart_and_force_is_webhooked(daemons, env, hooks, ntfy) -> None:
     d = start(daemons, env)
     d.wait_state("serving")
     with admin(d) as c:
@@ -221,6 +221,8 @@ def test_swap_lock_gates_swaps_survives_a_restart_and_force_is_webhooked(daemons
         r = c.delete("/api/swap/lock", params={"force": "true"})
         assert r.status_code == 200 and r.json()["locked"] is False
     forced = wait_for(lambda: events(hooks, env, "lock_forced"), 10, 0.05, "lock_forced webhook")
+    phone = wait_for(lambda: [m for m in ntfy.received if "lock" in json.dumps(m)], 10, 0.05, "lock notice")
+    assert "demo-dashboard" in json.dumps(phone)
     assert forced[0]["holder"] == "demo-dashboard"
     assert events(hooks, env, "lock_acquired")[0]["holder"] == "demo-dashboard"
 

@@ -340,6 +340,7 @@ class Daemon:
                 entry = before or entry  # what comes back if the target fails
                 pending = (rec, target)
         self.state = replace(self.state, model=self._choice(entry))
+        loop = asyncio.get_running_loop()  # the lock's endpoints run in threads: notices hop back here
         urls = parse_urls(s.webhook_urls)
         if urls:
             self.webhooks = Webhooks(
@@ -363,7 +364,9 @@ class Daemon:
             active=lambda: self.state.model.name,
             refuse=self._refuse_swap,
             unfit=self._unfit,
-            notify=lambda kind, title, body: self._submit(Notify(kind, title, body, "high")),
+            notify=lambda kind, title, body: _discard(
+                loop.call_soon_threadsafe(self._submit, Notify(kind, title, body, "high"))
+            ),
         )
         return pending
 

@@ -80,6 +80,9 @@ def error_response(e: CoordError | ScheduleError) -> JSONResponse:
     return JSONResponse(body, status_code=e.status, headers=headers)
 
 
+# Handlers that write state files (fsync) are plain functions: FastAPI runs them in its thread pool,
+# so a slow disk never stalls the event loop that carries out yields. The stores are thread-safe.
+# Swaps stay on the loop: the gate hands them to the daemon's policy, which lives there.
 def coordination_router(
     coord: Coordinator,
     endpoints: Callable[[], dict[str, Any]],
@@ -99,7 +102,7 @@ def coordination_router(
 
     # The lock's routes come before /swap/{swap_id}: "lock" is not a swap id.
     @r.get("/swap/lock", response_model=LockOut, summary="The swap lock (never its token)")
-    async def lock_status() -> dict[str, Any]:
+    def lock_status() -> dict[str, Any]:
         return lock_public(coord.lock.status())
 
     @r.post(
@@ -111,7 +114,7 @@ def coordination_router(
             423: _err(423, "held by someone else"),
         },
     )
-    async def lock_acquire(body: LockIn, token: LockToken = None) -> Any:
+    def lock_acquire(body: LockIn, token: LockToken = None) -> Any:
         try:
             new, info = coord.acquire_lock(body.holder, body.ttl_s, body.reason, token)
         except CoordError as e:
@@ -124,7 +127,7 @@ def coordination_router(
         summary="Release the swap lock with its token; ?force=true releases anyone's (logged, notified)",
         responses={423: _err(423, "held by someone else and no force")},
     )
-    async def lock_release(token: LockToken = None, force: bool = False) -> Any:
+    def lock_release(token: LockToken = None, force: bool = False) -> Any:
         try:
             coord.release_lock(token, force=force)
         except CoordError as e:
@@ -188,7 +191,7 @@ def coordination_router(
         return validate(key)
 
     @r.get("/schedule", summary="What external schedulers said they will do (never run by the daemon)")
-    async def schedule_list() -> dict[str, Any]:
+    def schedule_list() -> dict[str, Any]:
         return {"entries": [e.model_dump(mode="json") for e in coord.schedule.list()]}
 
     @r.post(
@@ -196,7 +199,7 @@ def coordination_router(
         summary="Register or replace an entry (by id)",
         responses={200: {"description": "replaced"}, 201: {"description": "created"}, 409: _err(409, "full")},
     )
-    async def schedule_put(body: ScheduleIn) -> Any:
+    def schedule_put(body: ScheduleIn) -> Any:
         try:
             entry, created = coord.schedule.put(body)
         except ScheduleError as e:
@@ -204,7 +207,7 @@ def coordination_router(
         return JSONResponse(entry.model_dump(mode="json"), status_code=201 if created else 200)
 
     @r.delete("/schedule/{entry_id}", responses={404: _err(404, "no such entry")})
-    async def schedule_delete(entry_id: Annotated[str, Path(pattern=ID_PATTERN)]) -> Any:
+    def schedule_delete(entry_id: Annotated[str, Path(pattern=ID_PATTERN)]) -> Any:
         if not coord.schedule.delete(entry_id):
             return error_response(CoordError(404, "unknown_entry", f"no schedule entry {entry_id[:80]!r}"))
         return {"deleted": entry_id}
@@ -214,11 +217,11 @@ def coordination_router(
         return endpoints()
 
     @r.post("/health-event", status_code=201, summary="Report whether a service was reachable")
-    async def health_event(body: HealthEventIn) -> dict[str, Any]:
+    def health_event(body: HealthEventIn) -> dict[str, Any]:
         return coord.health.append(body).model_dump(mode="json")
 
     @r.get("/connectivity", summary="The connectivity log, newest last")
-    async def connectivity(
+    def connectivity(
         limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
         service: Annotated[str | None, Query(max_length=64)] = None,
     ) -> dict[str, Any]:
