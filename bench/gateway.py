@@ -239,9 +239,10 @@ class Rig:
     """The daemon serving the stand-in, and LiteLLM in front of the same model server. Every process
     started here is stopped by close(), whatever happened."""
 
-    def __init__(self, work: Path, standin_as_is: bool) -> None:
+    def __init__(self, work: Path, standin_as_is: bool, daemon_uvloop: bool = False) -> None:
         self.work = work
         self.standin_as_is = standin_as_is
+        self.daemon_uvloop = daemon_uvloop
         self.daemon: subprocess.Popen[bytes] | None = None
         self.litellm: subprocess.Popen[bytes] | None = None
         self.model_procs: list[psutil.Process] = []
@@ -273,6 +274,11 @@ class Rig:
             wrapper.write_text(NODELAY_STANDIN.format(python=sys.executable))
             wrapper.chmod(0o755)
             env["LLM_BIN"] = str(wrapper)
+        if self.daemon_uvloop:
+            site = self.work / "site"
+            site.mkdir()
+            (site / "sitecustomize.py").write_text(DAEMON_UVLOOP)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH", "")]))
         self.daemon = start_daemon(env, state)
         st = wait_until(
             lambda: (s := read_status(state)).get("state") == "serving" and s.get("model_pids") and s, 60, 0.05
@@ -380,6 +386,21 @@ def bind(*args, **kwargs):
 
 vllm._bind = bind
 sys.exit(vllm.main())
+"""
+
+
+# --daemon-uvloop: the daemon's event loop is uvloop's, as `asyncio.run(serve(s))` -> `uvloop.run(serve(s))`
+# in watchdog_llm/cli.py would make it. Only the daemon's process: the model server, LiteLLM (which picks
+# uvloop itself) and the load generator are as they are.
+DAEMON_UVLOOP = """\
+import sys
+
+if sys.orig_argv[1:3] == ["-m", "watchdog_llm"]:
+    import asyncio
+
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 """
 
 
@@ -624,7 +645,8 @@ def print_table(result: dict[str, Any]) -> None:
         f"Python {m['python']} · httpx {m['httpx']}, uvicorn {m['uvicorn']}, h11 {m['h11']}, httptools "
         f"{m['httptools']}, uvloop {m['uvloop']}, litellm {m['litellm']} · {result['rounds_n']} rounds, "
         f"medians across rounds; {result['n1']} requests at c=1, {result['n64']} at c=64, "
-        f"{result['streams']} streams per round and target; STANDIN_TOKEN_DELAY_MS=0\n"
+        f"{result['streams']} streams per round and target; STANDIN_TOKEN_DELAY_MS=0; daemon event loop: "
+        f"{result.get('daemon_loop', 'asyncio')}\n"
     )
     print("| figure | direct | watchdog-llm gateway | LiteLLM proxy | gateway vs direct | gateway vs LiteLLM |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -667,6 +689,9 @@ def main() -> int:
     ap.add_argument(
         "--standin-as-is", action="store_true", help="the model server without TCP_NODELAY (see NODELAY_STANDIN)"
     )
+    ap.add_argument(
+        "--daemon-uvloop", action="store_true", help="run the daemon on uvloop (see DAEMON_UVLOOP); default: asyncio"
+    )
     ap.add_argument("--json", type=Path, help="default: bench/results/gateway-<date>.json")
     args = ap.parse_args()
 
@@ -675,7 +700,7 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, stop)
     work = Path(tempfile.mkdtemp(prefix="wdbench-gw-"))
-    rig = Rig(work, args.standin_as_is)
+    rig = Rig(work, args.standin_as_is, args.daemon_uvloop)
     t0 = time.monotonic()
     try:
         print("-- starting the daemon (stand-in model + gateway)", file=sys.stderr)
@@ -703,6 +728,7 @@ def main() -> int:
         "client": args.client,
         "client_procs": args.procs,
         "standin_nodelay": not args.standin_as_is,
+        "daemon_loop": "uvloop" if args.daemon_uvloop else "asyncio",
         "standin_token_delay_ms": 0,
         "litellm_config": rig.litellm_config,
         "litellm_env": {"LITELLM_LOG": "ERROR", "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_MODE": "PRODUCTION"},

@@ -145,6 +145,12 @@ class GatewayServer:
         assert self.gw is not None
         self.loop.call_soon_threadsafe(self.gw.model_down)
 
+    def upstream_lanes(self) -> tuple[int, int]:
+        """(lent, idle): the gateway's connections to the upstream in use, and kept for reuse."""
+        assert self.gw is not None
+        lanes = self.gw.upstream_client
+        return tuple(self._call(_get(lambda: (lanes.lent, lanes.idle)), 5))  # type: ignore[return-value]
+
     def in_flight(self, consumer: str) -> int:
         return int(self._call(_get(lambda: self.limiter.in_flight(consumer)), 5))
 

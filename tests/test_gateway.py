@@ -28,10 +28,12 @@ from gateway_harness import (
     KEY_B,
     MODEL,
     SERVING,
+    SSE_HEAD,
     YIELDED,
     GatewayServer,
     RawResponse,
     RawUpstream,
+    Reader,
     StandIn,
     Upstreamed,
     canned,
@@ -646,6 +648,8 @@ def test_head_through_the_proxy_does_not_hang(gw: GatewayServer) -> None:
 MALFORMED = {
     "CR in header value": b"GET /health HTTP/1.1\r\nHost: g\r\nX-A: a\rX-Injected: 1\r\n\r\n",
     "CRLF in request line": b"GET /health\r\nX-Injected: 1 HTTP/1.1\r\nHost: g\r\n\r\n",
+    "HTTP/0.9 request line": b"GET /health\r\nX-Injected: 1\r\n\r\n",
+    "HTTP/2.0 in an HTTP/1 request line": b"GET /health HTTP/2.0\r\nHost: g\r\nX-Injected: 1\r\n\r\n",
     "NUL in header value": b"GET /health HTTP/1.1\r\nHost: g\r\nX-A: a\x00b\r\n\r\n",
     "space in header name": b"GET /health HTTP/1.1\r\nHost: g\r\nX A: b\r\n\r\n",
     "no colon": b"GET /health HTTP/1.1\r\nHost: g\r\nnot a header\r\n\r\n",
@@ -678,6 +682,62 @@ def test_malformed_requests_get_4xx_and_the_server_goes_on(gw: GatewayServer, da
         assert "x-injected" not in r.headers
     assert get(gw.url + "/health").status_code == 200
     assert get(gw.url + "/v1/models", headers=auth()).status_code == 200
+
+
+@pytest.mark.parametrize(("size", "status"), [(60_000, 200), (70_000, 400)])
+def test_request_head_up_to_64_kib_is_served_larger_is_400(gw: GatewayServer, size: int, status: int) -> None:
+    """The same bound whichever parser uvicorn uses (h11's h11_max_incomplete_event_size; a limit of
+    ours with httptools, which has none)."""
+    data = request_bytes("GET", "/health", headers={"X-Big": "a" * size})
+    r = raw_request(gw.port, data)
+    assert r.status == status, r.body[:200]
+
+
+def test_large_body_arriving_with_its_head_is_not_taken_for_a_large_head(make_gw: Any, make_upstream: Any) -> None:
+    up = make_upstream(json_ok)
+    g = make_gw(up.url, cfg=GatewayConfig(model_name=MODEL, max_body_bytes=4 * 1024 * 1024))
+    body = json.dumps(chat_body("x" * 1_000_000)).encode()
+    r = raw_request(
+        g.port, request_bytes("POST", CHAT, headers={**auth(), "Content-Type": "application/json"}, body=body)
+    )
+    assert r.status == 200, r.body[:200]
+    assert up.requests[0].body == body
+
+
+def test_pipelined_requests_with_large_bodies_in_one_send(make_gw: Any, make_upstream: Any) -> None:
+    up = make_upstream(json_ok)
+    g = make_gw(up.url, cfg=GatewayConfig(model_name=MODEL, max_body_bytes=1024 * 1024))
+    bodies = [json.dumps(chat_body(c * 100_000)).encode() for c in "ab"]
+    data = b""
+    for i, body in enumerate(bodies):
+        last = "Connection: close\r\n" if i == len(bodies) - 1 else ""
+        head = f"POST {CHAT} HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {KEY_A}\r\n"
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{last}\r\n"
+        data += head.encode() + body
+    with socket.create_connection(("127.0.0.1", g.port), timeout=10) as s:
+        s.sendall(data)
+        responses = read_responses(s)
+    assert [r.status for r in responses] == [200, 200]
+    assert sorted(r.body for r in up.requests) == sorted(bodies)
+
+
+def test_a_stream_head_goes_out_before_its_first_event(make_gw: Any, make_upstream: Any) -> None:
+    """Response writes are held to the end of an event-loop turn (one send for a small answer, one per
+    batch of events): a head with no event behind it yet must not wait for one."""
+    up = make_upstream(canned(SSE_HEAD, then="hang"))
+    g = make_gw(up.url)
+    with socket.create_connection(("127.0.0.1", g.port), timeout=2.0) as s:
+        s.sendall(request_bytes("POST", CHAT, headers={**auth(), "Content-Type": "application/json"}, body=b"{}"))
+        head = Reader(s).until(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"text/event-stream" in head
+
+
+def test_answers_in_turn_reuse_one_upstream_connection(make_gw: Any, standin: StandIn) -> None:
+    g = make_gw(standin.url)
+    with httpx.Client(trust_env=False, timeout=10.0) as c:
+        for _ in range(5):
+            assert c.get(g.url + "/v1/models", headers=auth()).status_code == 200
+    assert g.upstream_lanes() == (0, 1)  # (lent, idle): one connection, kept for the next request
 
 
 def test_bare_lf_header_does_not_smuggle_a_key(gw: GatewayServer) -> None:
@@ -1162,8 +1222,16 @@ def test_metrics_count_what_was_refused(make_gw: Any, make_upstream: Any) -> Non
     g = make_gw(up.url)
     post(g.url + CHAT, chat_body(), headers=auth("nobody-0123456789abcdef"))
     post(g.url + CHAT, chat_body(), headers=auth())
-    text = g.metrics.render().decode()
-    assert 'watchdog_llm_requests_rejected_total{reason="auth"} 1.0' in text
-    assert 'watchdog_llm_requests_rejected_total{reason="upstream"} 1.0' in text
-    assert 'watchdog_llm_requests_total{code="502",route="/v1/chat/completions"} 1.0' in text
+    want = [
+        'watchdog_llm_requests_rejected_total{reason="auth"} 1.0',
+        'watchdog_llm_requests_rejected_total{reason="upstream"} 1.0',
+        'watchdog_llm_requests_total{code="502",route="/v1/chat/completions"} 1.0',
+    ]
+
+    # A request is counted once its answer has gone out: the client can read it a moment earlier.
+    def counted() -> str | None:
+        text = g.metrics.render().decode()
+        return text if all(w in text for w in want) else None
+
+    text = wait_for(counted, 2.0, what="the refused requests to be counted")
     assert KEY_A not in text

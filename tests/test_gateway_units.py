@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import stat
+import struct
+import time
 from dataclasses import replace
 from pathlib import Path
 
+import httpcore
+import httpx
 import pytest
+from helpers import run_async
 
 from watchdog_llm import config
 from watchdog_llm.availability import availability, typical_start
 from watchdog_llm.config import ConfigError
 from watchdog_llm.http.keys import ANONYMOUS, KeyConfigError, KeyRing, Limiter, parse_entries
 from watchdog_llm.http.server import ListenError, bind_tcp, bind_unix
+from watchdog_llm.http.upstream import AsyncioBackend, AsyncioStream, Lanes
 from watchdog_llm.policy import Phase, State, YieldRecord
 
 KEY_A = "alice-key-0123456789"
@@ -209,3 +216,217 @@ def test_accepted_connections_have_nagle_off() -> None:
         return value
 
     assert asyncio.run(main()) != 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The gateway's upstream connections (watchdog_llm/http/upstream.py), against small asyncio servers
+# ---------------------------------------------------------------------------------------------------
+
+
+class _KeepAliveServer:
+    """HTTP/1.1 with keep-alive: answers `ok` to each request (head + Content-Length body); counts
+    connections. `close_idle_after`: closes a connection that long after each answer. `stall_first`:
+    the first request gets a response head and then nothing, until its client closes (`eof_seen`)."""
+
+    def __init__(self, close_idle_after: float | None = None, stall_first: bool = False) -> None:
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.first_reads: list[bytes] = []
+        self.close_idle_after = close_idle_after
+        self.stall_first = stall_first
+        self.eof_seen = asyncio.Event()
+
+    async def __aenter__(self) -> _KeepAliveServer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        first = True
+        try:
+            while True:
+                if first:
+                    self.first_reads.append(await r.read(65536))
+                    head, _, rest = self.first_reads[-1].partition(b"\r\n\r\n")
+                    first = False
+                    if not head:
+                        break
+                    head += b"\r\n\r\n" + rest
+                else:
+                    read = r.readuntil(b"\r\n\r\n")
+                    head = await (asyncio.wait_for(read, self.close_idle_after) if self.close_idle_after else read)
+                self.requests.append(head)
+                if self.stall_first and len(self.requests) == 1:
+                    w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")  # the head, and then nothing
+                    await w.drain()
+                    if await r.read(1) == b"":
+                        self.eof_seen.set()
+                    break
+                w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: text/plain\r\n\r\nok")
+                await w.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            pass
+        finally:
+            w.close()
+
+
+def _request(url: str, body: bytes = b"{}") -> httpx.Request:
+    return httpx.Request("POST", url + "/v1/x", content=body, extensions={"timeout": httpx.Timeout(5.0).as_dict()})
+
+
+async def _ask(lanes: Lanes, url: str) -> bytes:
+    resp = await lanes.handle_async_request(_request(url))
+    try:
+        return b"".join([c async for c in resp.aiter_raw()])
+    finally:
+        await resp.aclose()
+
+
+@run_async
+async def test_lanes_reuse_one_connection_for_requests_in_turn() -> None:
+    async with _KeepAliveServer() as up:
+        lanes = Lanes(keep=8, keepalive_expiry=30.0)
+        for _ in range(5):
+            assert await _ask(lanes, up.url) == b"ok"
+        assert up.connections == 1 and lanes.idle == 1 and lanes.lent == 0
+        await lanes.aclose()
+
+
+@run_async
+async def test_lanes_one_connection_per_request_in_flight_and_keep_bounds_the_idle() -> None:
+    async with _KeepAliveServer() as up:
+        lanes = Lanes(keep=3, keepalive_expiry=30.0)
+        assert await asyncio.gather(*(_ask(lanes, up.url) for _ in range(6))) == [b"ok"] * 6
+        assert up.connections == 6 and lanes.idle == 3 and lanes.lent == 0
+        assert await asyncio.gather(*(_ask(lanes, up.url) for _ in range(3))) == [b"ok"] * 3
+        assert up.connections == 6  # the three kept were used again
+        await lanes.aclose()
+        assert lanes.idle == 0
+
+
+@run_async
+async def test_lanes_idle_past_the_keepalive_expiry_are_closed_one_per_answer() -> None:
+    async with _KeepAliveServer() as up:
+        lanes = Lanes(keep=8, keepalive_expiry=0.2)
+        await asyncio.gather(*(_ask(lanes, up.url) for _ in range(3)))
+        assert lanes.idle == 3
+        await asyncio.sleep(0.3)
+        assert await _ask(lanes, up.url) == b"ok"  # takes the newest, gives it back, closes the oldest
+        assert lanes.idle == 2
+        await lanes.aclose()
+
+
+@run_async
+async def test_a_request_leaves_in_one_send_and_the_host_is_set() -> None:
+    """httpcore writes head and body separately; the upstream's first read gets both."""
+    async with _KeepAliveServer() as up:
+        lanes = Lanes(keep=8, keepalive_expiry=30.0)
+        body = b'{"model":"m","messages":[]}'
+        resp = await lanes.handle_async_request(_request(up.url, body))
+        await resp.aread()
+        await resp.aclose()
+        first = up.first_reads[0]
+        assert first.startswith(b"POST /v1/x HTTP/1.1\r\n") and first.endswith(b"\r\n\r\n" + body)
+        assert b"\r\nHost: 127.0.0.1:" in first and f"\r\nContent-Length: {len(body)}\r\n".encode() in first
+        await lanes.aclose()
+
+
+@run_async
+async def test_a_connection_the_upstream_closed_while_idle_is_replaced_not_an_error() -> None:
+    async with _KeepAliveServer(close_idle_after=0.05) as up:
+        lanes = Lanes(keep=8, keepalive_expiry=30.0)
+        assert await _ask(lanes, up.url) == b"ok"
+        await asyncio.sleep(0.3)  # the server has closed the kept connection
+        assert await _ask(lanes, up.url) == b"ok"
+        assert up.connections == 2
+        await lanes.aclose()
+
+
+@run_async
+async def test_a_response_closed_early_gives_its_lane_back_and_closes_the_connection() -> None:
+    async with _KeepAliveServer(stall_first=True) as up:
+        lanes = Lanes(keep=8, keepalive_expiry=30.0)
+        resp = await lanes.handle_async_request(_request(up.url))
+        assert lanes.lent == 1
+        await resp.aclose()  # before its body: the client went away
+        assert lanes.lent == 0 and lanes.idle == 1
+        await asyncio.wait_for(up.eof_seen.wait(), 2.0)  # that connection was closed, not reused
+        assert await _ask(lanes, up.url) == b"ok"
+        assert up.connections == 2
+        await lanes.aclose()
+
+
+@run_async
+async def test_lanes_after_close_refuse_and_https_uses_httpx_as_it_is() -> None:
+    async with _KeepAliveServer() as up:
+        lanes = Lanes(keep=8, keepalive_expiry=30.0)
+        tls = up.url.replace("http://", "https://")
+        with pytest.raises(httpx.ConnectError) as e:  # a TLS handshake with a plain HTTP server
+            await lanes.handle_async_request(_request(tls))
+        assert "not served by this backend" not in str(e.value) and lanes.lent == lanes.idle == 0
+        await lanes.aclose()
+        with pytest.raises(httpx.ConnectError, match="shutting down"):
+            await lanes.handle_async_request(_request(up.url))
+
+
+@run_async
+async def test_asyncio_stream_errors_are_httpcores() -> None:
+    backend = AsyncioBackend()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        with pytest.raises(httpcore.ConnectError):  # bound, not listening: refused
+            await backend.connect_tcp("127.0.0.1", port, timeout=2.0)
+
+    async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.read(65536)
+        await asyncio.sleep(1.0)
+        w.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        w.transport.abort()  # RST
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    async with server:
+        stream = await backend.connect_tcp("127.0.0.1", server.sockets[0].getsockname()[1], timeout=2.0)
+        await stream.write(b"GET / HTTP/1.1\r\n\r\n")
+        t0 = time.monotonic()
+        with pytest.raises(httpcore.ReadTimeout):
+            await stream.read(100, timeout=0.1)
+        assert time.monotonic() - t0 < 0.5
+        assert stream.get_extra_info("is_readable") is False
+        with pytest.raises(httpcore.ReadError):  # the reset
+            await stream.read(100, timeout=5.0)
+        assert stream.get_extra_info("is_readable") is True
+        with pytest.raises(httpcore.WriteError):
+            await stream.write(b"x" * 70_000)  # over the hold: sent at once, onto a closed connection
+        await stream.aclose()
+
+
+@run_async
+async def test_asyncio_stream_stops_reading_the_socket_while_its_reader_lags() -> None:
+    size = 4 * 1024 * 1024
+    payload = bytes(range(256)) * (size // 256)
+
+    async def flood(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.read(65536)
+        w.write(payload)
+        await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(flood, "127.0.0.1", 0)
+    async with server:
+        stream = await AsyncioBackend().connect_tcp("127.0.0.1", server.sockets[0].getsockname()[1], timeout=2.0)
+        assert isinstance(stream, AsyncioStream)
+        await stream.write(b"go")
+        got = [await stream.read(65536, timeout=5.0)]
+        await asyncio.sleep(0.3)  # the server writes on; we read nothing
+        assert not stream._transport.is_reading()  # type: ignore[attr-defined]
+        assert stream._protocol.size <= 512 * 1024  # bounded, not the whole 4 MiB
+        while chunk := await stream.read(65536, timeout=5.0):
+            assert len(chunk) <= 65536
+            got.append(chunk)
+        assert b"".join(got) == payload
+        await stream.aclose()

@@ -24,12 +24,14 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from prometheus_client import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from watchdog_llm.availability import Availability
 from watchdog_llm.http.errors import encode, headers, openai_body
 from watchdog_llm.http.keys import KeyRing, Limiter
+from watchdog_llm.http.upstream import Lanes
 from watchdog_llm.metrics import Metrics, route_label
 
 log = logging.getLogger("watchdog_llm.gateway")
@@ -128,16 +130,22 @@ class Gateway:
         self.upstream = upstream
         self.page = page
         self._streams: set[_Exchange] = set()
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout, write=30.0, pool=cfg.connect_timeout),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30.0),
-            follow_redirects=False,
-            trust_env=False,  # a proxy set for the user's shell must not carry our internal key elsewhere
-        )
+        # httpx's transport without an AsyncClient around it: no redirects followed, no proxy from
+        # the environment (it must not carry our internal key elsewhere), no cookie jar (a cookie one
+        # user's answer set would go upstream with everyone's requests), no default headers; and
+        # none of the client's per-request work for features we do not use.
+        self.upstream_client = Lanes(keep=256, keepalive_expiry=30.0)
+        self._timeout = httpx.Timeout(
+            cfg.read_timeout, connect=cfg.connect_timeout, write=30.0, pool=cfg.connect_timeout
+        ).as_dict()
+        # Per-request work that repeats: the upstream URL of a path, a metric's child of a label set.
+        self._urls: dict[tuple[str, str, bytes], httpx.URL] = {}
+        self._counted: dict[tuple[str, int], Counter] = {}
+        self._latency: dict[str, Histogram] = {}
         self.site = _site(self)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.upstream_client.aclose()
 
     def model_down(self) -> None:
         """The model left serving (yield, crash, stop): end every stream now, with an error event."""
@@ -165,7 +173,10 @@ class Gateway:
             await _send_json(send, 502, body)  # fails silently if a response had already started
         finally:
             self.metrics.in_flight.dec()
-            self.metrics.requests.labels(route, str(code)).inc()
+            counter = self._counted.get((route, code))
+            if counter is None:
+                counter = self._counted[(route, code)] = self.metrics.requests.labels(route, str(code))
+            counter.inc()
 
     async def _exchange(self, scope: Scope, receive: Receive, send: Send) -> int:
         path: str = scope["path"]
@@ -200,11 +211,16 @@ class Gateway:
             status, code, msg = bad
             return await self._refuse(send, status, code, msg, consumer, reason=code)
         base, key = self.upstream()
-        url = base + scope["path"] + ("?" + scope["query_string"].decode("latin-1") if scope["query_string"] else "")
         fwd = [(k, v) for k, v in scope["headers"] if k not in _DROP_IN]
         fwd.append((b"authorization", b"Bearer " + key.encode()))
         try:
-            req = self.client.build_request(scope["method"], url, headers=fwd, content=body)
+            req = httpx.Request(
+                scope["method"],
+                self._url(base, scope),
+                headers=fwd,
+                content=body,
+                extensions={"timeout": self._timeout},
+            )
         except (httpx.InvalidURL, httpx.LocalProtocolError, ValueError, UnicodeError) as e:
             return await self._refuse(send, 400, "bad_request", f"request cannot be forwarded: {e}", consumer)
         me = asyncio.current_task()
@@ -217,10 +233,23 @@ class Gateway:
             watcher.cancel()
             self._streams.discard(ex)
 
+    def _url(self, base: str, scope: Scope) -> httpx.URL:
+        """The upstream URL of this path and query: parsed once (a parse costs ~15 us), kept while
+        there are at most 256 of them (an open key's users can make up paths; the usual ones are few)."""
+        k = (base, scope["path"], scope["query_string"])
+        url = self._urls.get(k)
+        if url is None:
+            query = scope["query_string"]
+            url = httpx.URL(base + scope["path"] + ("?" + query.decode("latin-1") if query else ""))
+            if len(self._urls) >= 256:
+                self._urls.clear()
+            self._urls[k] = url
+        return url
+
     async def _relay(self, send: Send, req: httpx.Request, ex: _Exchange, consumer: str, route: str) -> int:
         t0 = time.perf_counter()
         try:
-            resp: httpx.Response = await ex.wait(self.client.send(req, stream=True))
+            resp: httpx.Response = await ex.wait(self.upstream_client.handle_async_request(req))
         except _Aborted:
             return CLIENT_GONE
         except httpx.TimeoutException:
@@ -228,7 +257,10 @@ class Gateway:
             return await self._refuse(send, 504, "upstream_timeout", msg, consumer, True, 5, reason="timeout")
         except httpx.HTTPError as e:
             return await self._upstream_failed(send, consumer, e)
-        self.metrics.upstream_latency.labels(route).observe(time.perf_counter() - t0)
+        latency = self._latency.get(route)
+        if latency is None:
+            latency = self._latency[route] = self.metrics.upstream_latency.labels(route)
+        latency.observe(time.perf_counter() - t0)
         try:
             out = _response_headers(resp, req.url)
             if resp.headers.get("content-type", "").startswith("text/event-stream"):
@@ -447,6 +479,8 @@ def _response_headers(resp: httpx.Response, upstream: httpx.URL) -> list[tuple[b
 
 def _event_end(data: bytes) -> int:
     """Length of the prefix of `data` that is whole SSE events (0: none yet)."""
+    if data.endswith(_EVENT_ENDS):  # the usual case: a chunk of whole events
+        return len(data)
     return max((i + len(sep) for sep in _EVENT_ENDS if (i := data.rfind(sep)) >= 0), default=0)
 
 
