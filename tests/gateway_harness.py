@@ -93,7 +93,7 @@ class GatewayServer:
         self.avail = Switch()
         self.upstream_url = upstream_url
         self.internal_key = internal_key
-        self.cfg = cfg or GatewayConfig(model_name=model)
+        self.cfg = cfg or GatewayConfig()
         self.keys = KeyRing([("alice", KEY_A), ("bob", KEY_B)])
         self.limiter = Limiter(limit)
         self.metrics = Metrics()

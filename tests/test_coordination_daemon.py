@@ -128,6 +128,8 @@ def test_swap_streams_the_new_models_log_and_serves_it_with_the_old_tree_gone(da
     st = d.wait_state("serving")
     assert st["model"] == "alpha" and served_model(d) == "standin/alpha"
     old_pids = st["model_pids"]
+    environ = Path(f"/proc/{min(old_pids)}/environ").read_text(errors="replace")
+    assert SECRET not in environ and env["WEBHOOK_URLS"] not in environ  # the daemon's secrets stay with it
     with admin(d) as c:
         models = c.get("/api/models").json()
         assert [(m["name"], m["active"]) for m in models["models"]][:2] == [("alpha", True), ("beta", False)]

@@ -68,7 +68,7 @@ def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandIn]:
 
 @pytest.fixture(scope="module")
 def shared_gw(standin: StandIn) -> Iterator[GatewayServer]:
-    cfg = GatewayConfig(model_name=MODEL, max_body_bytes=64 * 1024, body_timeout=5.0, read_timeout=10.0)
+    cfg = GatewayConfig(max_body_bytes=64 * 1024, body_timeout=5.0, read_timeout=10.0)
     g = GatewayServer(standin.url, cfg=cfg)
     yield g
     g.close()
@@ -695,7 +695,7 @@ def test_request_head_up_to_64_kib_is_served_larger_is_400(gw: GatewayServer, si
 
 def test_large_body_arriving_with_its_head_is_not_taken_for_a_large_head(make_gw: Any, make_upstream: Any) -> None:
     up = make_upstream(json_ok)
-    g = make_gw(up.url, cfg=GatewayConfig(model_name=MODEL, max_body_bytes=4 * 1024 * 1024))
+    g = make_gw(up.url, cfg=GatewayConfig(max_body_bytes=4 * 1024 * 1024))
     body = json.dumps(chat_body("x" * 1_000_000)).encode()
     r = raw_request(
         g.port, request_bytes("POST", CHAT, headers={**auth(), "Content-Type": "application/json"}, body=body)
@@ -706,7 +706,7 @@ def test_large_body_arriving_with_its_head_is_not_taken_for_a_large_head(make_gw
 
 def test_pipelined_requests_with_large_bodies_in_one_send(make_gw: Any, make_upstream: Any) -> None:
     up = make_upstream(json_ok)
-    g = make_gw(up.url, cfg=GatewayConfig(model_name=MODEL, max_body_bytes=1024 * 1024))
+    g = make_gw(up.url, cfg=GatewayConfig(max_body_bytes=1024 * 1024))
     bodies = [json.dumps(chat_body(c * 100_000)).encode() for c in "ab"]
     data = b""
     for i, body in enumerate(bodies):

@@ -465,7 +465,6 @@ class Daemon:
             max_body_bytes=s.max_body_bytes,
             body_timeout=s.body_timeout,
             read_timeout=s.upstream_timeout,
-            model_name=self.state.model.name,
         )
         self.gateway = Gateway(
             cfg,

@@ -67,7 +67,6 @@ class GatewayConfig:
     body_timeout: float = 30.0  # the whole request body must arrive within this (slow clients)
     connect_timeout: float = 5.0
     read_timeout: float = 600.0  # longest silence from the model (a long non-streamed answer)
-    model_name: str = ""
 
 
 class _Aborted(Exception):
@@ -420,7 +419,7 @@ def _site(gw: Gateway) -> FastAPI:
         body = {
             "status": "ok" if a.serving else a.code,
             "message": a.message,
-            "model": gw.page().get("model") or gw.cfg.model_name,
+            "model": gw.page().get("model"),
         }
         if a.serving:
             return JSONResponse(body)

@@ -8,14 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from watchdog_llm.config import Settings
+from watchdog_llm.config import SECRET_SETTINGS, Settings
 from watchdog_llm.coordination import catalog
 from watchdog_llm.coordination.catalog import Catalog, ModelEntry
 from watchdog_llm.supervise.child import ChildSpec
 from watchdog_llm.supervise.probes import HttpProbe, port_in_use
 
 # Secrets the daemon holds that no child needs: removed from inherited environments.
-_DAEMON_SECRETS = ("API_KEY", "TUNNEL_TOKEN", "VLLM_API_KEY", "PUBLIC_API_KEYS", "ADMIN_TOKEN", "WEBHOOK_SECRET")
+_DAEMON_SECRETS = SECRET_SETTINGS | {"VLLM_API_KEY"}
 
 
 def _base_env() -> dict[str, str]:
