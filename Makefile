@@ -1,20 +1,32 @@
 # Two commands on a fresh machine with python3 and make: `make demo`, `make test`.
+#
+# Installs are reproducible: .venv gets exactly the versions in requirements.lock (what CI tested),
+# nothing resolved at install time. pyproject.toml keeps compatible ranges for people who
+# `pip install` the package. `make test-latest` resolves the newest releases on purpose, so a
+# breaking release is found by us, not by a newcomer; `make lock` refreshes the lock (docs/DEVELOPMENT.md).
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+LOCK   := requirements.lock
+# Static checks run before the tests, so `make test` fails on a type or layer error too.
+STATIC := lint typecheck layers
 
-.PHONY: demo test lint typecheck check bench clean slurm test-slurm bench-slurm
+.PHONY: demo test pytest lint typecheck layers check bench clean slurm test-slurm bench-slurm lock test-latest
 
-$(BIN)/watchdog-llm: pyproject.toml
+$(BIN)/watchdog-llm: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -r $(LOCK)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	@touch $@
 
 demo: $(BIN)/watchdog-llm
 	$(BIN)/watchdog-llm demo
 
-test: $(BIN)/watchdog-llm
+test: $(STATIC) pytest
+
+pytest: $(BIN)/watchdog-llm
 	$(BIN)/pytest -q
 
 lint: $(BIN)/watchdog-llm
@@ -24,10 +36,36 @@ lint: $(BIN)/watchdog-llm
 typecheck: $(BIN)/watchdog-llm
 	$(BIN)/mypy watchdog_llm
 
-check: lint typecheck test
+# Import layering (contracts in pyproject.toml): policy stays pure, coordination embeddable, base a leaf.
+layers: $(BIN)/watchdog-llm
+	$(BIN)/lint-imports --no-cache
+
+check: test
 
 bench: $(BIN)/watchdog-llm
 	$(BIN)/python bench/yield_bench.py
+
+# The lock: every package (pip and setuptools included) at the version a fresh resolve picks today.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet --disable-pip-version-check --upgrade pip setuptools
+	.venv-lock/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	{ echo "# Exact versions \`make\` and CI install. Refresh with \`make lock\`, then \`make test\` (docs/DEVELOPMENT.md)."; \
+	  .venv-lock/bin/pip freeze --all --exclude-editable | LC_ALL=C sort -f; } > $(LOCK)
+	rm -rf .venv-lock
+
+# The newest releases pyproject.toml allows, in a venv of their own; prints what differs from the lock.
+test-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/pip install --quiet --disable-pip-version-check --upgrade pip setuptools
+	.venv-latest/bin/pip install --quiet --disable-pip-version-check --upgrade -e '.[dev]'
+	.venv-latest/bin/pip freeze --all --exclude-editable | LC_ALL=C sort -f > .venv-latest/resolved.txt
+	@echo "test-latest: releases newer than $(LOCK):"; \
+	  diff <(grep -v '^#' $(LOCK)) .venv-latest/resolved.txt | sed -n 's/^> /  /p' || true
+	@touch .venv-latest/bin/watchdog-llm
+	$(MAKE) VENV=.venv-latest test
 
 # A real one-node Slurm on this machine (root; Debian 12), its end-to-end tests and benchmark.
 slurm:
@@ -40,4 +78,4 @@ bench-slurm: $(BIN)/watchdog-llm slurm
 	$(BIN)/python bench/slurm_bench.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-latest .venv-lock build *.egg-info .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

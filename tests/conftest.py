@@ -76,6 +76,8 @@ class NtfySink:
                 except ValueError:
                     data = {"message": body.decode(errors="replace")}
                 data["_path"] = self.path
+                # apprise's ntfy plugin sends the priority as a header, and none for "default"
+                data["_priority"] = self.headers.get("X-Priority") or "default"
                 sink.received.append(data)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from watchdog_llm.supervise.backoff import BASE_DELAY, backoff_delay
+from watchdog_llm.base.backoff import BASE_DELAY, backoff_delay
 
 
 @pytest.fixture(autouse=True)

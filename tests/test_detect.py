@@ -13,10 +13,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
 
 from watchdog_llm.detect import (
     CgroupDetector,
     DetectError,
+    DetectorFailed,
     JobGone,
     JobSeen,
     ProcfsDetector,
@@ -92,6 +94,22 @@ def rmtree_dirs(path: Path) -> None:
     for sub in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
         sub.rmdir()
     path.rmdir()
+
+
+@contextlib.contextmanager
+def small_inotify_queue(size: int) -> Iterator[None]:
+    """fs.inotify.max_queued_events lowered to `size` for inotify instances created inside (root only)."""
+    knob = Path("/proc/sys/fs/inotify/max_queued_events")
+    limit = int(knob.read_text())
+    try:
+        knob.write_text(f"{size}\n")
+    except OSError as e:
+        pytest.skip(f"cannot lower {knob} (needs root): {e.strerror}")
+    try:
+        yield
+    finally:
+        knob.write_text(f"{limit}\n")
+    assert int(knob.read_text()) == limit
 
 
 def v2_scope(root: Path) -> Path:
@@ -309,15 +327,19 @@ def test_root_unusable_raises(tmp_path: Path) -> None:
         make_detector("nvml", cgroup_root=tmp_path, poll_interval=1, own=frozenset(), log=LOG)
 
 
-def test_inotify_unavailable_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from watchdog_llm.detect import watcher
-
-    def no_inotify() -> None:
-        raise OSError(24, "inotify instance limit reached")
-
-    monkeypatch.setattr(watcher, "InotifyFD", no_inotify)
-    with pytest.raises(DetectError, match="inotify unavailable: inotify instance limit reached"):
-        CgroupDetector(tmp_path, frozenset(), LOG).start(Recorder())
+def test_inotify_unavailable_raises(tmp_path: Path) -> None:
+    """A real EMFILE from inotify_init: the per-user instance limit lowered to 0 for a moment (root)."""
+    knob = Path("/proc/sys/fs/inotify/max_user_instances")
+    limit = int(knob.read_text())
+    try:
+        knob.write_text("0\n")
+    except OSError as e:
+        pytest.skip(f"cannot lower {knob} (needs root): {e.strerror}")
+    try:
+        with pytest.raises(DetectError, match="inotify unavailable: inotify instance limit reached"):
+            CgroupDetector(tmp_path, frozenset(), LOG).start(Recorder())
+    finally:
+        knob.write_text(f"{limit}\n")
 
 
 def test_root_removed_then_back(tmp_path: Path, make: Callable[..., CgroupDetector]) -> None:
@@ -371,43 +393,25 @@ def test_dirs_vanishing_before_their_watch(
 
 
 def test_queue_overflow_rescans(tmp_path: Path, make: Callable[..., CgroupDetector]) -> None:
-    """A real IN_Q_OVERFLOW: the sink blocks the reader thread while we make more events than the queue
-    holds. A small queue comes from lowering fs.inotify.max_queued_events while the detector's inotify
-    instance is created (read once, at inotify_init); it is restored at once."""
-    knob = Path("/proc/sys/fs/inotify/max_queued_events")
-    limit = int(knob.read_text())
+    """A real kernel IN_Q_OVERFLOW under watchdog's own reader thread, then a rescan that makes up for
+    every lost event. The queue is small because fs.inotify.max_queued_events is lowered while the
+    detector's inotify instance is created (the kernel reads it once, at inotify_init). watchdog >= 7.1.1
+    drains the kernel queue on its own thread, so blocking the sink no longer overflows anything: the
+    reader is held at its lock instead, between two reads, while more events are made than fit."""
     (tmp_path / "memory" / "slurm_host" / "uid_5" / "job_50").mkdir(parents=True)
     scope = v2_scope(tmp_path)
     (scope / "job_0").mkdir()
     det = make(tmp_path)
-
-    release, blocked = threading.Event(), threading.Event()
     rec = Recorder()
+    small = 16
+    with small_inotify_queue(small):
+        assert det.start(rec) == {"job_0", "job_50"}
+    flush(rec, scope)
+    ino = det._ino
+    assert ino is not None
 
-    def sink(signal: Signal) -> None:
-        if isinstance(signal, JobSeen) and signal.job == "job_1":
-            blocked.set()
-            release.wait(10)
-        rec(signal)
-
-    small = 64
-    try:
-        knob.write_text(f"{small}\n")
-    except OSError:
-        small = limit  # not root: flood the queue we have
-    try:
-        assert det.start(sink) == {"job_0", "job_50"}
-    finally:
-        if small != limit:
-            knob.write_text(f"{limit}\n")
-    assert int(knob.read_text()) == limit
-    if small > 20_000:
-        pytest.skip(f"max_queued_events={small} is too big to overflow quickly and cannot be lowered")
-
-    try:
-        (scope / "job_1").mkdir()
-        assert blocked.wait(5), "reader thread never reached the sink"
-        for _ in range(small // 2 + 8):  # each pair is two events: the queue overflows
+    with ino._lock:  # watchdog's reader takes it around every read: at most one more read happens
+        for _ in range(small + 4):  # 2 events each: more than twice the queue, so it overflows
             (scope / "x").mkdir()
             (scope / "x").rmdir()
         # Lost events, which only the rescan can make up for:
@@ -416,18 +420,84 @@ def test_queue_overflow_rescans(tmp_path: Path, make: Callable[..., CgroupDetect
         # uid_5 removed and re-created: the old watch is dead; the rescan must watch the new dir.
         rmtree_dirs(tmp_path / "memory" / "slurm_host" / "uid_5")
         (tmp_path / "memory" / "slurm_host" / "uid_5" / "job_51").mkdir(parents=True)
-    finally:
-        release.set()
     rec.wait_gone("job_0")
     rec.wait_seen("job_2")
     rec.wait_gone("job_50")
     rec.wait_seen("job_51")
     assert det.overflows >= 1
+    assert ino.is_alive(), "watchdog's reader thread died on the overflow"
     # Events after the rescan still arrive, including in the re-created uid dir.
     (tmp_path / "memory" / "slurm_host" / "uid_5" / "job_52").mkdir()
     rec.wait_seen("job_52")
     flush(rec, scope)
-    assert det.jobs() == {"job_1", "job_2", "job_51", "job_52"}
+    assert det.jobs() == {"job_2", "job_51", "job_52"}
+    assert not [s for s in rec.signals if isinstance(s, DetectorFailed)]
+
+
+def test_reader_thread_dying_is_reported_not_silent(
+    tmp_path: Path,
+    make: Callable[..., CgroupDetector],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An exception inside watchdog's dispatch (as 7.1.1's call of a handler method we lacked was) ends
+    its thread: the detector says so once, loudly, and sends DetectorFailed instead of going blind."""
+    scope = v2_scope(tmp_path)
+    det = make(tmp_path)
+    rec = Recorder()
+    det.start(rec)
+    real = InotifyFD.handle_event
+
+    def broken(self: InotifyFD, event: InotifyEvent) -> None:
+        if event.name == b"job_boom":
+            raise AttributeError("'_Callback' object has no attribute 'on_something_new'")
+        real(self, event)
+
+    monkeypatch.setattr(InotifyFD, "handle_event", broken)
+    with caplog.at_level(logging.ERROR, logger=LOG.name):
+        (scope / "job_boom").mkdir()
+        rec.wait_for(lambda: any(isinstance(s, DetectorFailed) for s in rec.signals), "DetectorFailed")
+    failed = [s for s in rec.signals if isinstance(s, DetectorFailed)]
+    assert len(failed) == 1 and "on_something_new" in failed[0].detail
+    assert "job detection has STOPPED" in caplog.text
+    assert any("FAILED" in line for line in det.describe())
+    det.stop()  # still stops cleanly (the fixture checks that no thread is left)
+
+
+def test_failed_rescan_after_a_handler_error_is_reported(
+    tmp_path: Path, make: Callable[..., CgroupDetector], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handler error is survived by a rescan; when the rescan fails too, the view cannot be trusted."""
+    scope = v2_scope(tmp_path)
+    det = make(tmp_path)
+    rec = Recorder()
+    det.start(rec)
+
+    def boom(*_: object, **__: object) -> None:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(det, "_handle", boom)
+    monkeypatch.setattr(det, "_rescan", boom)
+    (scope / "job_1").mkdir()
+    rec.wait_for(lambda: any(isinstance(s, DetectorFailed) for s in rec.signals), "DetectorFailed")
+    (scope / "job_2").mkdir()
+    time.sleep(0.1)
+    assert sum(isinstance(s, DetectorFailed) for s in rec.signals) == 1  # once, and nothing after it
+
+
+def test_procfs_thread_failure_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "cgroup").write_text("0::/\n")
+    det = ProcfsDetector(0.01, frozenset(), LOG, tmp_path)
+    rec = Recorder()
+    det.start(rec)
+    try:
+        monkeypatch.setattr(det, "_scan", lambda: {"job_1": "/x"})
+        monkeypatch.setattr("watchdog_llm.detect.procfs.emit", lambda *_: 1 / 0)
+        rec.wait_for(lambda: any(isinstance(s, DetectorFailed) for s in rec.signals), "DetectorFailed")
+    finally:
+        det.stop()
+    assert "ZeroDivisionError" in next(s for s in rec.signals if isinstance(s, DetectorFailed)).detail
 
 
 def test_overflow_handler_reconciles(tmp_path: Path, make: Callable[..., CgroupDetector]) -> None:

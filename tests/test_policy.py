@@ -12,12 +12,14 @@ from typing import Any
 
 import pytest
 
+from watchdog_llm.base.backoff import backoff_delay
 from watchdog_llm.policy import (
     MODEL_DOWN,
     MODEL_RUNNING,
     MODEL_STOPPING,
     Action,
     Decision,
+    DetectorFailed,
     Event,
     Exit,
     JobGone,
@@ -41,7 +43,6 @@ from watchdog_llm.policy import (
     TransitionError,
     decide,
 )
-from watchdog_llm.supervise.backoff import backoff_delay
 
 
 @pytest.fixture(autouse=True)
@@ -744,6 +745,46 @@ def test_shutdown_while_a_model_runs_stops_it_then_exits_after_stop_done(make: C
     assert d.actions[-1] == Exit(0)
 
 
+@pytest.mark.parametrize("make", [starting, serving])
+def test_detection_failing_while_a_model_runs_stops_it_and_exits_1(make: Callable[[], Daemon]) -> None:
+    dmn = make()
+    d = dmn.feed(DetectorFailed("the inotify reader thread ended: AttributeError: x"), 500.0)
+    assert dmn.phase() is Phase.STOPPING and d.actions == (StopModel("shutdown"),)
+    assert_ignored(dmn, DetectorFailed("again"), 500.1)
+    assert_ignored(dmn, Shutdown("SIGTERM"), 500.1)  # a signal now does not hide the failure
+    d = dmn.feed(StopDone(elapsed_ms=80.0, survivors=0), 500.2)
+    assert dmn.phase() is Phase.STOPPED and dmn.state.exit_code == 1
+    [n] = notices(d)
+    assert n.kind == "failed" and n.priority == "high" and "AttributeError" in n.body and "80 ms" in n.body
+    assert d.actions[-1] == Exit(1)
+
+
+@pytest.mark.parametrize("make", [Daemon, yielded, cooldown, backoff, failed])
+def test_detection_failing_while_no_model_runs_exits_1_at_once(make: Callable[[], Daemon]) -> None:
+    dmn = make()
+    d = dmn.feed(DetectorFailed("the /proc scan thread failed"), 60_000.0)
+    assert dmn.phase() is Phase.STOPPED and dmn.state.exit_code == 1
+    assert of(d, StartModel) == [] and d.actions[-1] == Exit(1)
+    assert notices(d)[-1].kind == "failed"
+
+
+def test_detection_failing_during_a_signal_stop_keeps_exit_0() -> None:
+    """Stopping anyway for Slurm's SIGTERM: exit 0 is what a requeue needs; the failure is only logged."""
+    dmn = serving()
+    dmn.feed(Shutdown("SIGTERM"), 500.0)
+    assert_ignored(dmn, DetectorFailed("x"), 500.1)
+    assert dmn.feed(StopDone(10.0, 0), 500.2).actions[-1] == Exit(0)
+
+
+def test_detection_failing_during_an_idle_release_exits_1() -> None:
+    dmn = serving(limits(idle_release_after=60.0))
+    dmn.feed(TimerFired("idle", dmn.state.timer_token), 1000.0)
+    assert dmn.phase() is Phase.STOPPING
+    d = dmn.feed(DetectorFailed("x"), 1000.1)
+    assert d.actions == () and dmn.phase() is Phase.STOPPING
+    assert dmn.feed(StopDone(10.0, 0), 1000.2).actions[-1] == Exit(1)
+
+
 def test_shutdown_while_yielding_does_not_stop_the_model_twice() -> None:
     dmn = yielding()
     d = dmn.feed(Shutdown("SIGINT"), 100.01)
@@ -868,6 +909,8 @@ class World:
         r = rng.random()
         if r < 0.01:
             return Shutdown(rng.choice(["SIGTERM", "SIGINT", "SIGHUP"]))
+        if r < 0.015:
+            return DetectorFailed("the inotify reader thread ended")
         if r < 0.12:
             return JobSeen(rng.choice(["a", "b", "c"]), rng.choice([None, rng.uniform(0.05, 5.0)]))
         if r < 0.30:
@@ -981,10 +1024,16 @@ def _check_step(before: State, event: Event, d: Decision, lim: Limits, seen: See
     if stop_reasons:
         assert isinstance(actions[0], StopModel), actions
 
-    # Exit: once, last, only into stopped, with code 0.
+    # Exit: once, last, only into stopped; code 1 only when job detection failed (the daemon is blind).
+    if isinstance(event, DetectorFailed) and before.phase not in (Phase.STOPPING, Phase.STOPPED):
+        assert after.phase in (Phase.STOPPING, Phase.STOPPED), after.phase
+        assert after.phase is Phase.STOPPED or before.phase in MODEL_RUNNING | MODEL_STOPPING or before.stops_pending
+    if after.phase in MODEL_RUNNING:
+        assert after.ending != "blind", "a model runs while job detection is down"
     if exits:
-        assert exits == [Exit(0)] and actions[-1] == Exit(0)
-        assert after.phase is Phase.STOPPED and after.exit_code == 0
+        code = 1 if after.ending == "blind" else 0
+        assert exits == [Exit(code)] and actions[-1] == Exit(code)
+        assert after.phase is Phase.STOPPED and after.exit_code == code
         seen.exits += 1
     assert seen.exits <= 1
     if after.phase is Phase.STOPPED:

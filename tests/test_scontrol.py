@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import run_async
 
-from watchdog_llm.detect.scontrol import Scontrol, expand_hostlist, job_id_of, parse_job_gpus
+from watchdog_llm.base.ids import job_id_of
+from watchdog_llm.detect.scontrol import Scontrol, expand_hostlist, parse_job_gpus
 
 pytestmark = pytest.mark.timeout(30)
 

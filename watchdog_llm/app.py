@@ -33,8 +33,9 @@ import yaml
 from watchdog_llm import __version__
 from watchdog_llm.activity import ActivityProbe
 from watchdog_llm.availability import Availability, availability, typical_start
+from watchdog_llm.base.backoff import backoff_delay
+from watchdog_llm.base.ids import format_ids as _ids
 from watchdog_llm.config import Settings, TunnelOnYield
-from watchdog_llm.config import format_ids as _ids
 from watchdog_llm.coordination.catalog import Catalog, CatalogError, ModelEntry
 from watchdog_llm.coordination.core import Coordinator
 from watchdog_llm.coordination.health import HealthLog
@@ -44,7 +45,7 @@ from watchdog_llm.coordination.schedule import Schedule
 from watchdog_llm.coordination.store import JsonStore
 from watchdog_llm.coordination.swap import SwapRecord, Swaps
 from watchdog_llm.coordination.webhook import Webhooks, parse_urls
-from watchdog_llm.detect import DetectError, Detector, JobGone, JobSeen, Signal, make_detector
+from watchdog_llm.detect import DetectError, Detector, DetectorFailed, JobGone, JobSeen, Signal, make_detector
 from watchdog_llm.detect.gpu import GpuError, GpuProcess, GpuView, GpuWatch, open_gpu_view, wait_released
 from watchdog_llm.detect.scontrol import Scontrol
 from watchdog_llm.detect.slurm import own_jobs
@@ -84,10 +85,10 @@ from watchdog_llm.policy import (
     decide,
     served,
 )
+from watchdog_llm.policy import DetectorFailed as PolicyDetectorFailed
 from watchdog_llm.policy import JobGone as PolicyJobGone
 from watchdog_llm.policy import JobSeen as PolicyJobSeen
 from watchdog_llm.status import STATUS_FILE, write_atomic
-from watchdog_llm.supervise.backoff import backoff_delay
 from watchdog_llm.supervise.child import Child, ChildChanged, ChildEvent, ChildExited, ChildReady, ChildStopped
 from watchdog_llm.supervise.probes import free_port
 from watchdog_llm.supervise.specs import load_catalog, model_argv, model_spec, resolve_bin, tunnel_config, tunnel_spec
@@ -686,6 +687,8 @@ class Daemon:
             # Logged after the kill: a slow log sink (a full pipe, journald) must never delay a yield.
             age = f"{sig.age_ms:.1f} ms after its cgroup appeared" if sig.age_ms is not None else "(age unknown)"
             asyncio.get_running_loop().call_soon(log.info, "job %s seen %s", sig.job, age)
+        elif isinstance(sig, DetectorFailed):
+            self._handle(PolicyDetectorFailed(sig.detail))
         elif isinstance(sig, JobGone):
             log.info("job %s gone", sig.job)
             self._seen.pop(sig.job, None)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from watchdog_llm import __version__, config
-from watchdog_llm.config import format_ids as _ids
+from watchdog_llm.base.ids import format_ids as _ids
 
 if TYPE_CHECKING:
     from watchdog_llm.admin_client import AdminClient, AdminError

@@ -11,7 +11,6 @@ import difflib
 import os
 import shlex
 import socket
-from collections.abc import Iterable
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -293,11 +292,6 @@ def parse_id_list(text: str) -> list[int]:
             raise ValueError(f"{part!r} is not a valid range")
         ids.extend(range(first, last + 1))
     return sorted(set(ids))
-
-
-def format_ids(ids: Iterable[int] | None) -> str:
-    """[2, 3] -> '2,3' (none: 'none'): GPU ids as people and Slurm write them."""
-    return ",".join(str(i) for i in sorted(ids)) if ids else "none"
 
 
 def ntfy_url(server: str, topic: str) -> str:

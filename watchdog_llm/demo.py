@@ -28,8 +28,8 @@ from typing import Any, ClassVar
 
 import psutil
 
+from watchdog_llm.base.ids import format_ids as _ids
 from watchdog_llm.config import Settings
-from watchdog_llm.config import format_ids as _ids
 from watchdog_llm.status import read as read_status
 from watchdog_llm.supervise.probes import free_port
 from watchdog_llm.supervise.tree import is_gone

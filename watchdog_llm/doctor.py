@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 from typing import TextIO
 
+from watchdog_llm.base.ids import format_ids as _ids
 from watchdog_llm.config import Settings
-from watchdog_llm.config import format_ids as _ids
 from watchdog_llm.coordination.catalog import Catalog
 from watchdog_llm.detect import DetectError, make_detector
 from watchdog_llm.detect.slurm import own_jobs

@@ -12,8 +12,8 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from watchdog_llm.base.ids import format_ids as _ids
 from watchdog_llm.config import Settings, YieldOn, parse_id_list
-from watchdog_llm.config import format_ids as _ids
 from watchdog_llm.detect.gpu import GpuError, GpuView
 
 

@@ -37,9 +37,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from watchdog_llm.config import format_ids as _ids
-from watchdog_llm.detect.scontrol import job_id_of
-from watchdog_llm.supervise.backoff import backoff_delay
+from watchdog_llm.base.backoff import backoff_delay
+from watchdog_llm.base.ids import format_ids as _ids
+from watchdog_llm.base.ids import job_id_of
 
 
 class Phase(StrEnum):
@@ -176,6 +176,11 @@ class Shutdown:
     reason: str  # e.g. "SIGTERM"
 
 
+@dataclass(frozen=True, slots=True)
+class DetectorFailed:
+    detail: str  # one line: what broke; no job will be seen any more
+
+
 Event = (
     Startup
     | JobSeen
@@ -189,6 +194,7 @@ Event = (
     | StopDone
     | TimerFired
     | Shutdown
+    | DetectorFailed
     | SwapRequested
 )
 
@@ -287,7 +293,7 @@ class State:
     served_s: float = 0.0  # total time serving, over all runs
     last_activity: float = 0.0
     awaiting_release: bool = False  # a yield's notice waits for GpusReleased
-    ending: str = ""  # why the daemon stops: "signal" | "idle"
+    ending: str = ""  # why the daemon stops: "signal" | "idle" | "blind" (job detection failed)
     unsent: tuple[YieldRecord, ...] = ()  # yields whose confirmation a later yield overtook
     cooldown_over: bool = False  # the cooldown ran out while a job's GPUs were still being looked up
     model: ModelChoice = ModelChoice()  # what the next (or current) start uses
@@ -438,7 +444,10 @@ def _decide(state: State, event: Event, now: float, limits: Limits, jitter: floa
     p = state.phase
     match event:
         case Shutdown(reason=why):
-            return _shutdown(state, now, why, limits)
+            return _shutdown(state, now, f"{why} received", limits)
+        case DetectorFailed(detail=detail):
+            # Blind, the daemon cannot give GPUs back when a job comes: it must not hold them.
+            return _shutdown(state, now, f"job detection failed: {detail}", limits, ending="blind")
         case Startup(jobs=jobs):
             if p is not Phase.INIT:
                 raise TransitionError(f"startup in {p}")
@@ -576,8 +585,9 @@ def _crashed(state: State, code: int | None, why: str, now: float, limits: Limit
 def _stop_done(state: State, ms: float, survivors: int, now: float, limits: Limits) -> Decision:
     p = state.phase
     if p is Phase.STOPPING:
-        new = _to(state, Phase.STOPPED, now, state.reason, serving_since=None, exit_code=0)
-        return Decision(new, (*_unconfirmed(state), _final_notice(state, now, limits, ms), Exit(0)))
+        code = _exit_code(state.ending)
+        new = _to(state, Phase.STOPPED, now, state.reason, serving_since=None, exit_code=code)
+        return Decision(new, (*_unconfirmed(state), _final_notice(state, now, limits, ms), Exit(code)))
     if p is Phase.YIELDING:
         rec = state.last_yield
         if rec is not None:
@@ -635,6 +645,9 @@ def _final_notice(state: State, now: float, limits: Limits, ms: float | None) ->
     """The last word: stopped by a person, preempted by Slurm, or released for lack of use."""
     gone = f"; model tree gone in {ms:.0f} ms" if ms is not None else ""
     hours = _duration(served(state, now))
+    if state.ending == "blind":
+        body = f"{state.reason}; model stopped{gone} because no job could be given its GPUs; exiting 1"
+        return Notify("failed", "job detection failed", body, "high")
     if state.ending == "idle":
         body = f"{state.reason}; served {hours} in all{gone}; exiting"
         return Notify("released", "GPUs released (idle)", body, "low")
@@ -704,21 +717,28 @@ def _startup_timeout(state: State, now: float, limits: Limits, body: str, jitter
     )
 
 
-def _shutdown(state: State, now: float, why: str, limits: Limits) -> Decision:
+def _exit_code(ending: str) -> int:
+    return 1 if ending == "blind" else 0
+
+
+def _shutdown(state: State, now: float, reason: str, limits: Limits, ending: str = "signal") -> Decision:
     p = state.phase
-    if p is Phase.STOPPED or (p is Phase.STOPPING and state.ending != "idle"):
-        return Decision(state)
+    if p is Phase.STOPPED or (p is Phase.STOPPING and state.ending not in ("idle", ending)):
+        return Decision(state)  # a stop already on its way ends as it began
+    if p is Phase.STOPPING:
+        if state.ending == ending:
+            return Decision(state)
+        # A signal during an idle release, or blindness during one: it ends as the later cause says.
+        return Decision(_to(state, Phase.STOPPING, now, reason, ending=ending))
     token = state.timer_token + 1
-    reason = f"{why} received"
-    if p is Phase.STOPPING:  # a signal during an idle release: it ends as the signal says
-        return Decision(_to(state, Phase.STOPPING, now, reason, ending="signal"))
     if p in MODEL_RUNNING or p in MODEL_STOPPING or state.stops_pending:
         # A stop in progress (a yield's, or a failed start's) still runs to completion: wait for it.
-        new = _to(state, Phase.STOPPING, now, reason, timer_token=token, ending="signal")
+        new = _to(state, Phase.STOPPING, now, reason, timer_token=token, ending=ending)
         actions: tuple[Action, ...] = (StopModel("shutdown"),) if p in MODEL_RUNNING else ()
         return Decision(new, actions)
-    new = _to(state, Phase.STOPPED, now, reason, timer_token=token, exit_code=0, ending="signal")
-    return Decision(new, (*_unconfirmed(state), _final_notice(new, now, limits, None), Exit(0)))
+    code = _exit_code(ending)
+    new = _to(state, Phase.STOPPED, now, reason, timer_token=token, exit_code=code, ending=ending)
+    return Decision(new, (*_unconfirmed(state), _final_notice(new, now, limits, None), Exit(code)))
 
 
 # ---- swaps -------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from watchdog_llm.supervise.backoff import backoff_delay
+from watchdog_llm.base.backoff import backoff_delay
 
 SIGNATURE_HEADER = "X-Spark-Signature"
 EVENT_HEADER = "X-Spark-Event"

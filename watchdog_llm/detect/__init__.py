@@ -9,6 +9,7 @@ from watchdog_llm.detect.procfs import ProcfsDetector
 from watchdog_llm.detect.slurm import (
     DetectError,
     Detector,
+    DetectorFailed,
     JobGone,
     JobSeen,
     Signal,
@@ -23,6 +24,7 @@ __all__ = [
     "CgroupDetector",
     "DetectError",
     "Detector",
+    "DetectorFailed",
     "JobGone",
     "JobSeen",
     "ProcfsDetector",

@@ -12,7 +12,15 @@ import threading
 import time
 from pathlib import Path
 
-from watchdog_llm.detect.slurm import DetectError, JobGone, JobSeen, Sink, emit, job_paths_in_cgroup_text
+from watchdog_llm.detect.slurm import (
+    DetectError,
+    JobGone,
+    JobSeen,
+    Sink,
+    emit,
+    job_paths_in_cgroup_text,
+    report_failure,
+)
 
 
 class ProcfsDetector:
@@ -59,6 +67,12 @@ class ProcfsDetector:
         return [f"procfs: reading {self._proc}/<pid>/cgroup every {self._interval:g} s", f"jobs now: {jobs}"]
 
     def _run(self, sink: Sink) -> None:
+        try:
+            self._loop(sink)
+        except BaseException as e:  # a bug here must not leave the daemon blind without a word
+            report_failure(sink, "the /proc scan thread failed", e, self._log)
+
+    def _loop(self, sink: Sink) -> None:
         # Event.wait, not sleep: stop() must not wait out an interval.
         while not self._stop.wait(self._interval):
             try:

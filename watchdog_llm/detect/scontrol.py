@@ -18,17 +18,12 @@ import contextlib
 import logging
 import re
 
+from watchdog_llm.base.ids import job_id_of
+
 _NODES = re.compile(r"(?:^|\s)Nodes=(\S+)")
 _GRES = re.compile(r"(?:^|\s)GRES(?:_IDX)?=(\S*)")
 _IDX = re.compile(r"\(IDX:([^)]*)\)")
 MAX_RANGE = 65536  # a hostlist or IDX range wider than this is junk, not a cluster
-
-
-def job_id_of(job: str) -> str:
-    """The id scontrol takes: "job_123" -> "123"; a 26.05 SLUID ("s5K1KKYAYG5D00") -> itself."""
-    if job.startswith("job_") and job[4:].isdigit():
-        return job[4:]
-    return job
 
 
 def _split_top(text: str) -> list[str]:

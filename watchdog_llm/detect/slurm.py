@@ -6,6 +6,7 @@ import enum
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,17 @@ class JobGone:
     at: float
 
 
-Signal: TypeAlias = JobSeen | JobGone
+@dataclass(frozen=True, slots=True)
+class DetectorFailed:
+    """The detector cannot see jobs any more (its thread died, or it cannot rebuild its view).
+
+    Sent once; no JobSeen/JobGone follows. The daemon must not keep GPUs it can no longer defend."""
+
+    detail: str  # one line, for the log and the phone
+    at: float
+
+
+Signal: TypeAlias = JobSeen | JobGone | DetectorFailed
 # Called from the detector's own thread: must be cheap and thread-safe.
 Sink: TypeAlias = Callable[[Signal], None]
 
@@ -52,6 +63,17 @@ def emit(sink: Sink, signal: Signal, log: logging.Logger) -> None:
         sink(signal)
     except Exception:
         log.exception("detect: sink failed on %r", signal)
+
+
+def report_failure(sink: Sink | None, what: str, exc: BaseException | None, log: logging.Logger) -> None:
+    """A detector thread ended, or cannot go on: say so loudly, once, and tell the daemon."""
+    detail = f"{what}: {type(exc).__name__}: {exc}" if exc is not None else what
+    if exc is not None:
+        log.error("detect: %s; job detection has STOPPED", what, exc_info=exc)
+    else:
+        log.error("detect: %s; job detection has STOPPED", what)
+    if sink is not None:
+        emit(sink, DetectorFailed(detail, time.monotonic()), log)
 
 
 # --- names --------------------------------------------------------------------------------------

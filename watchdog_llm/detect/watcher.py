@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from watchdog.observers import inotify_c
 from watchdog.observers.inotify_c import (
     CallbackId,
     InotifyConstants,
@@ -36,6 +37,7 @@ from watchdog_llm.detect.slurm import (
     Sink,
     classify,
     emit,
+    report_failure,
     root_kind,
 )
 
@@ -46,6 +48,9 @@ MASK = Mask(_C.IN_CREATE | _C.IN_DELETE | _C.IN_MOVED_FROM | _C.IN_MOVED_TO | _C
 # While the root is missing we only care about the next path component appearing.
 ANCESTOR_MASK = Mask(_C.IN_CREATE | _C.IN_MOVED_TO | _C.IN_ONLYDIR)
 _QUIET_ERRNOS = (errno.ENOENT, errno.ENOTDIR)  # the dir vanished (or is not one): normal on a busy node
+# watchdog >= 7.1.1 calls on_events_lost once every callback's on_queue_overflow has returned (and
+# raises AttributeError on its reader thread if it is missing); older releases call only the latter.
+_EVENTS_LOST_HOOK = hasattr(getattr(inotify_c, "WatchCallback", None), "on_events_lost")
 
 
 @dataclass(eq=False)
@@ -81,7 +86,28 @@ class _Callback:
         self._det._on_watch_deleted(wd)
 
     def on_queue_overflow(self) -> None:
+        if not _EVENTS_LOST_HOOK:
+            self._det._on_overflow()
+
+    def on_events_lost(self) -> None:
         self._det._on_overflow()
+
+
+class _Reader(InotifyFD):
+    """InotifyFD whose thread says when it ends. watchdog ends it on any exception while reading or
+    dispatching (7.1.1 stores the exception and stops); after that no event ever comes again."""
+
+    def __init__(self, on_end: Callable[[BaseException | None], None]) -> None:
+        super().__init__()
+        self._on_end = on_end
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except BaseException as e:
+            self._on_end(e)  # reported there, with its traceback: not printed again by threading
+        else:
+            self._on_end(None)
 
 
 class CgroupDetector:
@@ -100,6 +126,7 @@ class CgroupDetector:
         # Signals made under the lock, sent after it is released: a slow sink never blocks jobs().
         self._pending: list[Signal] = []
         self._stopped = False
+        self._failed = False  # DetectorFailed sent: nothing more is reported
         self._root_dir: _Dir | None = None
         self._anc: _Ancestor | None = None
         self._dirs: dict[Path, _Dir] = {}
@@ -117,7 +144,7 @@ class CgroupDetector:
         try:
             with self._lock:
                 try:
-                    ino = InotifyFD()
+                    ino = _Reader(self._reader_ended)
                 except OSError as e:
                     raise DetectError(f"inotify unavailable: {e.strerror or e}") from e
                 # Start the reader at once: stop() relies on it to close the inotify fds.
@@ -157,6 +184,8 @@ class CgroupDetector:
             if self._ino is None:
                 return [f"cgroup detector not running (root {self._root})"]
             lines: list[str] = []
+            if self._failed:
+                lines.append("job detection FAILED: no new job is seen (see the error above)")
             if self._anc is not None:
                 lines.append(f"{self._root} does not exist yet; watching {self._anc.path} for it")
             found = False
@@ -187,8 +216,9 @@ class CgroupDetector:
         self._guarded(self._overflowed, "queue overflow")
 
     def _guarded(self, fn: Callable[[], None], what: object) -> None:
+        broken: Exception | None = None
         with self._lock:
-            if self._stopped:
+            if self._stopped or self._failed:
                 return
             try:
                 fn()
@@ -197,10 +227,26 @@ class CgroupDetector:
                 self._log.exception("detect: failed on %s; rescanning", what)
                 try:
                     self._rescan()
-                except Exception:
-                    self._log.exception("detect: rescan failed")
+                except Exception as e:
+                    broken = e
             out = self._take_pending()
         self._send(out)
+        if broken is not None:
+            self._fail(f"cannot rebuild the view of {self._root} after a failure on {what}", broken)
+
+    def _reader_ended(self, exc: BaseException | None) -> None:
+        with self._lock:
+            if self._stopped:
+                return  # stop() ended it
+        self._fail("the inotify reader thread ended", exc)
+
+    def _fail(self, what: str, exc: BaseException | None) -> None:
+        with self._lock:
+            if self._stopped or self._failed:
+                return
+            self._failed = True
+            sink = self._sink
+        report_failure(sink, what, exc, self._log)
 
     def _watch_lost(self, wd: int) -> None:
         # tmpfs/ext4 drop a watch when its dir is removed (kernfs never does): the dir is gone.

@@ -1,0 +1,1 @@
+"""Pure helpers and shared vocabularies. A leaf: imports nothing of the project (`make layers`)."""
