@@ -306,3 +306,44 @@ def test_tunnel_crash_is_restarted_and_never_orphaned(daemons, daemon_env, ntfy,
     for pid in (d.status()["tunnel"] or {}).get("pids", []):
         assert "secret-token-value" not in " ".join(psutil.Process(pid).cmdline())
     assert d.terminate() == 0
+
+
+def test_no_secret_setting_reaches_any_child(daemons, daemon_env, ntfy) -> None:
+    """Every setting config.py marks secret, set to a recognisable value: none is in the environment or
+    argv of any process of the model's tree or the tunnel's (other users can read argv; a model's
+    environment ends up in crash dumps). cloudflared gets its own TUNNEL_TOKEN, by environment only."""
+    from watchdog_llm.config import SECRET_SETTINGS
+
+    values = {
+        "API_KEY": "sk-old-secret-0001",
+        "PUBLIC_API_KEYS": f"test:{daemon_env['PUBLIC_API_KEYS'].split(':', 1)[1]},b:sk-pub-secret-0002",
+        "ADMIN_TOKEN": "admin-secret-0003-long-enough",
+        "WEBHOOK_SECRET": "hmac-secret-0004",
+        "WEBHOOK_URLS": "http://127.0.0.1:9/hook/url-secret-0005",
+        "NTFY_TOPIC": "topic-secret-0006",
+        "NOTIFY_URLS": ntfy.url + "?tag=url-secret-0007",
+        "TUNNEL_TOKEN": "tunnel-secret-0008",
+    }
+    assert set(values) == SECRET_SETTINGS, "a new secret setting needs a value here"
+    from helpers import bin_path
+
+    cf = bin_path("cloudflared-standin")
+    d = start(daemons, env_with(daemon_env, NTFY_SERVER=f"http://127.0.0.1:{ntfy.port}", CLOUDFLARED_BIN=cf, **values))
+    st = d.wait_state("serving")
+    tunnel = wait_for(lambda: (t := d.status().get("tunnel") or {}).get("ready") and t, 10, what="tunnel ready")
+    needles = [v.split(":", 1)[-1] for v in values.values()] + [v.rsplit("/", 1)[-1] for v in values.values()]
+    checked = 0
+    for pid in [*st["model_pids"], *tunnel["pids"]]:
+        proc = psutil.Process(pid)
+        environ = proc.environ()
+        argv = " ".join(proc.cmdline())
+        for name, value in environ.items():
+            if pid in tunnel["pids"] and name == "TUNNEL_TOKEN":
+                assert value == values["TUNNEL_TOKEN"]
+                continue
+            leaked = [n for n in needles if n in value]
+            assert not leaked, f"{proc.name()} ({pid}) has {name} carrying a secret"
+        assert not [n for n in needles if n in argv], f"a secret on the command line of {proc.name()}"
+        checked += 1
+    assert tunnel["pids"] and checked == len(st["model_pids"]) + len(tunnel["pids"]) >= 3
+    assert d.terminate() == 0

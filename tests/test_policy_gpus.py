@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 from test_policy import LIMITS, Daemon, Seen, _check_step, notices, of
 
+from watchdog_llm.base.vocab import YieldOn
 from watchdog_llm.policy import (
     MODEL_RUNNING,
     Activity,
@@ -44,7 +45,7 @@ def no_leftover_processes() -> Iterator[None]:
 
 
 FOUR = frozenset({0, 1, 2, 3})
-OVERLAP = replace(LIMITS, yield_on="overlap", num_gpus=2, all_gpus=FOUR)
+OVERLAP = replace(LIMITS, yield_on=YieldOn.OVERLAP, num_gpus=2, all_gpus=FOUR)
 
 
 def serving_on(limits: Limits = OVERLAP, jobs: frozenset[str] = frozenset(), known: dict | None = None) -> Daemon:
@@ -105,12 +106,12 @@ def test_a_job_whose_gpus_cannot_be_known_takes_them_back() -> None:
 
 
 def test_yield_on_any_ignores_gpus() -> None:
-    dmn = serving_on(replace(OVERLAP, yield_on="any"))
+    dmn = serving_on(replace(OVERLAP, yield_on=YieldOn.ANY))
     assert dmn.feed(JobSeen("job_5"), 100.0).actions == (StopModel("yield"),)
 
 
 def test_without_gpu_awareness_overlap_means_any() -> None:
-    dmn = serving_on(replace(LIMITS, yield_on="overlap"))
+    dmn = serving_on(replace(LIMITS, yield_on=YieldOn.OVERLAP))
     assert dmn.state.gpus == frozenset()
     assert dmn.feed(JobSeen("job_5"), 100.0).actions == (StopModel("yield"),)
 
@@ -193,7 +194,7 @@ def test_a_cooldown_that_ends_during_a_lookup_waits_if_the_job_takes_our_gpus() 
 
 
 def test_hidden_jobs_do_not_take_gpus_slurm_allocated_to_us() -> None:
-    lim = replace(LIMITS, yield_on="overlap", num_gpus=2, fixed_gpus=frozenset({0, 1}), unknown_conflicts=False)
+    lim = replace(LIMITS, yield_on=YieldOn.OVERLAP, num_gpus=2, fixed_gpus=frozenset({0, 1}), unknown_conflicts=False)
     dmn = serving_on(lim)
     dmn.feed(JobSeen("job_9"), 100.0)
     assert dmn.feed(JobGpus("job_9", None), 100.1).actions == ()  # PrivateData: Slurm can't give ours away
@@ -229,7 +230,7 @@ def test_a_shutdown_before_the_confirmation_still_sends_the_yield_notice() -> No
 
 
 def test_fixed_gpus_are_used_as_given_and_block_when_taken() -> None:
-    lim = replace(LIMITS, yield_on="overlap", num_gpus=1, fixed_gpus=frozenset({1}))
+    lim = replace(LIMITS, yield_on=YieldOn.OVERLAP, num_gpus=1, fixed_gpus=frozenset({1}))
     dmn = Daemon(limits=lim)
     dmn.feed(JobSeen("job_2"), 0.0)
     dmn.feed(JobGpus("job_2", frozenset({1})), 0.0)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 from test_policy import LIMITS, Daemon, cooldown, limits, notices, of, serving, starting, yielded
 
+from watchdog_llm.base.vocab import YieldOn
 from watchdog_llm.policy import (
     JobGone,
     JobSeen,
@@ -190,7 +191,7 @@ def test_shutdown_mid_swap_waits_for_the_stop_and_leaves_the_swap_open_for_the_n
 
 
 def test_target_gpu_count_decides_the_gpus_chosen() -> None:
-    lim = limits(yield_on="overlap", all_gpus=frozenset({0, 1, 2, 3}), num_gpus=1)
+    lim = limits(yield_on=YieldOn.OVERLAP, all_gpus=frozenset({0, 1, 2, 3}), num_gpus=1)
     dmn = Daemon(limits=lim, state=State(model=OLD))
     d = dmn.feed(Startup(frozenset()), 0.0)
     assert of(d, StartModel)[0].gpus == frozenset({3})

@@ -35,6 +35,7 @@ from watchdog_llm.activity import ActivityProbe
 from watchdog_llm.availability import Availability, availability, typical_start
 from watchdog_llm.base.backoff import backoff_delay
 from watchdog_llm.base.ids import format_ids as _ids
+from watchdog_llm.base.vocab import SWAP_ENDED, NotifyKind, YieldOn
 from watchdog_llm.config import Settings, TunnelOnYield
 from watchdog_llm.coordination.catalog import Catalog, CatalogError, ModelEntry
 from watchdog_llm.coordination.core import Coordinator
@@ -103,7 +104,12 @@ DUPLICATE_SIGNAL_S = 0.25  # a second stop signal sooner than this is the same r
 KILL_WAIT_DEFAULT = 30  # slurm.conf KillWait: SIGTERM -> SIGKILL of a job's processes
 WEBHOOK_FLUSH_TIMEOUT = 5.0
 # Daemon notices that are webhook events too (the coordination events are sent where they happen).
-_WEBHOOK_EVENTS = {"yielded": "yielded", "resumed": "resumed", "crashed": "crashed", "failed": "crashed"}
+_WEBHOOK_EVENTS = {
+    NotifyKind.YIELDED: "yielded",
+    NotifyKind.RESUMED: "resumed",
+    NotifyKind.CRASHED: "crashed",
+    NotifyKind.FAILED: "crashed",
+}
 
 
 class StartupError(Exception):
@@ -366,7 +372,7 @@ class Daemon:
             refuse=self._refuse_swap,
             unfit=self._unfit,
             notify=lambda kind, title, body: _discard(
-                loop.call_soon_threadsafe(self._submit, Notify(kind, title, body, "high"))
+                loop.call_soon_threadsafe(self._submit, Notify(NotifyKind(kind), title, body, "high"))
             ),
         )
         return pending
@@ -533,11 +539,11 @@ class Daemon:
             why = "NVML is unavailable" if self.gpu is None else "our GPUs are unknown (CUDA_VISIBLE_DEVICES set?)"
             raise StartupError(f"DETECTION_MODE={s.detection_mode.value} needs NVML and known GPUs: {why}")
         gp = self.gpu_plan
-        if gp.yield_on == "overlap":
+        if gp.yield_on is YieldOn.OVERLAP:
             scontrol = resolve_bin(s.scontrol_bin)
             if scontrol is None and s.detection_mode.jobs is not None:
                 log.warning("SCONTROL_BIN=%r not found: jobs' GPUs are unknown; yielding to every job", s.scontrol_bin)
-                gp = replace(gp, yield_on="any")
+                gp = replace(gp, yield_on=YieldOn.ANY)
             elif scontrol is not None:
                 node = os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
                 self.scontrol = Scontrol(scontrol, s.scontrol_timeout, node, log)
@@ -784,7 +790,7 @@ class Daemon:
             )
             body = f"tunnel {ev.why}; restarting in {delay:.1f} s"
             log.warning("%s", body)
-            self._submit(Notify("tunnel", "tunnel down", body, "default"))
+            self._submit(Notify(NotifyKind.TUNNEL, "tunnel down", body, "default"))
             self._arm_callback("tunnel", delay, self._start_tunnel)
             self._publish_status()
 
@@ -901,7 +907,7 @@ class Daemon:
             return
         for u in updates:
             self.coord.swap_update(u.id, u.stage, u.detail)
-            if u.stage in ("ready", "failed"):
+            if u.stage in SWAP_ENDED:
                 self.metrics.swaps.labels(u.stage).inc()
         self._publish_status()
 
@@ -928,7 +934,7 @@ class Daemon:
         if self.notifier is None:
             return
         body = n.body
-        if n.kind in ("online", "resumed", "swapped"):
+        if n.kind in (NotifyKind.ONLINE, NotifyKind.RESUMED, NotifyKind.SWAPPED):
             url = self._tunnel_url or self.s.public_base_url
             gpus = self.state.model.gpus if self.state.model.gpus is not None else self.s.num_gpus
             body += f"\nmodel: {self.state.model.name}\nGPUs: {gpus}\nURL: {url}"

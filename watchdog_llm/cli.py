@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from watchdog_llm import __version__, config
 from watchdog_llm.base.ids import format_ids as _ids
+from watchdog_llm.base.vocab import NotifyKind
 
 if TYPE_CHECKING:
     from watchdog_llm.admin_client import AdminClient, AdminError
@@ -303,7 +304,7 @@ def _notify_test(s: config.Settings, args: argparse.Namespace) -> int:
     except NotifyConfigError as e:
         print(f"watchdog-llm: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    msg = Message("test", "watchdog-llm test", "If you can read this, alerts reach you.", "low")
+    msg = Message(NotifyKind.TEST, "watchdog-llm test", "If you can read this, alerts reach you.", "low")
     ok = asyncio.run(send_once(urls, msg, log=logging.getLogger("watchdog_llm"), node=s.node_name))
     print("sent" if ok else "sending failed (see the log above)")
     return EXIT_OK if ok else EXIT_FAIL

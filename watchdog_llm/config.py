@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from watchdog_llm.base.vocab import YieldOn
 from watchdog_llm.coordination.catalog import check_vllm_args, split_args
 from watchdog_llm.coordination.webhook import parse_urls, validate_url
 
@@ -25,10 +27,6 @@ CONFIG_ENV_VAR = "WATCHDOG_LLM_CONFIG"
 DEFAULT_CONFIG = Path("config.env")
 
 
-# Never echoed in an error (webhook URLs often carry a token in their path).
-SECRET_SETTINGS = frozenset(
-    {"API_KEY", "TUNNEL_TOKEN", "PUBLIC_API_KEYS", "ADMIN_TOKEN", "WEBHOOK_SECRET", "WEBHOOK_URLS"}
-)
 MIN_ADMIN_TOKEN_CHARS = 16
 
 
@@ -52,15 +50,20 @@ class DetectionMode(StrEnum):
         return self in (DetectionMode.NVML, DetectionMode.HYBRID)
 
 
-class YieldOn(StrEnum):
-    AUTO = "auto"  # overlap when our GPUs are known (NVML or GPU_IDS), else any
-    ANY = "any"  # every Slurm job on the node
-    OVERLAP = "overlap"  # only jobs whose GPUs overlap ours (scontrol show job -d)
-
-
 class TunnelOnYield(StrEnum):
     KEEP = "keep"
     STOP = "stop"
+
+
+def _secret(default: str, description: str) -> Any:
+    """A setting that is a secret though typed str (URLs with a token in them, an ntfy topic, which
+    anyone who knows it can read): never echoed in an error, never inherited by a child."""
+    return Field(default, description=description, json_schema_extra={"secret": True})
+
+
+def _is_secret(f: FieldInfo) -> bool:
+    extra = f.json_schema_extra
+    return f.annotation is SecretStr or (isinstance(extra, dict) and extra.get("secret") is True)
 
 
 def default_state_dir() -> Path:
@@ -112,7 +115,7 @@ class Settings(BaseSettings):
 
     # Coordination: swap lock, webhooks
     swap_lock_max_ttl: float = Field(86400.0, gt=0, le=30 * 86400, description="longest swap lock, seconds")
-    webhook_urls: str = Field("", description="URLs that receive signed event webhooks (commas or spaces)")
+    webhook_urls: str = _secret("", "URLs that receive signed event webhooks (commas or spaces)")
     webhook_secret: SecretStr = Field(SecretStr(""), description="HMAC-SHA256 key for X-Spark-Signature")
 
     # Yield and resume
@@ -140,8 +143,8 @@ class Settings(BaseSettings):
 
     # Notifications
     ntfy_server: str = Field("https://ntfy.sh", description="ntfy server URL")
-    ntfy_topic: str = Field("", description="ntfy topic; empty disables ntfy")
-    notify_urls: str = Field("", description="extra apprise URLs, separated by spaces or commas")
+    ntfy_topic: str = _secret("", "ntfy topic; empty disables ntfy (anyone who knows it can read it)")
+    notify_urls: str = _secret("", "extra apprise URLs, separated by spaces or commas")
     notify_coalesce: float = Field(60.0, ge=0, description="window in which notifications are merged")
 
     # Cloudflare tunnel
@@ -292,6 +295,10 @@ def parse_id_list(text: str) -> list[int]:
             raise ValueError(f"{part!r} is not a valid range")
         ids.extend(range(first, last + 1))
     return sorted(set(ids))
+
+
+# Derived from the fields: never echoed in an error, removed from every child's inherited environment.
+SECRET_SETTINGS = frozenset(name.upper() for name, f in Settings.model_fields.items() if _is_secret(f))
 
 
 def ntfy_url(server: str, topic: str) -> str:

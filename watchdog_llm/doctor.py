@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TextIO
 
 from watchdog_llm.base.ids import format_ids as _ids
+from watchdog_llm.base.vocab import NotifyKind
 from watchdog_llm.config import Settings
 from watchdog_llm.coordination.catalog import Catalog
 from watchdog_llm.detect import DetectError, make_detector
@@ -278,6 +279,6 @@ def _notifications(r: Report, s: Settings, send: bool) -> None:
         return
     r.ok(f"{len(urls)} notification URL(s) parse: {', '.join(mask_url(u) for u in urls)}")
     if send:
-        msg = Message("test", "watchdog-llm doctor", "test notification from doctor", "low")
+        msg = Message(NotifyKind.TEST, "watchdog-llm doctor", "test notification from doctor", "low")
         sent = asyncio.run(send_once(urls, msg, log=logging.getLogger("watchdog_llm"), node=s.node_name))
         (r.ok if sent else r.fail)("test notification " + ("sent" if sent else "could not be sent"))

@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from watchdog_llm.base.ids import format_ids as _ids
-from watchdog_llm.config import Settings, YieldOn, parse_id_list
+from watchdog_llm.base.vocab import YieldOn
+from watchdog_llm.config import Settings, parse_id_list
 from watchdog_llm.detect.gpu import GpuError, GpuView
 
 
@@ -25,7 +26,7 @@ class GpuSetupError(Exception):
 class GpuPlan:
     all_gpus: frozenset[int] | None = None  # GPUs we may choose from (None: we do not choose)
     fixed_gpus: frozenset[int] | None = None  # ours, given (GPU_IDS or the job's), never chosen
-    yield_on: str = "any"  # effective: "any" | "overlap"
+    yield_on: YieldOn = YieldOn.ANY  # effective: ANY or OVERLAP
     set_visible: bool = False  # we set CUDA_VISIBLE_DEVICES (outside Slurm); inside a job Slurm did
     index_of: Mapping[int, int] = field(default_factory=dict)  # physical id -> NVML index
     notes: tuple[str, ...] = ()  # what to log once at start-up
@@ -94,9 +95,9 @@ def plan(s: Settings, view: GpuView | None, environ: Mapping[str, str], log: log
         set_visible = all_gpus is not None
 
     aware = all_gpus is not None or fixed is not None
-    yield_on = "overlap" if aware else "any"
+    yield_on = YieldOn.OVERLAP if aware else YieldOn.ANY
     if s.yield_on is YieldOn.ANY:
-        yield_on = "any"
+        yield_on = YieldOn.ANY
     elif s.yield_on is YieldOn.OVERLAP and not aware:
         notes.append("YIELD_ON=overlap needs our GPUs (NVML, GPU_IDS or SLURM_JOB_GPUS): yielding to every job")
     return GpuPlan(all_gpus, fixed, yield_on, set_visible, index_of, tuple(notes), allocated)

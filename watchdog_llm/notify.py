@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import apprise
 
+from watchdog_llm.base.vocab import URGENT_KINDS, NotifyKind
+
 PRIORITIES = ("min", "low", "default", "high", "max")  # ntfy's names, lowest first
-URGENT_KINDS = frozenset({"failed", "stopped"})  # never delayed by coalescing
 BUFFER_LIMIT = 50  # messages kept per coalesced send; older ones are counted as dropped
 SEND_TIMEOUT = 15.0  # limit of one apprise call; its own HTTP timeouts (4 s connect, 4 s read) come first
 
@@ -41,7 +42,7 @@ _NOTIFY_TYPE = {
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    kind: str  # e.g. "yielded", "resumed", "failed", "stopped"
+    kind: NotifyKind
     title: str
     body: str
     priority: str = "default"  # min | low | default | high | max

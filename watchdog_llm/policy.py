@@ -40,6 +40,7 @@ from enum import StrEnum
 from watchdog_llm.base.backoff import backoff_delay
 from watchdog_llm.base.ids import format_ids as _ids
 from watchdog_llm.base.ids import job_id_of
+from watchdog_llm.base.vocab import Ending, NotifyKind, StopReason, SwapStage, YieldOn
 
 
 class Phase(StrEnum):
@@ -71,7 +72,7 @@ class Limits:
     startup_timeout: float
     # GPU awareness. all_gpus: every GPU of the node we may choose from (None: unknown). fixed_gpus:
     # ours are given (Slurm allocated them, or GPU_IDS), never chosen. Neither: jobs always conflict.
-    yield_on: str = "any"  # "any" | "overlap"
+    yield_on: YieldOn = YieldOn.ANY  # effective: ANY or OVERLAP (AUTO is resolved before)
     num_gpus: int = 1
     all_gpus: frozenset[int] | None = None
     fixed_gpus: frozenset[int] | None = None
@@ -211,7 +212,7 @@ class StartModel:
 
 @dataclass(frozen=True, slots=True)
 class StopModel:
-    reason: str  # "yield" | "shutdown" | "startup-timeout" | "idle" | "swap"
+    reason: StopReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +224,7 @@ class SetTimer:
 
 @dataclass(frozen=True, slots=True)
 class Notify:
-    kind: str  # online | yielded | resumed | crashed | failed | stopped | preempted | released
+    kind: NotifyKind
     title: str
     body: str
     priority: str = "default"
@@ -237,7 +238,7 @@ class Exit:
 @dataclass(frozen=True, slots=True)
 class SwapUpdate:
     id: str
-    stage: str  # stopping | starting | deferred | ready | failed
+    stage: SwapStage
     detail: str
 
 
@@ -267,7 +268,7 @@ class SwapCtx:
     id: str
     target: ModelChoice
     previous: ModelChoice | None  # what comes back if the target fails; None: nothing worth it
-    stage: str = "stopping"  # the last stage reported
+    stage: SwapStage = SwapStage.STOPPING  # the last stage reported
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,7 +294,7 @@ class State:
     served_s: float = 0.0  # total time serving, over all runs
     last_activity: float = 0.0
     awaiting_release: bool = False  # a yield's notice waits for GpusReleased
-    ending: str = ""  # why the daemon stops: "signal" | "idle" | "blind" (job detection failed)
+    ending: Ending = Ending.NONE  # why the daemon stops
     unsent: tuple[YieldRecord, ...] = ()  # yields whose confirmation a later yield overtook
     cooldown_over: bool = False  # the cooldown ran out while a job's GPUs were still being looked up
     model: ModelChoice = ModelChoice()  # what the next (or current) start uses
@@ -324,7 +325,7 @@ def served(state: State, now: float) -> float:
 
 
 def _overlap(limits: Limits) -> bool:
-    return limits.yield_on == "overlap" and limits.gpu_aware
+    return limits.yield_on is YieldOn.OVERLAP and limits.gpu_aware
 
 
 def _conflict(state: State, limits: Limits, trigger: str) -> tuple[str, str] | None:
@@ -399,17 +400,17 @@ def _start(state: State, now: float, limits: Limits, reason: str) -> Decision:
     gpus = plan_gpus(state, limits)
     if isinstance(gpus, str):  # something arrived that blocks a start: wait for it to go
         token = state.timer_token + 1  # any pending start timer is now stale
-        new, progress = _swap_stage(state, "deferred", f"waiting: {gpus}")
+        new, progress = _swap_stage(state, SwapStage.DEFERRED, f"waiting: {gpus}")
         return Decision(_to(new, Phase.YIELDED, now, gpus, timer_token=token), progress)
     run = state.run + 1
     token = state.timer_token + 1
-    state, progress = _swap_stage(state, "starting", f"starting {state.model.name or 'the model'}")
+    state, progress = _swap_stage(state, SwapStage.STARTING, f"starting {state.model.name or 'the model'}")
     new = _to(state, Phase.STARTING, now, reason, run=run, started_at=now, timer_token=token, gpus=gpus)
     start = StartModel(run, gpus if limits.gpu_aware else None, state.model.name)
     return Decision(new, (start, SetTimer("startup", _startup_timeout_of(state, limits), token), *progress))
 
 
-def _swap_stage(state: State, stage: str, detail: str) -> tuple[State, tuple[Action, ...]]:
+def _swap_stage(state: State, stage: SwapStage, detail: str) -> tuple[State, tuple[Action, ...]]:
     """Report a swap's new stage (once per stage: a deferred swap does not repeat itself)."""
     sw = state.swap
     if sw is None or sw.stage == stage:
@@ -447,7 +448,7 @@ def _decide(state: State, event: Event, now: float, limits: Limits, jitter: floa
             return _shutdown(state, now, f"{why} received", limits)
         case DetectorFailed(detail=detail):
             # Blind, the daemon cannot give GPUs back when a job comes: it must not hold them.
-            return _shutdown(state, now, f"job detection failed: {detail}", limits, ending="blind")
+            return _shutdown(state, now, f"job detection failed: {detail}", limits, ending=Ending.BLIND)
         case Startup(jobs=jobs):
             if p is not Phase.INIT:
                 raise TransitionError(f"startup in {p}")
@@ -495,13 +496,13 @@ def _ready(state: State, now: float, limits: Limits) -> Decision:
     body = "model is online"
     if was_down is not None and state.last_yield is not None:
         body = f"resumed after {now - was_down:.0f} s down"
-    kind = "resumed" if state.last_yield is not None else "online"
+    kind = NotifyKind.RESUMED if state.last_yield is not None else NotifyKind.ONLINE
     actions: tuple[Action, ...] = (Notify(kind, "model online", body, "low"),)
     if sw is not None:
         took = f" ({now - was_down:.0f} s without a model)" if was_down is not None else ""
         done = f"{sw.target.name} is serving{took}"
         body = f"now serving {sw.target.name}{took}"
-        actions = (SwapUpdate(sw.id, "ready", done), Notify("swapped", "model swapped", body, "low"))
+        actions = (SwapUpdate(sw.id, SwapStage.READY, done), Notify(NotifyKind.SWAPPED, "model swapped", body, "low"))
     if limits.idle_release_after > 0:
         new = replace(new, timer_token=new.timer_token + 1)
         actions += (SetTimer("idle", limits.idle_release_after, new.timer_token),)
@@ -540,13 +541,13 @@ def _reconcile(
         if state.awaiting_release and state.last_yield is not None:  # its notice goes out with this one's
             state = replace(state, unsent=(*state.unsent, state.last_yield), awaiting_release=False)
         reason = "GPUs reclaimed by " + cause if _overlap(limits) else _blocked_reason(state.jobs)
-        state, progress = _swap_stage(state, "deferred", f"waiting: {reason}")  # the yield wins
+        state, progress = _swap_stage(state, SwapStage.DEFERRED, f"waiting: {reason}")  # the yield wins
         new = _to(state, Phase.YIELDING, now, reason, last_yield=rec)
         if p is Phase.SERVING:
             new = replace(new, down_since=now)
         if p is Phase.SWAPPING:  # the swap's stop is already under way: it is the yield's now
             return Decision(new, progress)
-        return Decision(new, (StopModel("yield"), *progress))
+        return Decision(new, (StopModel(StopReason.YIELD), *progress))
     if p in (Phase.COOLDOWN, Phase.BACKOFF, Phase.YIELDED):
         # A job still being looked up does not interrupt a cooldown (it would restart it from
         # zero when its GPUs turn out to be others'): the start itself waits for the lookup.
@@ -574,12 +575,12 @@ def _crashed(state: State, code: int | None, why: str, now: float, limits: Limit
     if failures >= limits.restart_limit:
         body = f"{what}; {failures} fast failures in a row, giving up until restarted"
         new = _to(state, Phase.FAILED, now, body, serving_since=None)
-        return Decision(new, (Notify("failed", "model failed", body, "high"),))
+        return Decision(new, (Notify(NotifyKind.FAILED, "model failed", body, "high"),))
     delay = backoff_delay(failures - 1, cap=limits.restart_backoff_max, jitter=jitter)
     token = state.timer_token + 1
     body = f"{what}; restarting in {delay:.1f} s (attempt {failures} of {limits.restart_limit})"
     new = _to(state, Phase.BACKOFF, now, body, timer_token=token, serving_since=None)
-    return Decision(new, (Notify("crashed", "model crashed", body, "high"), SetTimer("backoff", delay, token)))
+    return Decision(new, (Notify(NotifyKind.CRASHED, "model crashed", body, "high"), SetTimer("backoff", delay, token)))
 
 
 def _stop_done(state: State, ms: float, survivors: int, now: float, limits: Limits) -> Decision:
@@ -623,7 +624,7 @@ def _unconfirmed(state: State) -> tuple[Notify, ...]:
 
 def _yield_notice(rec: YieldRecord | None) -> Notify:
     if rec is None:
-        return Notify("yielded", "GPUs yielded", "model stopped for a Slurm job", "default")
+        return Notify(NotifyKind.YIELDED, "GPUs yielded", "model stopped for a Slurm job", "default")
     parts = [rec.cause or f"job {rec.job}"]
     if rec.detect_ms is not None:
         parts.append(f"detected {rec.detect_ms:.1f} ms after its cgroup appeared")
@@ -638,26 +639,26 @@ def _yield_notice(rec: YieldRecord | None) -> Notify:
     if rec.gpu_holders:
         parts.append(f"{rec.gpu_holders} process(es) of ours still hold GPU memory")
     priority = "high" if rec.survivors or rec.gpu_holders else "default"
-    return Notify("yielded", "GPUs yielded", "; ".join(parts), priority)
+    return Notify(NotifyKind.YIELDED, "GPUs yielded", "; ".join(parts), priority)
 
 
 def _final_notice(state: State, now: float, limits: Limits, ms: float | None) -> Notify:
     """The last word: stopped by a person, preempted by Slurm, or released for lack of use."""
     gone = f"; model tree gone in {ms:.0f} ms" if ms is not None else ""
     hours = _duration(served(state, now))
-    if state.ending == "blind":
+    if state.ending is Ending.BLIND:
         body = f"{state.reason}; model stopped{gone} because no job could be given its GPUs; exiting 1"
-        return Notify("failed", "job detection failed", body, "high")
-    if state.ending == "idle":
+        return Notify(NotifyKind.FAILED, "job detection failed", body, "high")
+    if state.ending is Ending.IDLE:
         body = f"{state.reason}; served {hours} in all{gone}; exiting"
-        return Notify("released", "GPUs released (idle)", body, "low")
+        return Notify(NotifyKind.RELEASED, "GPUs released (idle)", body, "low")
     if limits.own_job:
         body = (
             f"Slurm job {limits.own_job} is ending ({state.reason}: preemption, scancel or time limit); "
             f"served {hours}{gone}; exiting 0 so a requeue starts it cleanly"
         )
-        return Notify("preempted", f"preempted: job {limits.own_job}", body, "default")
-    return Notify("stopped", "watchdog-llm stopped", f"stopped ({state.reason}){gone}", "low")
+        return Notify(NotifyKind.PREEMPTED, f"preempted: job {limits.own_job}", body, "default")
+    return Notify(NotifyKind.STOPPED, "watchdog-llm stopped", f"stopped ({state.reason}){gone}", "low")
 
 
 def _duration(s: float) -> str:
@@ -694,8 +695,8 @@ def _idle(state: State, now: float, limits: Limits) -> Decision:
     if left > 0:  # used since the timer was set: look again when the quiet period could end
         return Decision(replace(state, timer_token=token), (SetTimer("idle", left, token),))
     reason = f"no request for {_duration(limits.idle_release_after)}: releasing the GPUs"
-    new = _to(state, Phase.STOPPING, now, reason, timer_token=token, ending="idle")
-    return Decision(new, (StopModel("idle"),))
+    new = _to(state, Phase.STOPPING, now, reason, timer_token=token, ending=Ending.IDLE)
+    return Decision(new, (StopModel(StopReason.IDLE),))
 
 
 def _startup_timeout(state: State, now: float, limits: Limits, body: str, jitter: float) -> Decision:
@@ -704,26 +705,28 @@ def _startup_timeout(state: State, now: float, limits: Limits, body: str, jitter
     state = replace(state, fast_failures=failures, timer_token=token)
     if failures >= limits.restart_limit:
         new = _to(state, Phase.FAILED, now, body + "; giving up until restarted")
-        return Decision(new, (StopModel("startup-timeout"), Notify("failed", "model failed", new.reason, "high")))
+        return Decision(
+            new, (StopModel(StopReason.STARTUP_TIMEOUT), Notify(NotifyKind.FAILED, "model failed", new.reason, "high"))
+        )
     delay = backoff_delay(failures - 1, cap=limits.restart_backoff_max, jitter=jitter)
     new = _to(state, Phase.BACKOFF, now, f"{body}; restarting in {delay:.1f} s")
     return Decision(
         new,
         (
-            StopModel("startup-timeout"),
-            Notify("crashed", "model start timed out", new.reason, "high"),
+            StopModel(StopReason.STARTUP_TIMEOUT),
+            Notify(NotifyKind.CRASHED, "model start timed out", new.reason, "high"),
             SetTimer("backoff", delay, token),
         ),
     )
 
 
-def _exit_code(ending: str) -> int:
-    return 1 if ending == "blind" else 0
+def _exit_code(ending: Ending) -> int:
+    return 1 if ending is Ending.BLIND else 0
 
 
-def _shutdown(state: State, now: float, reason: str, limits: Limits, ending: str = "signal") -> Decision:
+def _shutdown(state: State, now: float, reason: str, limits: Limits, ending: Ending = Ending.SIGNAL) -> Decision:
     p = state.phase
-    if p is Phase.STOPPED or (p is Phase.STOPPING and state.ending not in ("idle", ending)):
+    if p is Phase.STOPPED or (p is Phase.STOPPING and state.ending not in (Ending.IDLE, ending)):
         return Decision(state)  # a stop already on its way ends as it began
     if p is Phase.STOPPING:
         if state.ending == ending:
@@ -734,7 +737,7 @@ def _shutdown(state: State, now: float, reason: str, limits: Limits, ending: str
     if p in MODEL_RUNNING or p in MODEL_STOPPING or state.stops_pending:
         # A stop in progress (a yield's, or a failed start's) still runs to completion: wait for it.
         new = _to(state, Phase.STOPPING, now, reason, timer_token=token, ending=ending)
-        actions: tuple[Action, ...] = (StopModel("shutdown"),) if p in MODEL_RUNNING else ()
+        actions: tuple[Action, ...] = (StopModel(StopReason.SHUTDOWN),) if p in MODEL_RUNNING else ()
         return Decision(new, actions)
     code = _exit_code(ending)
     new = _to(state, Phase.STOPPED, now, reason, timer_token=token, exit_code=code, ending=ending)
@@ -747,30 +750,32 @@ def _shutdown(state: State, now: float, reason: str, limits: Limits, ending: str
 def _swap(state: State, swap_id: str, target: ModelChoice, now: float, limits: Limits) -> Decision:
     p = state.phase
     if p in (Phase.STOPPING, Phase.STOPPED):  # an open swap stays open: the next start completes it
-        return Decision(state, (SwapUpdate(swap_id, "failed", "the daemon is stopping"),))
+        return Decision(state, (SwapUpdate(swap_id, SwapStage.FAILED, "the daemon is stopping"),))
     actions: tuple[Action, ...] = ()
     previous: ModelChoice | None = state.model if state.model.name else None
     if state.swap is not None and state.swap.id != swap_id:  # a deferred swap, replaced by this one
-        actions = (SwapUpdate(state.swap.id, "failed", f"superseded by swap {swap_id}"),)
+        actions = (SwapUpdate(state.swap.id, SwapStage.FAILED, f"superseded by swap {swap_id}"),)
         previous = state.swap.previous
     if p is Phase.FAILED:
         previous = None  # it failed: bringing it back would not help
     if p is Phase.SERVING and target.name == state.model.name:
-        return Decision(replace(state, swap=None), (*actions, SwapUpdate(swap_id, "ready", "already serving")))
+        return Decision(replace(state, swap=None), (*actions, SwapUpdate(swap_id, SwapStage.READY, "already serving")))
     if previous is not None and previous.name == target.name:
         previous = None
     same = target.name == state.model.name
-    state = replace(state, model=target, swap=SwapCtx(swap_id, target, previous, stage=""))
+    state = replace(state, model=target, swap=SwapCtx(swap_id, target, previous, stage=SwapStage.QUEUED))
     if p is Phase.STARTING and same:  # it is starting already: this swap completes with it
-        state, progress = _swap_stage(state, "starting", f"{target.name} is starting")
+        state, progress = _swap_stage(state, SwapStage.STARTING, f"{target.name} is starting")
         return Decision(state, (*actions, *progress))
     if p in MODEL_RUNNING:
         if p is Phase.SERVING and now - state.started_at >= limits.min_uptime:
             state = replace(state, fast_failures=0)
         down = now if p is Phase.SERVING else state.down_since
-        state, progress = _swap_stage(state, "stopping", f"stopping {previous.name if previous else 'the model'}")
+        state, progress = _swap_stage(
+            state, SwapStage.STOPPING, f"stopping {previous.name if previous else 'the model'}"
+        )
         new = _to(state, Phase.SWAPPING, now, f"swapping to {target.name}", timer_token=state.timer_token + 1)
-        return Decision(replace(new, down_since=down), (StopModel("swap"), *actions, *progress))
+        return Decision(replace(new, down_since=down), (StopModel(StopReason.SWAP), *actions, *progress))
     if p is Phase.SWAPPING:  # the stop is under way; the new target starts after it
         return Decision(replace(state, reason=f"swapping to {target.name}"), actions)
     if p is Phase.FAILED:
@@ -781,7 +786,7 @@ def _swap(state: State, swap_id: str, target: ModelChoice, now: float, limits: L
         Phase.COOLDOWN: "the node is idle again; it starts after the cooldown",
         Phase.BACKOFF: "it starts when the crashed model's restart is due",
     }.get(p, f"waiting: {state.reason}")
-    state, progress = _swap_stage(state, "deferred", why)
+    state, progress = _swap_stage(state, SwapStage.DEFERRED, why)
     return Decision(state, (*actions, *progress))
 
 
@@ -793,8 +798,8 @@ def _swap_failed(state: State, what: str, now: float, limits: Limits, jitter: fl
     assert sw is not None
     body = f"swap to {sw.target.name} failed: {what}"
     fail: tuple[Action, ...] = (
-        SwapUpdate(sw.id, "failed", what),
-        Notify("swap_failed", "model swap failed", body, "high"),
+        SwapUpdate(sw.id, SwapStage.FAILED, what),
+        Notify(NotifyKind.SWAP_FAILED, "model swap failed", body, "high"),
     )
     state = replace(state, swap=None)
     if sw.previous is None:
@@ -806,4 +811,4 @@ def _swap_failed(state: State, what: str, now: float, limits: Limits, jitter: fl
         return Decision(d.state, (*stops, *fail, *(a for a in d.actions if not isinstance(a, StopModel))))
     state = replace(state, model=sw.previous, fast_failures=0, timer_token=state.timer_token + 1)
     d = _start(state, now, limits, f"{body}; bringing back {sw.previous.name}")
-    return Decision(d.state, (*((StopModel("startup-timeout"),) if stop else ()), *fail, *d.actions))
+    return Decision(d.state, (*((StopModel(StopReason.STARTUP_TIMEOUT),) if stop else ()), *fail, *d.actions))

@@ -14,11 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from watchdog_llm.base.vocab import SwapStage
 from watchdog_llm.coordination.catalog import Catalog, ModelEntry
 from watchdog_llm.coordination.health import HealthLog
 from watchdog_llm.coordination.lock import LockError, LockInfo, SwapLock
 from watchdog_llm.coordination.schedule import Schedule
-from watchdog_llm.coordination.swap import SwapBusy, SwapRecord, Swaps, SwapState
+from watchdog_llm.coordination.swap import SwapBusy, SwapRecord, Swaps
 from watchdog_llm.coordination.webhook import Webhooks
 
 
@@ -78,7 +79,7 @@ class Coordinator:
             holder = self.lock.status()
             # A deferred swap being replaced never served: what comes back on failure is its own previous.
             cur = self.swaps.open()
-            previous = cur.previous if cur is not None and cur.state is SwapState.DEFERRED else self.active() or None
+            previous = cur.previous if cur is not None and cur.state is SwapStage.DEFERRED else self.active() or None
             try:
                 rec = self.swaps.begin(entry.name, previous, holder.holder if holder else None)
             except SwapBusy as e:
@@ -92,7 +93,7 @@ class Coordinator:
     def swap_update(self, swap_id: str, stage: str, detail: str) -> None:
         """Progress from the owner; a swap that ends sends its webhook."""
         rec = self.swaps.update(swap_id, stage, detail)
-        if rec is None or rec.state not in (SwapState.READY, SwapState.FAILED):
+        if rec is None or rec.state not in (SwapStage.READY, SwapStage.FAILED):
             if rec is not None:
                 self.log.info("swap %s: %s (%s)", rec.id, rec.state, detail)
             return
@@ -104,7 +105,7 @@ class Coordinator:
             "detail": detail,
             "duration_s": round(took, 3),
         }
-        if rec.state is SwapState.READY:
+        if rec.state is SwapStage.READY:
             self.log.info("swap %s to %s complete in %.1f s", rec.id, rec.model, took)
             self._emit("swap_complete", data)
         else:

@@ -19,27 +19,15 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 from typing import Any
 
+from watchdog_llm.base.vocab import SWAP_ENDED, SwapStage
 from watchdog_llm.coordination.store import JsonStore
 
 KEEP = 50  # records kept (and persisted)
 LOG_LINES = 200  # a swap's log lines kept for late subscribers and the failure's tail
 FAIL_TAIL = 40  # lines of the model's output a failed swap carries
 _SUB_QUEUE = 1000  # a subscriber this far behind loses lines (but never the end): it never blocks the daemon
-
-
-class SwapState(StrEnum):
-    QUEUED = "queued"
-    STOPPING = "stopping"
-    STARTING = "starting"
-    READY = "ready"
-    FAILED = "failed"
-    DEFERRED = "deferred"
-
-
-TERMINAL = frozenset({SwapState.READY, SwapState.FAILED})
 
 
 class SwapBusy(Exception):
@@ -53,7 +41,7 @@ class SwapRecord:
     id: str
     model: str  # the catalog name of the target
     previous: str | None
-    state: SwapState
+    state: SwapStage
     detail: str
     created_at: float
     updated_at: float
@@ -74,7 +62,7 @@ class SwapRecord:
             id=str(d["id"]),
             model=str(d["model"]),
             previous=d.get("previous"),
-            state=SwapState(d["state"]),
+            state=SwapStage(d["state"]),
             detail=str(d.get("detail", "")),
             created_at=float(d["created_at"]),
             updated_at=float(d["updated_at"]),
@@ -108,7 +96,7 @@ class Swaps:
     def open(self) -> SwapRecord | None:
         """The swap not finished yet, if any (at most one)."""
         for r in reversed(self._records.values()):
-            if r.state not in TERMINAL:
+            if r.state not in SWAP_ENDED:
                 return r
         return None
 
@@ -117,14 +105,14 @@ class Swaps:
     def begin(self, model: str, previous: str | None, requested_by: str | None = None) -> SwapRecord:
         """Record a new swap (queued). Raises SwapBusy while another one is stopping or starting."""
         cur = self.open()
-        if cur is not None and cur.state is not SwapState.DEFERRED:
+        if cur is not None and cur.state is not SwapStage.DEFERRED:
             raise SwapBusy(cur)
         now = self._clock()
         rec = SwapRecord(
             id="swap-" + secrets.token_hex(6),
             model=model,
             previous=previous,
-            state=SwapState.QUEUED,
+            state=SwapStage.QUEUED,
             detail="queued",
             created_at=now,
             updated_at=now,
@@ -144,32 +132,32 @@ class Swaps:
     def update(self, swap_id: str, state: str, detail: str) -> SwapRecord | None:
         """A stage the daemon reached; a terminal one closes the stream of every subscriber."""
         rec = self._records.get(swap_id)
-        if rec is None or rec.state in TERMINAL:
+        if rec is None or rec.state in SWAP_ENDED:
             return None
         now = self._clock()
-        rec.state = SwapState(state)
+        rec.state = SwapStage(state)
         rec.detail = detail
         rec.updated_at = now
         rec.history.append({"state": rec.state.value, "detail": detail, "at": now})
-        if rec.state is SwapState.FAILED:
+        if rec.state is SwapStage.FAILED:
             rec.error = detail
             rec.log_tail = list(self._lines.get(swap_id, ()))[-FAIL_TAIL:]
-        if rec.state in TERMINAL:
+        if rec.state in SWAP_ENDED:
             rec.finished_at = now
-            if rec.state is SwapState.FAILED and rec.previous is not None and self.chosen == rec.model:
+            if rec.state is SwapStage.FAILED and rec.previous is not None and self.chosen == rec.model:
                 self.chosen = rec.previous  # the previous model comes back: a restart serves it too
         self._save()
         data: dict[str, Any] = {"id": rec.id, "state": rec.state.value, "detail": detail, "at": now}
-        if rec.state is SwapState.FAILED:
+        if rec.state is SwapStage.FAILED:
             data["log_tail"] = rec.log_tail
         event = {"event": "state", "data": data}
-        self._publish(swap_id, event, end=rec.state in TERMINAL)
+        self._publish(swap_id, event, end=rec.state in SWAP_ENDED)
         return rec
 
     def log_line(self, line: str) -> None:
         """A line of the model's output: it belongs to the open swap while that one is under way."""
         rec = self.open()
-        if rec is None or rec.state is SwapState.DEFERRED:
+        if rec is None or rec.state is SwapStage.DEFERRED:
             return
         self._lines.setdefault(rec.id, deque(maxlen=LOG_LINES)).append(line)
         self._publish(rec.id, {"event": "log", "data": {"line": line}})
@@ -179,7 +167,7 @@ class Swaps:
         deferred now and completes with this start; returns it."""
         rec = self.open()
         if rec is not None:
-            self.update(rec.id, SwapState.DEFERRED, "the daemon restarted mid-swap; the swap completes on this start")
+            self.update(rec.id, SwapStage.DEFERRED, "the daemon restarted mid-swap; the swap completes on this start")
         return rec
 
     # ---- live streams --------------------------------------------------------------------------
@@ -198,12 +186,12 @@ class Swaps:
                 "detail": rec.detail,
                 "at": rec.updated_at,
             }
-            if rec.state is SwapState.FAILED:
+            if rec.state is SwapStage.FAILED:
                 snapshot["log_tail"] = rec.log_tail
             for line in list(self._lines.get(swap_id, ())):
                 yield {"event": "log", "data": {"line": line}}
             yield {"event": "state", "data": snapshot}
-            if rec.state in TERMINAL:
+            if rec.state in SWAP_ENDED:
                 return
             while (ev := await q.get()) is not None:
                 yield ev
