@@ -15,7 +15,18 @@ if tmux has-session -t "$session" 2>/dev/null; then
     echo "start-tmux.sh: tmux session '$session' already exists: tmux attach -t $session" >&2
     exit 1
 fi
-"$bin" --config "$config" doctor || { echo "start-tmux.sh: fix the failed checks above first" >&2; exit 1; }
+report=$("$bin" --config "$config" doctor) || { printf '%s\n' "$report"; echo "start-tmux.sh: fix the failed checks above first" >&2; exit 1; }
+printf '%s\n' "$report"
+state_dir=$(sed -n 's/^ok    STATE_DIR \(.*\) is writable$/\1/p' <<<"$report")
+log="${state_dir:-STATE_DIR}/logs/daemon.log"
 # exec: the daemon is the session's process, so the session's SIGHUP reaches it directly.
 tmux new-session -d -s "$session" "exec $(printf '%q' "$bin") --config $(printf '%q' "$config") run"
-echo "started in tmux session '$session': tmux attach -t $session   (status: $bin --config $config status)"
+# A daemon that fails at start takes its session with it: say so, with its own log (it keeps one in
+# every launch mode), instead of "started".
+sleep "${WATCHDOG_LLM_START_CHECK:-3}"
+if ! tmux has-session -t "$session" 2>/dev/null; then
+    echo "start-tmux.sh: the daemon exited at start; its log, $log, says why:" >&2
+    tail -n 5 "$log" >&2 2>/dev/null || true
+    exit 1
+fi
+echo "started in tmux session '$session': tmux attach -t $session   (status: $bin --config $config status; log: $log)"

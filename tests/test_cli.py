@@ -232,3 +232,61 @@ def test_doctor_reports_a_bad_catalog_in_one_line(daemon_env: dict[str, str], tm
     r = cli(daemon_env, "doctor")  # no MODELS: MODEL_NAME is the catalog
     assert "ok    model from MODEL_NAME: test (set MODELS for a catalog to swap between)" in r.stdout
     assert "models' GPU counts not checked" in r.stdout and r.returncode == 0, r.stdout
+
+
+def test_status_after_a_failed_start_shows_real_times_and_the_config(
+    daemon_env: dict[str, str], tmp_path: Path
+) -> None:
+    cfg = tmp_path / "site.env"
+    cfg.write_text("RESUME_COOLDOWN=5\n")
+    env = env_with(daemon_env, WATCHDOG_LLM_CONFIG=str(cfg), NOTIFY_URLS="notaservice://x")
+    assert cli(env, "run").returncode == 2
+    r = cli(env, "status")
+    assert r.returncode == 3, r.stdout + r.stderr
+    head = r.stdout.splitlines()[0]
+    # "since 5.7 h ago" was the machine's uptime: the monotonic clock's zero taken for a time.
+    assert "not running (last state: init since " in head and " s ago)" in head, head
+    assert f"config:  {cfg.resolve()}" in r.stdout, r.stdout
+    r = cli(env_with(daemon_env, STATE_DIR=str(tmp_path / "never")), "status")
+    assert r.returncode == 3 and "no status in" in r.stdout and "; config: /" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("command", [["run"], ["doctor"], ["status"], ["lock", "status"], ["models"]])
+def test_config_may_follow_the_command(daemon_env: dict[str, str], tmp_path: Path, command: list[str]) -> None:
+    r = cli(daemon_env, *command, "--config", str(tmp_path / "nope.env"))
+    assert r.returncode == 2 and "nope.env" in r.stderr and "not found" in r.stderr, r.stdout + r.stderr
+    assert "unrecognized arguments" not in r.stderr
+
+
+def test_ntfy_topic_is_checked_by_ntfys_rules(daemon_env: dict[str, str]) -> None:
+    for command in ("doctor", "notify-test", "run"):
+        r = cli(env_with(daemon_env, NTFY_TOPIC="my topic!"), command)
+        assert r.returncode == 2 and "bad setting NTFY_TOPIC='<hidden>'" in r.stderr, r.stdout + r.stderr
+        assert "letters, digits" in r.stderr and "my topic" not in r.stderr + r.stdout
+    from watchdog_llm.config import ntfy_url
+
+    assert ntfy_url("https://ntfy.example", "alerts_lab-3") == "ntfys://ntfy.example/alerts_lab-3"
+
+
+def test_a_misspelled_setting_in_the_environment_is_named(daemon_env: dict[str, str]) -> None:
+    r = cli(env_with(daemon_env, RESUME_COOLDOWM="5"), "doctor")
+    assert "warn  RESUME_COOLDOWM in the environment is not a setting (did you mean RESUME_COOLDOWN?)" in r.stdout
+    assert "HOME" not in r.stdout.replace("home", "")  # the environment's other variables are not ours
+    assert r.returncode == 0, r.stdout
+
+
+def test_doctor_reports_every_catalog_problem_at_once(daemon_env: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "models.yaml").write_text(
+        "default: c\n"
+        "models:\n"
+        "  - {name: a, model: x, gpus: -1}\n"
+        "  - {name: b, model: y, colour: red}\n"
+        "  - {name: c, model: z}\n"
+        "  - {name: d, aliases: [c], model: w}\n"
+    )
+    r = cli(env_with(daemon_env, MODELS=str(tmp_path / "models.yaml")), "doctor")
+    fails = [line for line in r.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 3, r.stdout
+    assert "model 'a': gpus" in fails[0] and "model 'b': unknown field 'colour'" in fails[1]
+    assert "model 'd': alias 'c' is already used by model 'c'" in fails[2]
+    assert r.returncode == 1 and "Traceback" not in r.stderr

@@ -225,7 +225,7 @@ def test_the_swap_lock_from_the_cli(node: Node) -> None:
         assert r.returncode == 1 and "not this lock's token" in r.stderr
         # With the token from a file: it goes through.
         r = cli(node.env, "swap", "b", "--token-file", str(token_file))
-        assert r.returncode == 0 and "swap to b queued" in r.stdout, r.stdout + r.stderr
+        assert r.returncode == 0 and "swap to b stopping" in r.stdout, r.stdout + r.stderr
         serving(node, "b")
         # Extend with the token from the environment.
         r = cli(env_with(node.env, WATCHDOG_LLM_LOCK_TOKEN=token), "lock", "extend", "--ttl", "900")
@@ -264,7 +264,9 @@ def test_swap_wait_times_out_while_deferred_and_the_swap_goes_on(node: Node) -> 
         node.d.wait_state("yielded")
         r = cli(node.env, "swap", target, "--wait", "--timeout", "1")
         assert r.returncode == 4, r.stdout + r.stderr
-        assert "==> deferred: waiting: " in r.stdout and "job_31" in r.stdout
+        # The daemon's stage from the first line on: deferred, and why (not "queued").
+        first = r.stdout.splitlines()[0]
+        assert f"swap to {target} deferred: waiting: " in first and "job_31" in first, r.stdout
         assert "is still deferred after 1 s; it goes on" in r.stderr
     finally:
         node.d.end_job("job_31")

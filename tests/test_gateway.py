@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import random
 import socket
 import threading
@@ -1225,7 +1226,9 @@ def test_metrics_count_what_was_refused(make_gw: Any, make_upstream: Any) -> Non
     want = [
         'watchdog_llm_requests_rejected_total{reason="auth"} 1.0',
         'watchdog_llm_requests_rejected_total{reason="upstream"} 1.0',
-        'watchdog_llm_requests_total{code="502",route="/v1/chat/completions"} 1.0',
+        # Who asked is a label: the key's consumer, empty for a request without a valid key.
+        'watchdog_llm_requests_total{code="502",consumer="alice",route="/v1/chat/completions"} 1.0',
+        'watchdog_llm_requests_total{code="401",consumer="",route="/v1/chat/completions"} 1.0',
     ]
 
     # A request is counted once its answer has gone out: the client can read it a moment earlier.
@@ -1235,3 +1238,20 @@ def test_metrics_count_what_was_refused(make_gw: Any, make_upstream: Any) -> Non
 
     text = wait_for(counted, 2.0, what="the refused requests to be counted")
     assert KEY_A not in text
+
+
+def test_access_log_names_the_consumer(make_gw: Any, make_upstream: Any, caplog: pytest.LogCaptureFixture) -> None:
+    up = make_upstream(json_ok)
+    g = make_gw(up.url)
+    with caplog.at_level(logging.INFO, logger="watchdog_llm.access"):
+        assert post(g.url + CHAT, chat_body(), headers=auth()).status_code == 200
+        assert post(g.url + CHAT, chat_body(), headers=auth("nobody-0123456789abcdef")).status_code == 401
+
+        def lines() -> list[str] | None:
+            got = [r.getMessage() for r in caplog.records if r.name == "watchdog_llm.access"]
+            return got if len(got) == 2 else None
+
+        ok, refused = wait_for(lines, 2.0, what="two access log lines")
+    assert '"POST /v1/chat/completions" 200 ' in ok and ok.endswith("consumer=alice"), ok
+    assert '"POST /v1/chat/completions" 401 ' in refused and refused.endswith("consumer=-"), refused
+    assert KEY_A not in ok + refused

@@ -162,7 +162,8 @@ class Daemon:
             min_uptime=settings.min_uptime,
             startup_timeout=settings.startup_timeout,
         )
-        self.state = State()
+        # since: now, not the monotonic clock's zero (status would say 'init since <uptime> ago').
+        self.state = State(since=time.monotonic())
         self.sd = sdnotify.SystemdNotifier()
         self.rng = random.Random()
         self.started_wall = time.time()
@@ -952,6 +953,7 @@ class Daemon:
             "daemon_pid": os.getpid(),
             "daemon_create_time": psutil.Process().create_time(),
             "node": self.s.node_name,
+            "config": None if self.s.config_file is None else str(self.s.config_file),
             "state": st.phase.value,
             "reason": st.reason,
             "since": st.since + mono_to_wall,

@@ -43,21 +43,34 @@ _TOKEN_NOTE = (
 )
 
 
+_CONFIG_HELP = f"config file (default: ${config.CONFIG_ENV_VAR} or ./config.env)"
+
+
+def _command(sub: Any, name: str, **kw: Any) -> argparse.ArgumentParser:
+    """A subcommand that also takes --config after its name (`watchdog-llm run --config FILE`).
+
+    SUPPRESS as its default: a subcommand given no --config leaves the one before it in place.
+    """
+    cmd: argparse.ArgumentParser = sub.add_parser(name, **kw)
+    cmd.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=_CONFIG_HELP)
+    return cmd
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="watchdog-llm",
         description="Serve an LLM on idle GPUs; yield to Slurm jobs in milliseconds; come back when free.",
     )
-    p.add_argument("--config", metavar="PATH", help=f"config file (default: ${config.CONFIG_ENV_VAR} or ./config.env)")
+    p.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
     p.add_argument("--version", action="version", version=f"watchdog-llm {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("run", help="run the daemon in the foreground (sbatch, tmux, systemd)")
-    st = sub.add_parser("status", help="show the running daemon's state")
+    _command(sub, "run", help="run the daemon in the foreground (sbatch, tmux, systemd)")
+    st = _command(sub, "status", help="show the running daemon's state")
     st.add_argument("--json", action="store_true", help="machine-readable output")
-    doc = sub.add_parser("doctor", help="check config, cgroup layouts, binaries, GPUs, notifications")
+    doc = _command(sub, "doctor", help="check config, cgroup layouts, binaries, GPUs, notifications")
     doc.add_argument("--send", action="store_true", help="also send a test notification")
-    sub.add_parser("notify-test", help="send a test notification to every configured URL")
-    demo = sub.add_parser("demo", help="run the daemon against a stand-in model and a scratch cgroup tree")
+    _command(sub, "notify-test", help="send a test notification to every configured URL")
+    demo = _command(sub, "demo", help="run the daemon against a stand-in model and a scratch cgroup tree")
     demo.add_argument("--keep", action="store_true", help="keep the scratch directory afterwards")
     _coordination_parsers(sub)
     return p
@@ -72,10 +85,11 @@ def _token_args(p: argparse.ArgumentParser) -> None:
 
 
 def _coordination_parsers(sub: Any) -> None:
-    m = sub.add_parser("models", help="list the model catalog and which model is active")
+    m = _command(sub, "models", help="list the model catalog and which model is active")
     m.add_argument("--json", action="store_true", help="machine-readable output")
 
-    sw = sub.add_parser(
+    sw = _command(
+        sub,
         "swap",
         help="swap the served model (POST /api/swap)",
         description="Swap the served model. While the swap lock is held, pass its token: "
@@ -93,9 +107,10 @@ def _coordination_parsers(sub: Any) -> None:
     sw.add_argument("--json", action="store_true", help="print the swap record as JSON (log lines go to stderr)")
     _token_args(sw)
 
-    lk = sub.add_parser("lock", help="the swap lock: acquire, status, extend, release")
+    lk = _command(sub, "lock", help="the swap lock: acquire, status, extend, release")
     lsub = lk.add_subparsers(dest="lock_command", required=True, metavar="ACTION")
-    acq = lsub.add_parser(
+    acq = _command(
+        lsub,
         "acquire",
         help="take the swap lock; prints its token once",
         description="Take the swap lock. The token is printed once (stdout), or written to --token-file "
@@ -106,9 +121,10 @@ def _coordination_parsers(sub: Any) -> None:
     acq.add_argument("--reason", default="", help="why (shown to everyone)")
     acq.add_argument("--token-file", metavar="PATH", help="write the token to PATH (mode 0600) instead of printing it")
     acq.add_argument("--json", action="store_true", help="machine-readable output")
-    ls = lsub.add_parser("status", help="who holds the swap lock, until when")
+    ls = _command(lsub, "status", help="who holds the swap lock, until when")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
-    ext = lsub.add_parser(
+    ext = _command(
+        lsub,
         "extend",
         help="extend the swap lock you hold (needs its token)",
         description=f"Extend the swap lock to now + --ttl. Needs its token. {_TOKEN_NOTE}.",
@@ -117,7 +133,8 @@ def _coordination_parsers(sub: Any) -> None:
     ext.add_argument("--reason", default="", help="a new reason (default: keep the old one)")
     ext.add_argument("--json", action="store_true", help="machine-readable output")
     _token_args(ext)
-    rel = lsub.add_parser(
+    rel = _command(
+        lsub,
         "release",
         help="release the swap lock (its token, or --force)",
         description=f"Release the swap lock with its token, or anyone's with --force. {_TOKEN_NOTE}.",
@@ -126,9 +143,9 @@ def _coordination_parsers(sub: Any) -> None:
     rel.add_argument("--json", action="store_true", help="machine-readable output")
     _token_args(rel)
 
-    sc = sub.add_parser("schedule", help="the schedule registry (what external schedulers will do)")
+    sc = _command(sub, "schedule", help="the schedule registry (what external schedulers will do)")
     ssub = sc.add_subparsers(dest="schedule_command", required=True, metavar="ACTION")
-    sl = ssub.add_parser("list", help="list the registered schedule entries")
+    sl = _command(ssub, "list", help="list the registered schedule entries")
     sl.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -188,14 +205,35 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+DAEMON_LOG = "daemon.log"
+DAEMON_LOG_BYTES = 10 << 20  # one file and one backup: the last ~20 MiB of the daemon's own log
+
+
+def _log_to_state_dir(s: config.Settings) -> None:
+    """The daemon's own log in STATE_DIR/logs/daemon.log, size-capped, in every launch mode: a daemon
+    that dies at start in a tmux session that closes, or under nohup, still leaves its reason."""
+    from logging.handlers import RotatingFileHandler
+
+    from watchdog_llm.app import prepare_state_dir
+
+    prepare_state_dir(s.state_dir)  # ours alone (mode, owner) before anything is written there
+    handler = RotatingFileHandler(s.state_dir / "logs" / DAEMON_LOG, maxBytes=DAEMON_LOG_BYTES, backupCount=1)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+
+
 def _run(s: config.Settings, args: argparse.Namespace) -> int:
     from watchdog_llm.app import StartupError, serve
 
     _setup_logging(s.log_level)
+    log = logging.getLogger("watchdog_llm")
     try:
+        _log_to_state_dir(s)
+        for typo in config.misspelled_env(os.environ):
+            log.warning("%s", typo)
         return asyncio.run(serve(s))
     except StartupError as e:
-        logging.getLogger("watchdog_llm").error("cannot start: %s", e)
+        log.error("cannot start: %s", e)
         return EXIT_CONFIG
     except KeyboardInterrupt:  # only before the signal handlers are installed
         return EXIT_OK
@@ -230,7 +268,7 @@ def _status(s: config.Settings, args: argparse.Namespace) -> int:
         print(json.dumps({"running": running, **data}, indent=2, sort_keys=True))
         return EXIT_OK if running else EXIT_NOT_RUNNING
     if not data:
-        print(f"not running (no status in {s.state_dir})")
+        print(f"not running (no status in {s.state_dir}; config: {_config_line(s.config_file)})")
         return EXIT_NOT_RUNNING
     print(_human_status(data, running))
     return EXIT_OK if running else EXIT_NOT_RUNNING
@@ -241,6 +279,10 @@ def _ago(t: Any) -> str:
         return "?"
     d = max(0.0, time.time() - t)
     return f"{d:.0f} s ago" if d < 120 else f"{d / 60:.0f} min ago" if d < 7200 else f"{d / 3600:.1f} h ago"
+
+
+def _config_line(path: object) -> str:
+    return str(path) if path else "none (environment and defaults only)"
 
 
 def _jobs(d: dict[str, Any]) -> str:
@@ -265,6 +307,7 @@ def _human_status(d: dict[str, Any], running: bool) -> str:
     lines = [
         f"watchdog-llm on {d.get('node', '?')}: {head}",
         f"  reason:  {d.get('reason', '')}",
+        f"  config:  {_config_line(d.get('config'))}",
         f"  model:   {_model_name(d)} at {d.get('model_url', '')}  pids {d.get('model_pids') or '-'}",
         f"  public:  {d.get('public_url', '?')}  admin: {d.get('admin', '?')}",
         f"  jobs:    {_jobs(d)}",
@@ -493,14 +536,16 @@ def _swap(s: config.Settings, args: argparse.Namespace) -> int:
         if e.status == 423 and token is not None:
             hint = "the token given is not this lock's token"
         return _refused(e, args, hint)
+    # The daemon's own stage (stopping, deferred: waiting for job_31, ...), as it answered.
+    line = f"{rec['id']}: swap to {rec['model']} {rec['state']}" + (f": {rec['detail']}" if rec.get("detail") else "")
     if not args.wait:
         if args.json:
             _print_json(rec)
         else:
-            print(f"{rec['id']}: swap to {rec['model']} {rec['state']}")
+            print(line)
         return EXIT_OK
     if not args.json:
-        print(f"{rec['id']}: swap to {rec['model']} {rec['state']}", flush=True)
+        print(line, flush=True)
     return _follow_swap(client, rec, args)
 
 

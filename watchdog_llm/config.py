@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import shlex
 import socket
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -74,6 +77,7 @@ def default_state_dir() -> Path:
 class Settings(BaseSettings):
     """Every setting of the daemon. Field names map case-insensitively to the upper-case names."""
 
+    _source: Path | None = PrivateAttr(default=None)
     model_config = SettingsConfigDict(
         case_sensitive=False,
         extra="forbid",
@@ -193,6 +197,14 @@ class Settings(BaseSettings):
             raise ValueError(f"expected GPU ids like 0,1 or 2-3 ({e})") from None
         return v
 
+    @field_validator("ntfy_topic")
+    @classmethod
+    def _topic(cls, v: str) -> str:
+        # ntfy's own rule; apprise would otherwise cut "my topic!" to "my" and deliver it there.
+        if v and not NTFY_TOPIC_RE.fullmatch(v):
+            raise ValueError("an ntfy topic is 1 to 64 letters, digits, '_' or '-'")
+        return v
+
     @field_validator("ntfy_server")
     @classmethod
     def _url(cls, v: str) -> str:
@@ -273,6 +285,11 @@ class Settings(BaseSettings):
     def admin_socket(self) -> Path:
         return self.state_dir / "admin.sock"
 
+    @property
+    def config_file(self) -> Path | None:
+        """The file these settings were read from; None: the environment and defaults only."""
+        return self._source
+
 
 def local_url(host: str, port: int) -> str:
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
@@ -301,10 +318,13 @@ def parse_id_list(text: str) -> list[int]:
 SECRET_SETTINGS = frozenset(name.upper() for name, f in Settings.model_fields.items() if _is_secret(f))
 
 
+NTFY_TOPIC_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 def ntfy_url(server: str, topic: str) -> str:
     """NTFY_SERVER + NTFY_TOPIC as an apprise URL: ntfys://host/topic for https, ntfy:// for http."""
     scheme, _, rest = server.partition("://")
-    return f"{'ntfys' if scheme == 'https' else 'ntfy'}://{rest.rstrip('/')}/{topic}"
+    return f"{'ntfys' if scheme == 'https' else 'ntfy'}://{rest.rstrip('/')}/{quote(topic, safe='')}"
 
 
 def config_path(cli_path: str | None) -> Path:
@@ -315,6 +335,23 @@ def config_path(cli_path: str | None) -> Path:
 
 def _field_names() -> list[str]:
     return [name.upper() for name in Settings.model_fields]
+
+
+def misspelled_env(environ: Mapping[str, str]) -> list[str]:
+    """Environment variables that look like a misspelled setting, each with its likely name.
+
+    The environment holds many variables that are not ours, so unlike the file (extra="forbid") an
+    unknown name there cannot be an error; one very close to a setting's name (RESUME_COOLDOWM) is
+    almost surely a typo that would otherwise be silently ignored.
+    """
+    names = _field_names()
+    out = []
+    for var in sorted(environ):
+        if var.isupper() and var not in names:
+            hint = difflib.get_close_matches(var, names, n=1, cutoff=0.85)
+            if hint:
+                out.append(f"{var} in the environment is not a setting (did you mean {hint[0]}?)")
+    return out
 
 
 def _describe(err: dict[str, Any], source: Path | None) -> str:
@@ -347,9 +384,11 @@ def load(cli_path: str | None = None, *, require_file: bool = False) -> Settings
     elif not path.is_file() or not os.access(path, os.R_OK):
         raise ConfigError(f"config file {path} is not a readable file")
     try:
-        return Settings(_env_file=env_file)  # type: ignore[call-arg]
+        settings = Settings(_env_file=env_file)  # type: ignore[call-arg]
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}): {e.reason}") from None
     except ValidationError as e:
         lines = [_describe(dict(err), env_file) for err in e.errors()]
         raise ConfigError("\n".join(lines)) from None
+    settings._source = env_file.resolve() if env_file else None
+    return settings

@@ -10,7 +10,7 @@ from typing import TextIO
 
 from watchdog_llm.base.ids import format_ids as _ids
 from watchdog_llm.base.vocab import NotifyKind
-from watchdog_llm.config import Settings
+from watchdog_llm.config import Settings, misspelled_env
 from watchdog_llm.coordination.catalog import Catalog
 from watchdog_llm.detect import DetectError, make_detector
 from watchdog_llm.detect.slurm import own_jobs
@@ -39,7 +39,9 @@ class Report:
 
 def run_doctor(s: Settings, *, send: bool, out: TextIO, environ: dict[str, str]) -> bool:
     r = Report(out)
-    r.ok("config parsed")
+    r.ok(f"config parsed ({s.config_file or 'no config file: environment and defaults only'})")
+    for typo in misspelled_env(environ):
+        r.warn(typo)
     _state_dir(r, s.state_dir)
     catalog = _model(r, s)
     _gateway(r, s)
@@ -72,7 +74,8 @@ def _model(r: Report, s: Settings) -> Catalog | None:
     try:
         catalog = load_catalog(s)
     except CatalogError as e:
-        r.fail(str(e))
+        for problem in e.problems:
+            r.fail(problem)
     llm = resolve_bin(s.llm_bin)
     if llm is None:
         r.fail(f"LLM_BIN={s.llm_bin!r} not found or not executable")

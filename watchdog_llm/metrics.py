@@ -39,7 +39,10 @@ class Metrics:
         self.restarts = Counter(p + "restarts", "Model restarts after a crash", registry=r)
         self.starts = Counter(p + "model_starts", "Model starts", registry=r)
         self.requests = Counter(
-            p + "requests", "Public requests answered, by route and status code", ["route", "code"], registry=r
+            p + "requests",
+            "Public requests answered, by route, status code and consumer (the key's name; empty: no valid key)",
+            ["route", "code", "consumer"],
+            registry=r,
         )
         self.upstream_latency = Histogram(
             p + "upstream_latency_seconds",

@@ -47,7 +47,14 @@ _PROFILE_KEYS = {
 
 
 class CatalogError(ValueError):
-    """A bad catalog: one line naming the source, entry and field at fault."""
+    """A bad catalog: one line per problem, each naming the source, entry and field at fault.
+
+    Every problem found is reported at once, so a catalog is fixed in one edit, not one per run.
+    """
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
 
 
 def check_vllm_args(words: Iterable[str]) -> None:
@@ -194,69 +201,89 @@ def _from_yaml(path: Path, defaults: Defaults) -> Catalog:
         raw = items
     else:
         raise CatalogError(f"MODELS {path}: expected a list of models (or `models:` with one)")
-    entries = []
+    entries: list[ModelEntry] = []
+    problems: list[str] = []
     for i, item in enumerate(raw, 1):
         where = f"MODELS {path}: model {i}"
         if not isinstance(item, dict):
-            raise CatalogError(f"{where}: expected a mapping of fields")
+            problems.append(f"{where}: expected a mapping of fields")
+            continue
         if isinstance(item.get("name"), str):
             where = f"MODELS {path}: model {item['name']!r}"
-        entries.append(_entry(item, where, defaults))
+        try:
+            entries.append(_entry(item, where, defaults))
+        except CatalogError as e:
+            problems.extend(e.problems)
     if default is not None and not isinstance(default, str):
-        raise CatalogError(f"MODELS {path}: default: expected a model name")
-    return _catalog(entries, default, str(path))
+        problems.append(f"MODELS {path}: default: expected a model name")
+        default = None
+    return _catalog(entries, default, str(path), problems)
 
 
 def _from_dir(path: Path, defaults: Defaults) -> Catalog:
     files = sorted(p for p in path.glob("*.env") if p.is_file())
     if not files:
         raise CatalogError(f"MODELS {path}: no *.env profiles in this directory")
-    entries = []
+    entries: list[ModelEntry] = []
+    problems: list[str] = []
     for f in files:
-        where = f"MODELS {f}"
-        try:
-            text = f.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise CatalogError(f"{where}: cannot be read: {getattr(e, 'strerror', None) or e}") from None
-        values = dotenv_values(stream=io.StringIO(text), interpolate=False)  # data: no ${VAR}, no $(...)
-        item: dict[str, Any] = {"name": f.stem}
-        env: dict[str, str] = {}
-        for key, value in values.items():
-            if value is None:
-                raise CatalogError(f"{where}: line {key!r} has no '=': expected KEY=value")
-            if key.upper() in _PROFILE_KEYS:
-                item[_PROFILE_KEYS[key.upper()]] = value
-            else:
-                env[key] = value
-        if "model" not in item:
-            raise CatalogError(f"{where}: MODEL_NAME is missing")
-        if isinstance(item.get("aliases"), str):
-            item["aliases"] = item["aliases"].replace(",", " ").split()
-        item["env"] = env
-        entries.append(_entry(item, where, defaults))
-    return _catalog(entries, None, str(path))
+        try:  # one profile's first problem ends that profile, not the others
+            entries.append(_profile(f, defaults))
+        except CatalogError as e:
+            problems.extend(e.problems)
+    return _catalog(entries, None, str(path), problems)
 
 
-def _catalog(entries: list[ModelEntry], default: str | None, source: str) -> Catalog:
-    if not entries:
-        raise CatalogError(f"MODELS {source}: the catalog is empty")
+def _profile(f: Path, defaults: Defaults) -> ModelEntry:
+    where = f"MODELS {f}"
+    try:
+        text = f.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CatalogError(f"{where}: cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    values = dotenv_values(stream=io.StringIO(text), interpolate=False)  # data: no ${VAR}, no $(...)
+    item: dict[str, Any] = {"name": f.stem}
+    env: dict[str, str] = {}
+    for key, value in values.items():
+        if value is None:
+            raise CatalogError(f"{where}: line {key!r} has no '=': expected KEY=value")
+        if key.upper() in _PROFILE_KEYS:
+            item[_PROFILE_KEYS[key.upper()]] = value
+        else:
+            env[key] = value
+    if "model" not in item:
+        raise CatalogError(f"{where}: MODEL_NAME is missing")
+    if isinstance(item.get("aliases"), str):
+        item["aliases"] = item["aliases"].replace(",", " ").split()
+    item["env"] = env
+    return _entry(item, where, defaults)
+
+
+def _catalog(entries: list[ModelEntry], default: str | None, source: str, problems: list[str]) -> Catalog:
+    """The catalog from its good entries, or every problem found: the entries' own, then clashes."""
     owner: dict[str, str] = {}
     for e in entries:
         for n in (e.name, *e.aliases):
             other = owner.get(n.lower())
             if other is not None:
                 what = "name" if n == e.name else "alias"
-                raise CatalogError(
-                    f"MODELS {source}: model {e.name!r}: {what} {n!r} is already used by model {other!r}"
-                )
-            owner[n.lower()] = e.name
-    name = entries[0].name
+                problems.append(f"MODELS {source}: model {e.name!r}: {what} {n!r} is already used by model {other!r}")
+            else:
+                owner[n.lower()] = e.name
+    if not entries and not problems:
+        problems.append(f"MODELS {source}: the catalog is empty")
+    hit = entries[0] if entries else None
     if default is not None:
         hit = next((e for e in entries if default in (e.name, *e.aliases)), None)
-        if hit is None:
-            raise CatalogError(f"MODELS {source}: default {default!r} is not one of its models")
-        name = hit.name
-    return Catalog(tuple(entries), name, source)
+        if hit is None and default.lower() not in _bad_names(problems):
+            problems.append(f"MODELS {source}: default {default!r} is not one of its models")
+    if problems or hit is None:
+        raise CatalogError(*problems)
+    return Catalog(tuple(entries), hit.name, source)
+
+
+def _bad_names(problems: list[str]) -> set[str]:
+    """Names of entries already reported bad: a default naming one is not a second problem."""
+    return {m.group(1).lower() for p in problems if (m := re.search(r": model '([^']+)'", p))}
 
 
 def _name_of(model: str) -> str:

@@ -8,6 +8,7 @@ are `{"error", "message", "consumer", "retryable"}` plus, where useful, the lock
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
@@ -151,6 +152,11 @@ def coordination_router(
             rec = coord.swap(body.model, token)
         except CoordError as e:
             return error_response(e)
+        # The owner decides at once (deferred while yielded, stopping when serving) and posts that
+        # stage with call_soon: one turn of the loop lets it land, so the answer says what happens
+        # next rather than the "queued" the record was created with.
+        await asyncio.sleep(0)
+        rec = coord.swaps.get(rec.id) or rec
         return JSONResponse(rec.public(), status_code=202, headers={"Location": f"/api/swap/{rec.id}"})
 
     @r.get("/swap/{swap_id}", response_model=SwapOut, responses={404: _err(404, "no such swap")})

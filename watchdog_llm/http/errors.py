@@ -1,4 +1,4 @@
-"""The error bodies the daemon itself returns (DESIGN.md, "Contracts").
+"""The error bodies the daemon itself returns (README, "The public endpoint").
 
 `/api/*`: {"error": code, "message": text, "consumer": name|null, "retryable": bool}.
 `/v1/*`: the same fields inside OpenAI's envelope, so SDKs show the message; Retry-After on 503/429.

@@ -35,6 +35,9 @@ from watchdog_llm.http.upstream import Lanes
 from watchdog_llm.metrics import Metrics, route_label
 
 log = logging.getLogger("watchdog_llm.gateway")
+# One line per public request: who (the key's consumer), what, the status, how long. Its own logger,
+# so a site can route or silence it apart from the daemon's events.
+access_log = logging.getLogger("watchdog_llm.access")
 
 # Paths under /v1 that are administration, not inference: a public user must not load adapters.
 BLOCKED = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
@@ -139,7 +142,7 @@ class Gateway:
         ).as_dict()
         # Per-request work that repeats: the upstream URL of a path, a metric's child of a label set.
         self._urls: dict[tuple[str, str, bytes], httpx.URL] = {}
-        self._counted: dict[tuple[str, int], Counter] = {}
+        self._counted: dict[tuple[str, int, str], Counter] = {}
         self._latency: dict[str, Histogram] = {}
         self.site = _site(self)
 
@@ -162,7 +165,10 @@ class Gateway:
     async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = route_label(scope["path"])
         self.metrics.in_flight.inc()
+        t0 = time.perf_counter()
         code = CLIENT_GONE
+        # Who asked: set by _exchange once the key is known; None (no key, unknown key) counts as "".
+        scope["watchdog_llm.consumer"] = None
         try:
             code = await self._exchange(scope, receive, send)
         except Exception:
@@ -172,10 +178,22 @@ class Gateway:
             await _send_json(send, 502, body)  # fails silently if a response had already started
         finally:
             self.metrics.in_flight.dec()
-            counter = self._counted.get((route, code))
-            if counter is None:
-                counter = self._counted[(route, code)] = self.metrics.requests.labels(route, str(code))
+            who = scope["watchdog_llm.consumer"] or ""
+            counter = self._counted.get((route, code, who))
+            if counter is None:  # bounded: consumers are the configured keys' names
+                counter = self._counted[(route, code, who)] = self.metrics.requests.labels(route, str(code), who)
             counter.inc()
+            if access_log.isEnabledFor(logging.INFO):
+                client = scope.get("client") or ("-", 0)
+                access_log.info(
+                    '%s "%s %s" %s %.1f ms consumer=%s',
+                    client[0],
+                    scope["method"],
+                    _printable(scope["path"]),
+                    code,
+                    (time.perf_counter() - t0) * 1000,
+                    who or "-",
+                )
 
     async def _exchange(self, scope: Scope, receive: Receive, send: Send) -> int:
         path: str = scope["path"]
@@ -183,7 +201,7 @@ class Gateway:
         if not _safe(path) or path in BLOCKED:
             return await self._refuse(send, 404, "not_found", f"{method} {_printable(path)} is not served here")
         raw = dict(scope["headers"])  # later duplicates win: fine for the few we read
-        consumer = self.keys.consumer(_presented_key(raw))
+        consumer = scope["watchdog_llm.consumer"] = self.keys.consumer(_presented_key(raw))
         if consumer is None:
             msg = "missing or unknown API key: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
             return await self._refuse(send, 401, "invalid_api_key", msg, reason="auth")
