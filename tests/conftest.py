@@ -135,6 +135,7 @@ def daemon_env_for(tmp_path: Path, ntfy: NtfySink) -> dict[str, str]:
         STANDIN_STARTUP_S="0.3",
         RESTART_BACKOFF_MAX="0.5",
         MIN_UPTIME="5",
+        STALE_JOB_GRACE="0",  # scratch job dirs hold no process; tests of stale dirs set it themselves
         WATCHDOG_LLM_CONFIG=str(tmp_path / "config.env"),
     )
     (tmp_path / "config.env").write_text("# test: settings come from the environment\n")
@@ -167,7 +168,9 @@ def slurm() -> Iterator[Any]:
         time.sleep(0.2)
     if busy:
         not_usable(f"node busy with jobs {busy} (these tests need it to themselves)")
+    s.clear_leftovers()
     try:
         yield s
     finally:
         s.cleanup()
+        s.clear_leftovers()

@@ -140,8 +140,8 @@ def test_admin_socket_status_healthz_and_metrics(daemons, daemon_env) -> None:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
         m = r.text
         assert 'watchdog_llm_state{watchdog_llm_state="serving"} 1.0' in m
-        assert 'watchdog_llm_requests_total{code="200",route="/v1/chat/completions"} 1.0' in m
-        assert 'watchdog_llm_requests_total{code="401",route="/v1/chat/completions"} 1.0' in m
+        assert 'watchdog_llm_requests_total{code="200",consumer="test",route="/v1/chat/completions"} 1.0' in m
+        assert 'watchdog_llm_requests_total{code="401",consumer="",route="/v1/chat/completions"} 1.0' in m
         assert "watchdog_llm_upstream_latency_seconds_count" in m and "watchdog_llm_served_seconds" in m
         assert "watchdog_llm_model_starts_total 1.0" in m
         d.start_job("job_5")

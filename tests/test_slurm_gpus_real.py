@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from daemon_harness import DaemonProc, env_with, gone
-from slurm_cluster import Slurm, read_status, run
+from slurm_cluster import REAL_NODE, Slurm, read_status, run
 from test_slurm_real import ModeA, final_notice
 
 pytestmark = [pytest.mark.cgroupfs, pytest.mark.timeout(120)]
@@ -40,7 +40,7 @@ def wait_job_gpus(d: DaemonProc, job: str, timeout: float = 20.0) -> list[int] |
 def test_mode_b_overlap_with_real_jobs(daemon_env: dict[str, str], slurm: Slurm, tmp_path: Path) -> None:
     gpus = tmp_path / "gpus.json"
     shutil.copy(GPUS, gpus)
-    env = env_with(daemon_env, CGROUP_ROOT="/sys/fs/cgroup", GPU_STANDIN=str(gpus), NUM_GPUS="2")
+    env = env_with(daemon_env, **REAL_NODE, GPU_STANDIN=str(gpus), NUM_GPUS="2")
     env.pop("CUDA_VISIBLE_DEVICES", None)
     d = DaemonProc(env)
     try:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from daemon_harness import DaemonProc, env_with, gone
 from helpers import alive, bin_path
-from slurm_cluster import REPO, Slurm, read_status, run, wait_status
+from slurm_cluster import REAL_NODE, REPO, Slurm, read_status, run, wait_status
 
 pytestmark = [pytest.mark.cgroupfs, pytest.mark.timeout(120)]
 
@@ -35,7 +35,7 @@ def final_notice(ntfy: Any, job: str) -> dict[str, Any] | None:
 
 
 def test_mode_b_yields_to_a_real_sbatch_job_and_resumes(daemon_env: dict[str, str], slurm: Slurm) -> None:
-    d = DaemonProc(env_with(daemon_env, CGROUP_ROOT="/sys/fs/cgroup", YIELD_ON="any"))
+    d = DaemonProc(env_with(daemon_env, **REAL_NODE, YIELD_ON="any"))
     try:
         pids = d.wait_state("serving")["model_pids"]
         t0 = time.monotonic()
@@ -72,7 +72,7 @@ class ModeA:
         self.log = tmp / "job.log"
         self.env = env_with(
             env,
-            CGROUP_ROOT="/sys/fs/cgroup",
+            **REAL_NODE,
             WATCHDOG_LLM=bin_path("watchdog-llm"),
             YIELD_GRACE="2",  # well under KillWait (5 s in scripts/slurm-local.sh)
             **extra,

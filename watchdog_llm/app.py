@@ -275,7 +275,12 @@ class Daemon:
         if (job_mode := s.detection_mode.jobs) is not None:
             try:
                 self.detector = make_detector(
-                    job_mode, cgroup_root=s.cgroup_root, poll_interval=s.poll_interval, own=own, log=log
+                    job_mode,
+                    cgroup_root=s.cgroup_root,
+                    poll_interval=s.poll_interval,
+                    own=own,
+                    log=log,
+                    stale_grace=s.stale_job_grace,
                 )
                 jobs = self.detector.start(lambda sig: _discard(loop.call_soon_threadsafe(self._on_detect, sig)))
             except DetectError as e:

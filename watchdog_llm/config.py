@@ -126,6 +126,9 @@ class Settings(BaseSettings):
     detection_mode: DetectionMode = Field(DetectionMode.CGROUP, description="cgroup | procfs | nvml | hybrid")
     cgroup_root: Path = Field(Path("/sys/fs/cgroup"), description="where Slurm job cgroups live")
     poll_interval: float = Field(0.25, gt=0, le=60, description="procfs scan period, seconds")
+    stale_job_grace: float = Field(
+        10.0, ge=0, le=3600, description="a job dir with no process this long was left by Slurm: ignored (0: never)"
+    )
     yield_grace: float = Field(10.0, ge=0, le=600, description="seconds from SIGTERM to SIGKILL")
     resume_cooldown: float = Field(60.0, ge=0, description="seconds with no job before serving again")
     yield_on: YieldOn = Field(YieldOn.AUTO, description="auto | any | overlap")

@@ -177,6 +177,7 @@ def _start_daemon(scratch: Path, ntfy_port: int, key: str) -> subprocess.Popen[b
         SCONTROL_BIN=str(_fake_scontrol(scratch)),
         DETECTION_MODE="hybrid",
         GPU_POLL_INTERVAL="0.5",
+        STALE_JOB_GRACE="0",  # the demo's jobs are bare dirs: no process would ever be in them
     )
     env.pop("CUDA_VISIBLE_DEVICES", None)
     _fake_gpus(scratch / "gpus.json")

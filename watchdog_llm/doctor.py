@@ -14,6 +14,7 @@ from watchdog_llm.config import Settings, misspelled_env
 from watchdog_llm.coordination.catalog import Catalog
 from watchdog_llm.detect import DetectError, make_detector
 from watchdog_llm.detect.slurm import own_jobs
+from watchdog_llm.detect.stale import hides_processes
 from watchdog_llm.supervise.probes import port_in_use
 from watchdog_llm.supervise.specs import model_argv, resolve_bin
 
@@ -187,6 +188,12 @@ def _detection(r: Report, s: Settings, environ: dict[str, str]) -> None:
         for line in det.describe():
             r.info(line)
         r.info(f"jobs on this node now: {', '.join(sorted(jobs)) or 'none'}")
+        if job_mode == "cgroup" and s.stale_job_grace > 0:
+            why = hides_processes(Path("/proc"))
+            if why is None:
+                r.ok(f"job dirs Slurm leaves behind are ignored after {s.stale_job_grace:g} s with no process")
+            else:
+                r.warn(f"{why}: job dirs Slurm leaves behind would hold the GPUs off (STALE_JOB_GRACE)")
     finally:
         det.stop()
 

@@ -44,11 +44,13 @@ def make_detector(
     poll_interval: float,
     own: frozenset[str],
     log: logging.Logger,
+    stale_grace: float = 0.0,
     proc_root: Path = Path("/proc"),
 ) -> Detector:
-    """`mode` is DETECTION_MODE: "cgroup" (inotify on cgroupfs) or "procfs" (scan /proc/<pid>/cgroup)."""
+    """`mode` is DETECTION_MODE: "cgroup" (inotify on cgroupfs) or "procfs" (scan /proc/<pid>/cgroup).
+    `stale_grace` is STALE_JOB_GRACE (cgroup only: a procfs scan sees no job without a process)."""
     if mode == "cgroup":
-        return CgroupDetector(cgroup_root, own, log)
+        return CgroupDetector(cgroup_root, own, log, stale_grace=stale_grace, proc_root=proc_root)
     if mode == "procfs":
         return ProcfsDetector(poll_interval, own, log, proc_root)
     raise DetectError(f"unknown detection mode {mode!r}: expected cgroup or procfs")

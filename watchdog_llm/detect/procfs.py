@@ -7,7 +7,6 @@ Slower than inotify (one `interval` of latency) and blind to jobs with no proces
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -18,9 +17,9 @@ from watchdog_llm.detect.slurm import (
     JobSeen,
     Sink,
     emit,
-    job_paths_in_cgroup_text,
     report_failure,
 )
+from watchdog_llm.detect.stale import jobs_with_processes
 
 
 class ProcfsDetector:
@@ -92,17 +91,4 @@ class ProcfsDetector:
                 emit(sink, JobGone(job, at), self._log)
 
     def _scan(self) -> dict[str, str]:
-        found: dict[str, str] = {}
-        with os.scandir(self._proc) as it:
-            for entry in it:
-                if not (entry.name.isascii() and entry.name.isdigit()):
-                    continue
-                try:
-                    with open(os.path.join(entry.path, "cgroup"), encoding="utf-8", errors="replace") as f:
-                        text = f.read()
-                except OSError:
-                    continue  # the process exited mid-scan, or hidepid hides it: both normal
-                for job, path in job_paths_in_cgroup_text(text).items():
-                    if job not in self._own:
-                        found.setdefault(job, path)
-        return found
+        return jobs_with_processes(self._proc, self._own)

@@ -3,6 +3,7 @@
 Never reads cgroupfs files and never polls it: a predecessor that did contended on kernfs locks and
 hung prologs. We put watches on the few directories where job dirs can appear (see
 `slurm.WATCHED`) and list a directory only when we add its watch or after a queue overflow.
+While jobs are known, a sweep of /proc (see `stale`) finds the dirs Slurm failed to remove.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from watchdog_llm.detect.slurm import (
     report_failure,
     root_kind,
 )
+from watchdog_llm.detect.stale import StaleTracker, hides_processes, jobs_with_processes
 
 _C = InotifyConstants
 # Directory entries only. Never watchdog's default mask: IN_OPEN/IN_CLOSE would report our own reads.
@@ -113,10 +115,20 @@ class _Reader(InotifyFD):
 class CgroupDetector:
     name = "cgroup"
 
-    def __init__(self, root: Path, own: frozenset[str], log: logging.Logger) -> None:
+    def __init__(
+        self,
+        root: Path,
+        own: frozenset[str],
+        log: logging.Logger,
+        *,
+        stale_grace: float = 0.0,
+        proc_root: Path = Path("/proc"),
+    ) -> None:
         self._root = Path(os.path.abspath(root))
         self._own = own
         self._log = log
+        self._stale_grace = stale_grace  # 0: every job dir counts for as long as it exists
+        self._proc = proc_root
         # RLock: handlers nest (a create lists a dir, which may drop it again).
         self._lock = threading.RLock()
         self._callback = _Callback(self)
@@ -132,6 +144,10 @@ class CgroupDetector:
         self._dirs: dict[Path, _Dir] = {}
         self._by_wd: dict[int, _Dir] = {}
         self._where: dict[str, set[Path]] = {}  # job -> every job dir of it we know (v1: one per controller)
+        self._stale: dict[str, set[Path]] = {}  # jobs whose dirs Slurm left behind: reported gone
+        self._sweep: threading.Thread | None = None
+        self._sweep_wake = threading.Event()  # a job appeared, or stop(): ends the sweep's idle wait
+        self._sweep_stop = threading.Event()  # ends its wait between scans (new jobs do not: no extra scans)
         self.overflows = 0
 
     # --- Detector API ------------------------------------------------------------------------
@@ -152,6 +168,7 @@ class CgroupDetector:
                 self._ino = ino
                 self._attach_root(fatal=True)
                 self._sink = sink
+                self._start_sweep()
                 return frozenset(self._where)
         except BaseException:
             # Outside the lock: stop() joins the reader thread, which may be waiting for it.
@@ -169,11 +186,17 @@ class CgroupDetector:
             self._dirs.clear()
             self._by_wd.clear()
             self._where.clear()
+            self._stale.clear()
             self._root_dir = self._anc = None
+            sweep, self._sweep = self._sweep, None
+        self._sweep_stop.set()
+        self._sweep_wake.set()
         if ino is not None:
             ino.stop()  # closes the fd and every watch; the kernel drops them all at once
             if threading.current_thread() is not ino:
                 ino.join()
+        if sweep is not None and threading.current_thread() is not sweep:
+            sweep.join()
 
     def jobs(self) -> frozenset[str]:
         with self._lock:
@@ -202,6 +225,8 @@ class CgroupDetector:
                 lines.append(f"no Slurm cgroup dirs yet; watching {self._root} for them")
             lines.append(f"watching {len(self._dirs) + (self._anc is not None)} dirs")
             lines.append(f"jobs now: {', '.join(sorted(self._where)) or 'none'}")
+            if self._stale:
+                lines.append(f"ignored, left behind by Slurm with no process: {', '.join(sorted(self._stale))}")
             return lines
 
     # --- inotify callbacks (reader thread) ----------------------------------------------------
@@ -450,12 +475,21 @@ class CgroupDetector:
         if places:
             places.add(path)
             return
-        self._where[job] = {path}
+        stale = self._stale.pop(job, None)
+        if stale is not None:  # a new dir of it: Slurm runs a job of that id again
+            self._log.info("detect: %s has a new dir %s: no longer taken as left behind", job, path)
+        self._where[job] = {path} | (stale or set())
+        self._sweep_wake.set()
         if self._sink is not None:
             at = time.monotonic()
             self._pending.append(JobSeen(job, str(path), at, _age_ms(path)))
 
     def _job_path_gone(self, job: str, path: Path) -> None:
+        if (stale := self._stale.get(job)) is not None:  # already reported gone
+            stale.discard(path)
+            if not stale:
+                del self._stale[job]
+            return
         places = self._where.get(job)
         if not places or path not in places:
             return
@@ -477,6 +511,73 @@ class CgroupDetector:
 
     def _still_watched(self, d: _Dir) -> bool:
         return self._watches(d.path, d.wd)
+
+    # --- jobs Slurm left behind (sweep thread) --------------------------------------------------
+
+    def _start_sweep(self) -> None:
+        if self._stale_grace <= 0:
+            return
+        why = hides_processes(self._proc)
+        if why is not None:
+            self._log.warning("detect: %s; job dirs Slurm leaves behind are not spotted", why)
+            return
+        self._sweep = threading.Thread(target=self._sweep_run, name="detect-stale", daemon=True)
+        self._sweep.start()
+
+    def _sweep_run(self) -> None:
+        try:
+            self._sweep_loop()
+        except BaseException as e:  # a bug here must not end the sweep without a word
+            self._fail("the stale-job sweep failed", e)
+
+    def _sweep_loop(self) -> None:
+        tracker = StaleTracker(self._stale_grace)
+        interval = max(self._stale_grace / 2, 0.05)  # stale after grace..1.5 grace with no process
+        failing = False
+        while True:
+            # Idle while no job is known: _job_seen wakes us (cleared first, so no wake is lost).
+            self._sweep_wake.clear()
+            with self._lock:
+                if self._stopped or self._failed:
+                    return
+                idle = not self._where and not self._stale
+            if idle:
+                self._sweep_wake.wait()
+                continue
+            if self._sweep_stop.wait(interval):
+                return
+            try:
+                busy = jobs_with_processes(self._proc, self._own)
+            except OSError as e:  # keep what we know: a failed scan is not "every job is empty"
+                if not failing:
+                    self._log.warning("detect: scanning %s for stale jobs failed: %s", self._proc, e)
+                failing = True
+                continue
+            failing = False
+            with self._lock:
+                if self._stopped or self._failed:
+                    return
+                self._sweep_update(tracker, busy, time.monotonic())
+                out = self._take_pending()
+            self._send(out)
+
+    def _sweep_update(self, tracker: StaleTracker, busy: dict[str, str], now: float) -> None:
+        for job in sorted(self._stale.keys() & busy.keys()):  # a process in it again: a live job
+            self._where[job] = self._stale.pop(job)
+            self._log.info("detect: %s has a process again (%s): a live job", job, busy[job])
+            if self._sink is not None:
+                self._pending.append(JobSeen(job, busy[job], now, None))
+        for job in tracker.update(now, self._where, busy):
+            paths = self._where.pop(job)
+            self._stale[job] = paths
+            self._log.warning(
+                "detect: %s: no process in it for %g s, but Slurm left its dirs (%s); taking it as ended",
+                job,
+                self._stale_grace,
+                ", ".join(str(p) for p in sorted(paths)),
+            )
+            if self._sink is not None:
+                self._pending.append(JobGone(job, now))
 
     def _rescan(self) -> None:
         """After lost events: re-list every watched dir and reconcile, parents before children."""
