@@ -17,7 +17,9 @@ from watchdog_llm.policy import (
     MODEL_DOWN,
     MODEL_RUNNING,
     MODEL_STOPPING,
+    AbortStreams,
     Action,
+    ConfirmRelease,
     Decision,
     DetectorFailed,
     Event,
@@ -31,6 +33,7 @@ from watchdog_llm.policy import (
     Notify,
     Phase,
     SetTimer,
+    SetTunnel,
     Shutdown,
     StartModel,
     Startup,
@@ -42,6 +45,7 @@ from watchdog_llm.policy import (
     TimerFired,
     TransitionError,
     decide,
+    tunnel_wanted,
 )
 
 
@@ -259,7 +263,7 @@ def test_job_arriving_while_serving_yields_and_stops_the_model_with_no_notificat
     dmn = serving()
     d = dmn.feed(JobSeen("4242", detect_ms=0.4), 100.0)
     assert dmn.phase() is Phase.YIELDING
-    assert d.actions == (StopModel("yield"),)  # kill first; nothing is told before the stop is done
+    assert d.actions == (StopModel("yield"), AbortStreams())  # kill first; nothing is told before the stop is done
     assert dmn.state.jobs == {"4242"}
     assert dmn.state.down_since == 100.0
     assert dmn.state.last_yield is not None
@@ -461,7 +465,7 @@ def test_crash_while_serving_after_min_uptime_backs_off_with_a_crashed_notificat
     assert dmn.state.last_exit == 1
     assert dmn.state.serving_since is None
     assert dmn.state.down_since == 3600.0
-    assert [type(a) for a in d.actions] == [Notify, SetTimer]
+    assert [type(a) for a in d.actions] == [Notify, SetTimer, AbortStreams]
     [n] = notices(d)
     assert n.kind == "crashed" and n.priority == "high"
     assert "code 1" in n.body
@@ -732,9 +736,10 @@ def test_a_stale_crash_backoff_timer_cannot_restart_a_serving_model() -> None:
 @pytest.mark.parametrize("make", [starting, serving])
 def test_shutdown_while_a_model_runs_stops_it_then_exits_after_stop_done(make: Callable[[], Daemon]) -> None:
     dmn = make()
+    was_serving = dmn.phase() is Phase.SERVING
     d = dmn.feed(Shutdown("SIGTERM"), 500.0)
     assert dmn.phase() is Phase.STOPPING
-    assert d.actions == (StopModel("shutdown"),)
+    assert d.actions == (StopModel("shutdown"), *((AbortStreams(),) if was_serving else ()))
     assert "SIGTERM" in dmn.state.reason
     d = dmn.feed(StopDone(elapsed_ms=120.0, survivors=0), 500.2)
     assert dmn.phase() is Phase.STOPPED
@@ -748,8 +753,9 @@ def test_shutdown_while_a_model_runs_stops_it_then_exits_after_stop_done(make: C
 @pytest.mark.parametrize("make", [starting, serving])
 def test_detection_failing_while_a_model_runs_stops_it_and_exits_1(make: Callable[[], Daemon]) -> None:
     dmn = make()
+    streams = (AbortStreams(),) if dmn.phase() is Phase.SERVING else ()
     d = dmn.feed(DetectorFailed("the inotify reader thread ended: AttributeError: x"), 500.0)
-    assert dmn.phase() is Phase.STOPPING and d.actions == (StopModel("shutdown"),)
+    assert dmn.phase() is Phase.STOPPING and d.actions == (StopModel("shutdown"), *streams)
     assert_ignored(dmn, DetectorFailed("again"), 500.1)
     assert_ignored(dmn, Shutdown("SIGTERM"), 500.1)  # a signal now does not hide the failure
     d = dmn.feed(StopDone(elapsed_ms=80.0, survivors=0), 500.2)
@@ -959,6 +965,7 @@ class Seen:
     swaps_ended: set[str] = field(default_factory=set)  # swap ids that reported ready or failed
     exits: int = 0
     max_token: int = -1
+    tunnel_up: bool = False  # what the SetTunnel actions so far asked for
 
 
 def _check_step(before: State, event: Event, d: Decision, lim: Limits, seen: Seen) -> None:
@@ -1062,6 +1069,25 @@ def _check_step(before: State, event: Event, d: Decision, lim: Limits, seen: See
             assert t.name == "backoff" and after.phase is Phase.BACKOFF
             assert 0 < t.delay <= lim.restart_backoff_max
 
+    # Outputs that follow the phase: open streams end exactly when serving does; the tunnel is up
+    # exactly while tunnel_wanted says so (under TUNNEL_ON_YIELD=stop: only while serving).
+    aborts = [a for a in actions if isinstance(a, AbortStreams)]
+    left_serving = before.phase is Phase.SERVING and after.phase is not Phase.SERVING
+    assert len(aborts) == (1 if left_serving else 0), (before.phase, after.phase, actions)
+    for t in (a for a in actions if isinstance(a, SetTunnel)):
+        assert t.up != seen.tunnel_up, f"{t} twice in a row"
+        seen.tunnel_up = t.up
+    assert seen.tunnel_up == tunnel_wanted(after, lim)
+    if seen.tunnel_up:
+        assert lim.tunnel and after.phase not in (Phase.INIT, Phase.STOPPING, Phase.STOPPED)
+        assert after.phase is Phase.SERVING or not lim.tunnel_leaves_on_yield
+    # GPU release is confirmed once per finished yield, and only where NVML can say.
+    confirms = [a for a in actions if isinstance(a, ConfirmRelease)]
+    if confirms:
+        assert lim.confirm_gpus and isinstance(event, StopDone) and before.phase is Phase.YIELDING
+        assert len(confirms) == 1 and after.awaiting_release and after.last_yield is not None
+        assert confirms[0].run == after.last_yield.run and confirms[0].gpus == frozenset(after.last_yield.gpus)
+
     # Phase bookkeeping people read in status.json.
     if after.phase is Phase.YIELDED and not lim.gpu_aware:
         assert after.jobs, "yielded with no job to yield to"
@@ -1089,6 +1115,8 @@ def test_random_event_storms_keep_every_invariant(seed: int) -> None:
             restart_limit=rng.choice([1, 2, 3, 5, 10]),
             min_uptime=rng.choice([0.0, 10.0, 60.0]),
             startup_timeout=rng.choice([5.0, 900.0]),
+            tunnel=rng.random() < 0.7,
+            tunnel_leaves_on_yield=rng.random() < 0.5,
         )
         initial = frozenset(rng.sample(["a", "b", "c"], rng.choice([0, 0, 1, 2])))
         world, seen = World(rng, jobs=set(initial)), Seen()

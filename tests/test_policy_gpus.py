@@ -13,6 +13,7 @@ from test_policy import LIMITS, Daemon, Seen, _check_step, notices, of
 from watchdog_llm.base.vocab import YieldOn
 from watchdog_llm.policy import (
     MODEL_RUNNING,
+    AbortStreams,
     Activity,
     Decision,
     Event,
@@ -92,7 +93,7 @@ def test_a_job_on_one_of_our_gpus_takes_them_back() -> None:
     dmn = serving_on()
     dmn.feed(JobSeen("job_5", detect_ms=0.3), 100.0)
     d = dmn.feed(JobGpus("job_5", frozenset({1, 2}), detect_ms=0.3), 100.02)
-    assert d.actions == (StopModel("yield"),)
+    assert d.actions == (StopModel("yield"), AbortStreams())
     rec = dmn.state.last_yield
     assert rec is not None and rec.job == "job_5" and rec.gpus == (2, 3) and rec.detect_ms == 0.3
     assert rec.cause == "Slurm job 5 on GPU 2" and "job 5 on GPU 2" in dmn.state.reason
@@ -101,26 +102,26 @@ def test_a_job_on_one_of_our_gpus_takes_them_back() -> None:
 def test_a_job_whose_gpus_cannot_be_known_takes_them_back() -> None:
     dmn = serving_on()
     dmn.feed(JobSeen("job_5"), 100.0)
-    assert dmn.feed(JobGpus("job_5", None), 100.5).actions == (StopModel("yield"),)
+    assert dmn.feed(JobGpus("job_5", None), 100.5).actions == (StopModel("yield"), AbortStreams())
     assert "cannot be known" in dmn.state.reason
 
 
 def test_yield_on_any_ignores_gpus() -> None:
     dmn = serving_on(replace(OVERLAP, yield_on=YieldOn.ANY))
-    assert dmn.feed(JobSeen("job_5"), 100.0).actions == (StopModel("yield"),)
+    assert dmn.feed(JobSeen("job_5"), 100.0).actions == (StopModel("yield"), AbortStreams())
 
 
 def test_without_gpu_awareness_overlap_means_any() -> None:
     dmn = serving_on(replace(LIMITS, yield_on=YieldOn.OVERLAP))
     assert dmn.state.gpus == frozenset()
-    assert dmn.feed(JobSeen("job_5"), 100.0).actions == (StopModel("yield"),)
+    assert dmn.feed(JobSeen("job_5"), 100.0).actions == (StopModel("yield"), AbortStreams())
 
 
 def test_foreign_process_on_our_gpu_yields_and_its_end_resumes() -> None:
     dmn = serving_on()
     assert dmn.feed(GpuBusy(frozenset({0}), "pid 9 on GPU 0"), 50.0).actions == ()  # not ours
     d = dmn.feed(GpuBusy(frozenset({0, 3}), "pid 9 on GPU 0, pid 10 on GPU 3"), 60.0)
-    assert d.actions == (StopModel("yield"),)
+    assert d.actions == (StopModel("yield"), AbortStreams())
     assert dmn.state.last_yield is not None and dmn.state.last_yield.job == ""
     assert "foreign process on GPU 3" in dmn.state.reason
     dmn.feed(StopDone(30.0, 0), 60.1)
@@ -129,7 +130,10 @@ def test_foreign_process_on_our_gpu_yields_and_its_end_resumes() -> None:
     [start] = of(dmn.feed(TimerFired("cooldown", dmn.state.timer_token), 121.0), StartModel)
     assert start.gpus == {1, 2}
     dmn.feed(ModelReady(), 130.0)
-    assert dmn.feed(GpuBusy(frozenset({0, 2, 3}), "pid 11 on GPU 2"), 140.0).actions == (StopModel("yield"),)
+    assert dmn.feed(GpuBusy(frozenset({0, 2, 3}), "pid 11 on GPU 2"), 140.0).actions == (
+        StopModel("yield"),
+        AbortStreams(),
+    )
     dmn.feed(StopDone(30.0, 0), 140.1)
     assert dmn.phase() is Phase.YIELDED and "1 free GPU(s), 2 needed" in dmn.state.reason
     dmn.feed(GpuBusy(frozenset(), ""), 150.0)  # every foreign process gone
@@ -211,7 +215,8 @@ def test_a_late_confirmation_of_an_earlier_yield_is_not_this_one() -> None:
     dmn.fire("cooldown", 102.0)
     dmn.feed(ModelReady(), 103.0)
     dmn.feed(JobSeen("job_6"), 104.0)
-    assert dmn.feed(JobGpus("job_6", frozenset({2})), 104.01).actions == (StopModel("yield"),)  # no notice yet
+    d = dmn.feed(JobGpus("job_6", frozenset({2})), 104.01)
+    assert d.actions == (StopModel("yield"), AbortStreams())  # no notice yet
     [first] = notices(dmn.feed(StopDone(30.0, 0), 104.05))  # the first yield's notice, unconfirmed
     assert "Slurm job 5" in first.body and "memory free" not in first.body
     assert notices(dmn.feed(GpusReleased(first_run, 5000.0, 0), 105.0)) == []  # late, about yield 1
@@ -269,7 +274,7 @@ def test_memory_still_held_after_a_yield_is_a_loud_notice() -> None:
 def test_shutdown_inside_a_slurm_job_is_a_preemption_with_time_served() -> None:
     dmn = serving_on(replace(LIMITS, own_job="77"))
     d = dmn.feed(Shutdown("SIGTERM"), 10.0 + 7260.0)
-    assert d.actions == (StopModel("shutdown"),)
+    assert d.actions == (StopModel("shutdown"), AbortStreams())
     d = dmn.feed(StopDone(310.0, 0), 7270.5)
     [n] = notices(d)
     assert n.kind == "preempted" and "77" in n.title
@@ -297,7 +302,7 @@ def test_idle_release_stops_and_exits_after_the_quiet_period() -> None:
     [again] = of(d, SetTimer)
     assert again.delay == pytest.approx(390.0) and dmn.phase() is Phase.SERVING
     d = dmn.feed(TimerFired("idle", again.token), 1000.0)
-    assert d.actions == (StopModel("idle"),) and dmn.phase() is Phase.STOPPING
+    assert d.actions == (StopModel("idle"), AbortStreams()) and dmn.phase() is Phase.STOPPING
     d = dmn.feed(StopDone(200.0, 0), 1000.3)
     [n] = notices(d)
     assert n.kind == "released" and "no request for 10 min" in n.body and "served 16 min" in n.body
@@ -363,7 +368,7 @@ def test_gpu_storms_never_run_the_model_on_a_taken_gpu(seed: int) -> None:
     """Under random jobs, lookups and foreign processes: every start uses NUM_GPUS GPUs that no known
     job and no foreign process holds, and a model never keeps running on a GPU somebody else holds."""
     rng = random.Random(seed)
-    lim = replace(OVERLAP, resume_cooldown=5.0, restart_limit=1000)
+    lim = replace(OVERLAP, resume_cooldown=5.0, restart_limit=1000, confirm_gpus=seed % 2 == 0, tunnel=seed % 3 != 0)
     state, now, stops = State(), 0.0, 0
     event: Event = Startup(frozenset())
     seen = Seen()

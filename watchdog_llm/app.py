@@ -33,7 +33,6 @@ import yaml
 from watchdog_llm import __version__
 from watchdog_llm.activity import ActivityProbe
 from watchdog_llm.availability import Availability, availability, typical_start
-from watchdog_llm.base.backoff import backoff_delay
 from watchdog_llm.base.ids import format_ids as _ids
 from watchdog_llm.base.vocab import SWAP_ENDED, NotifyKind, YieldOn
 from watchdog_llm.config import Settings, TunnelOnYield
@@ -60,7 +59,9 @@ from watchdog_llm.http.server import Listener, ListenError, bind_tcp, bind_unix
 from watchdog_llm.metrics import Metrics
 from watchdog_llm.notify import Message, Notifier, NotifyConfigError
 from watchdog_llm.policy import (
+    AbortStreams,
     Activity,
+    ConfirmRelease,
     Decision,
     Event,
     Exit,
@@ -74,6 +75,7 @@ from watchdog_llm.policy import (
     Notify,
     Phase,
     SetTimer,
+    SetTunnel,
     Shutdown,
     StartModel,
     Startup,
@@ -93,8 +95,8 @@ from watchdog_llm.status import STATUS_FILE, write_atomic
 from watchdog_llm.supervise.child import Child, ChildChanged, ChildEvent, ChildExited, ChildReady, ChildStopped
 from watchdog_llm.supervise.probes import free_port
 from watchdog_llm.supervise.specs import load_catalog, model_argv, model_spec, resolve_bin, tunnel_config, tunnel_spec
-from watchdog_llm.supervise.states import ChildState
 from watchdog_llm.supervise.tree import Records, descendants, set_child_subreaper
+from watchdog_llm.supervise.tunnel import TunnelKeeper
 
 log = logging.getLogger("watchdog_llm")
 
@@ -161,6 +163,8 @@ class Daemon:
             restart_limit=settings.restart_limit,
             min_uptime=settings.min_uptime,
             startup_timeout=settings.startup_timeout,
+            tunnel=settings.tunnel_enabled,
+            tunnel_leaves_on_yield=settings.tunnel_on_yield is TunnelOnYield.STOP,
         )
         # since: now, not the monotonic clock's zero (status would say 'init since <uptime> ago').
         self.state = State(since=time.monotonic())
@@ -173,14 +177,11 @@ class Daemon:
         self._yield_detected_at: float | None = None  # monotonic time the yielding job was seen
         self._shutdown_signals = 0
         self._first_signal_at = 0.0
-        self._tunnel_run = 0
-        self._tunnel_wanted = False  # a start is asked for and no exit or stop came since
-        self._tunnel_failures = 0
-        self._tunnel_url = ""
+        self._release_since = 0.0  # monotonic: the finished yield's detection (or stop request)
         self._lock_fd: int | None = None
         self.detector: Detector | None = None
         self.model: Child | None = None
-        self.tunnel: Child | None = None
+        self.tunnel: TunnelKeeper | None = None
         self.notifier: Notifier | None = None
         self._notifier_task: asyncio.Task[None] | None = None
         self._pinger: asyncio.Task[None] | None = None
@@ -266,10 +267,9 @@ class Daemon:
         self.model.launch(self._on_supervisor_crash)
         if s.idle_release_after > 0:
             self.activity = ActivityProbe(s.model_base_url + "/metrics", s.idle_release_after, self._on_activity, log)
-        if s.tunnel_enabled:
+        if s.tunnel_enabled:  # connected by the policy's SetTunnel, from the first decision on
             self.tunnel = self._make_tunnel(records, logs)
-            self.tunnel.launch(self._on_supervisor_crash)
-            self._start_tunnel()
+            self.tunnel.child.launch(self._on_supervisor_crash)
         own = own_jobs(dict(os.environ), _read(Path("/proc/self/cgroup")))
         jobs: frozenset[str] = frozenset()
         if (job_mode := s.detection_mode.jobs) is not None:
@@ -423,9 +423,9 @@ class Daemon:
         tunnel = None
         if self.tunnel is not None:
             tunnel = {
-                "url": self._tunnel_url or None,
-                "ready": self.tunnel.state is ChildState.RUNNING,
-                "state": self.tunnel.state.value,
+                "url": self.tunnel.url or None,
+                "ready": self.tunnel.ready,
+                "state": self.tunnel.child.state.value,
                 "on_yield": s.tunnel_on_yield.value,
             }
         return {
@@ -569,7 +569,7 @@ class Daemon:
             which = "chosen from " + _ids(gp.all_gpus) if gp.all_gpus is not None else _ids(gp.fixed_gpus)
             log.info("GPUs: %s (%s); yield on %s", which, self.gpu.name if self.gpu else "no NVML", gp.yield_on)
 
-    def _make_tunnel(self, records: Records, logs: Path) -> Child:
+    def _make_tunnel(self, records: Records, logs: Path) -> TunnelKeeper:
         s = self.s
         cloudflared = resolve_bin(s.cloudflared_bin)
         if cloudflared is None:
@@ -580,9 +580,18 @@ class Daemon:
         if s.tunnel_id and s.cloudflared_creds:
             config_file = s.state_dir / "cloudflared.yml"
             config_file.write_text(yaml.safe_dump(tunnel_config(s), sort_keys=False))
-        self._tunnel_url = f"https://{s.tunnel_hostname}" if s.tunnel_hostname else ""
         spec = tunnel_spec(s, cloudflared, metrics, config_file)
-        return Child(spec, grace=min(s.yield_grace, 5.0), log_dir=logs, records=records, post=self._on_child, log=log)
+        child = Child(spec, grace=min(s.yield_grace, 5.0), log_dir=logs, records=records, post=self._on_child, log=log)
+        return TunnelKeeper(
+            child,
+            url=f"https://{s.tunnel_hostname}" if s.tunnel_hostname else "",
+            backoff_max=s.restart_backoff_max,
+            min_uptime=s.min_uptime,
+            on_down=lambda body: self._submit(Notify(NotifyKind.TUNNEL, "tunnel down", body, "default")),
+            on_change=self._publish_status,
+            log=log,
+            rng=self.rng,
+        )
 
     def _lock(self) -> None:
         """One daemon per STATE_DIR: a second one would kill the first one's children as leftovers."""
@@ -621,9 +630,10 @@ class Daemon:
             task.cancel()
         # Children last stopped by the policy are already down; close() stops anything left
         # (the tunnel, or everything after an internal error) and ends their owner tasks.
-        for child in (self.model, self.tunnel):
-            if child is not None:
-                await child.close()
+        if self.model is not None:
+            await self.model.close()
+        if self.tunnel is not None:
+            await self.tunnel.close()
         # The gateway answered "shutting down" until the model was gone; now it closes too.
         if self.coord is not None:
             self.coord.swaps.close()  # live swap streams end, so the admin listener can close at once
@@ -687,7 +697,6 @@ class Daemon:
         self._first_signal_at = now
         log.info("%s received: stopping", sig.name)
         self.sd.notify("STOPPING=1")
-        self._stop_tunnel()
         self._handle(Shutdown(sig.name))
 
     def _on_detect(self, sig: Signal) -> None:
@@ -762,59 +771,21 @@ class Daemon:
             self._publish_status()
             return
         if ev.name == "tunnel":
-            self._on_tunnel(ev)
+            if self.tunnel is not None:
+                self.tunnel.on_event(ev)
             return
         match ev:
             case ChildReady(run=run) if run == self.state.run:
                 self._handle(ModelReady())
-                self._start_tunnel()  # TUNNEL_ON_YIELD=stop: back in the replica pool
             case ChildExited(code=code, run=run, why=why, tail=tail):
                 if tail:
                     log.warning("last lines of the model's output:\n  %s", "\n  ".join(tail))
                 self._handle(ModelExited(code, run, why))
             case ChildStopped(result=r):
-                start = self._yield_detected_at or r.requested_at
-                was_yield = self.state.phase is Phase.YIELDING
+                start = self._release_since = self._yield_detected_at or r.requested_at
                 self._handle(StopDone((r.finished_at - start) * 1000, r.survivors))
                 if self.state.phase is not Phase.YIELDING:  # that was the yield's own stop
                     self._yield_detected_at = None
-                    if was_yield and self.state.awaiting_release:
-                        gpus = frozenset(self.state.last_yield.gpus if self.state.last_yield else ())
-                        run = self.state.last_yield.run if self.state.last_yield else 0
-                        self._background(self._confirm_released(run, gpus, set(self._recent_pids), start))
-
-    def _on_tunnel(self, ev: ChildEvent) -> None:
-        if isinstance(ev, ChildReady):
-            log.info("tunnel connected%s", f": {self._tunnel_url}" if self._tunnel_url else "")
-            self._publish_status()
-        elif isinstance(ev, ChildExited) and self.state.phase not in (Phase.STOPPING, Phase.STOPPED):
-            self._tunnel_wanted = False
-            ran = time.monotonic() - (self.tunnel.run_started_at or 0) if self.tunnel else 0
-            self._tunnel_failures = 1 if ran >= self.s.min_uptime else self._tunnel_failures + 1
-            delay = backoff_delay(
-                min(self._tunnel_failures - 1, 30), cap=self.s.restart_backoff_max, jitter=self.rng.random()
-            )
-            body = f"tunnel {ev.why}; restarting in {delay:.1f} s"
-            log.warning("%s", body)
-            self._submit(Notify(NotifyKind.TUNNEL, "tunnel down", body, "default"))
-            self._arm_callback("tunnel", delay, self._start_tunnel)
-            self._publish_status()
-
-    def _start_tunnel(self) -> None:
-        """Connect the tunnel unless it is (being) connected already. Under TUNNEL_ON_YIELD=stop only
-        a serving model is worth connecting for: a restart timer firing while yielded waits."""
-        if self.tunnel is None or self._tunnel_wanted or self.state.phase in (Phase.STOPPING, Phase.STOPPED):
-            return
-        if self.s.tunnel_on_yield is TunnelOnYield.STOP and self.state.phase is not Phase.SERVING:
-            return
-        self._tunnel_wanted = True
-        self._tunnel_run += 1
-        self.tunnel.start(self._tunnel_run)
-
-    def _stop_tunnel(self) -> None:
-        if self.tunnel is not None:
-            self._tunnel_wanted = False
-            self.tunnel.stop()
 
     # ---- the one place decisions are made and carried out --------------------------------------
 
@@ -845,14 +816,18 @@ class Daemon:
                     notices.append(action)
                 case SwapUpdate():
                     updates.append(action)
+                case AbortStreams():  # open streams end now, with an error event
+                    if self.gateway is not None:
+                        self.gateway.model_down()
+                case SetTunnel(up=up):
+                    if self.tunnel is not None:
+                        self.tunnel.want(up)
+                case ConfirmRelease(run=run, gpus=gpus):
+                    since, pids = self._release_since, set(self._recent_pids)
+                    self._background(self._confirm_released(run, gpus, pids, since))
                 case Exit(code=code):
                     self._exit_code = code
                     self._exit.set()
-        left_serving = d.state.phase is not Phase.SERVING and before.phase is Phase.SERVING
-        if left_serving and self.gateway is not None:  # streams end now, with an error event
-            self.gateway.model_down()
-        if left_serving and self.s.tunnel_on_yield is TunnelOnYield.STOP:  # a yield, a crash: leave the pool
-            self._stop_tunnel()
         if self.activity is not None and d.state.phase not in (Phase.STARTING, Phase.SERVING):
             self.activity.stop()
         if updates:
@@ -941,7 +916,7 @@ class Daemon:
             return
         body = n.body
         if n.kind in (NotifyKind.ONLINE, NotifyKind.RESUMED, NotifyKind.SWAPPED):
-            url = self._tunnel_url or self.s.public_base_url
+            url = (self.tunnel.url if self.tunnel else "") or self.s.public_base_url
             gpus = self.state.model.gpus if self.state.model.gpus is not None else self.s.num_gpus
             body += f"\nmodel: {self.state.model.name}\nGPUs: {gpus}\nURL: {url}"
         self.notifier.submit(Message(n.kind, n.title, body, n.priority))
@@ -979,10 +954,10 @@ class Daemon:
             "tunnel": None
             if self.tunnel is None
             else {
-                "state": self.tunnel.state.value,
-                "url": self._tunnel_url,
-                "pids": self.tunnel.pids,
-                "ready": self.tunnel.state is ChildState.RUNNING,
+                "state": self.tunnel.child.state.value,
+                "url": self.tunnel.url,
+                "pids": self.tunnel.child.pids,
+                "ready": self.tunnel.ready,
             },
             "detector": self.s.detection_mode.value,
             "served_s": round(served(st, time.monotonic()), 1),

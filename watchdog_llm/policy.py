@@ -82,6 +82,10 @@ class Limits:
     # A job whose GPUs cannot be read: a conflict, to be safe, unless Slurm allocated ours to us (it
     # never gives them to another job then, and PrivateData hides every other user's job).
     unknown_conflicts: bool = True
+    # The Cloudflare tunnel: kept up from the first decision to shutdown; with leaves_on_yield
+    # (TUNNEL_ON_YIELD=stop) only while serving, so Cloudflare routes to replicas that can answer.
+    tunnel: bool = False
+    tunnel_leaves_on_yield: bool = False
 
     @property
     def gpu_aware(self) -> bool:
@@ -242,7 +246,27 @@ class SwapUpdate:
     detail: str
 
 
-Action = StartModel | StopModel | SetTimer | Notify | Exit | SwapUpdate
+@dataclass(frozen=True, slots=True)
+class AbortStreams:
+    """Serving ended: the gateway ends its open streams now, each with an error event."""
+
+
+@dataclass(frozen=True, slots=True)
+class SetTunnel:
+    """Connect (up) or disconnect the tunnel; its restarts after a crash are its owner's business."""
+
+    up: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConfirmRelease:
+    """A yield's stop is done: ask NVML until none of our processes is on `gpus` (answer: GpusReleased)."""
+
+    run: int
+    gpus: frozenset[int]
+
+
+Action = StartModel | StopModel | SetTimer | Notify | Exit | SwapUpdate | AbortStreams | SetTunnel | ConfirmRelease
 
 
 # ---- state -------------------------------------------------------------------------------------
@@ -436,9 +460,36 @@ def decide(state: State, event: Event, now: float, limits: Limits, jitter: float
         state = replace(state, stops_pending=max(0, state.stops_pending - 1))
         if state.stops_pending:
             return Decision(state)
+    before = state
     d = _decide(state, event, now, limits, jitter)
     stops = sum(isinstance(a, StopModel) for a in d.actions)
-    return Decision(replace(d.state, stops_pending=d.state.stops_pending + stops), d.actions) if stops else d
+    if stops:
+        d = Decision(replace(d.state, stops_pending=d.state.stops_pending + stops), d.actions)
+    return _follow_phase(before, d, limits)
+
+
+def tunnel_wanted(state: State, limits: Limits) -> bool:
+    """Should the tunnel be connected in this state?"""
+    if not limits.tunnel or state.phase in (Phase.INIT, Phase.STOPPING, Phase.STOPPED):
+        return False
+    return state.phase is Phase.SERVING or not limits.tunnel_leaves_on_yield
+
+
+def _follow_phase(before: State, d: Decision, limits: Limits) -> Decision:
+    """Actions that follow from the phase change alone, added here so that no branch of _decide can
+    forget them: streams end when serving does; the tunnel follows `tunnel_wanted`. After the
+    decision's own actions (kills first), before its Exit (always last)."""
+    extra: list[Action] = []
+    if before.phase is Phase.SERVING and d.state.phase is not Phase.SERVING:
+        extra.append(AbortStreams())
+    if (up := tunnel_wanted(d.state, limits)) != tunnel_wanted(before, limits):
+        extra.append(SetTunnel(up))
+    if not extra:
+        return d
+    acts = d.actions
+    if acts and isinstance(acts[-1], Exit):
+        return Decision(d.state, (*acts[:-1], *extra, acts[-1]))
+    return Decision(d.state, (*acts, *extra))
 
 
 def _decide(state: State, event: Event, now: float, limits: Limits, jitter: float) -> Decision:
@@ -596,6 +647,8 @@ def _stop_done(state: State, ms: float, survivors: int, now: float, limits: Limi
         earlier = tuple(_yield_notice(r) for r in state.unsent)
         state = replace(state, last_yield=rec, serving_since=None, awaiting_release=limits.confirm_gpus, unsent=())
         notices: tuple[Action, ...] = earlier if limits.confirm_gpus else (*earlier, _yield_notice(rec))
+        if limits.confirm_gpus:
+            notices += (ConfirmRelease(rec.run if rec else 0, frozenset(rec.gpus if rec else ())),)
         gpus = plan_gpus(state, limits)
         if isinstance(gpus, str):
             return Decision(_to(state, Phase.YIELDED, now, gpus), notices)
