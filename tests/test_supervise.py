@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -195,6 +196,52 @@ def test_leftovers_are_killed_only_if_pid_and_start_time_match(tmp_path: Path) -
         assert alive([other.pid])
     finally:
         for p in (ours, other):
+            p.kill()
+            p.wait()
+
+
+def test_leftovers_take_what_their_tree_started_after_the_last_record(tmp_path: Path) -> None:
+    """A daemon SIGKILLed while its model started: the tree grew after its last record. The next
+    daemon kills the recorded leader, a child it forked since, and an orphan of it still in its
+    session; a stranger in a session of its own lives."""
+    import subprocess
+
+    pidfile = tmp_path / "pids"
+    code = (
+        "import os, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        # a grandchild whose parent exits at once: re-parented, outside the leader's descendants
+        "mid = subprocess.Popen([sys.executable, '-c', "
+        '\'import subprocess, sys; p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]);'
+        " print(p.pid, flush=True)'], stdout=subprocess.PIPE, text=True)\n"
+        "orphan = int(mid.stdout.readline()); mid.wait()\n"
+        f"open({str(pidfile)!r}, 'w').write(f'{{child.pid}} {{orphan}}')\n"
+        "time.sleep(60)\n"
+    )
+    leader = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    late: list[int] = []
+    try:
+        deadline = time.monotonic() + 20
+        while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        late = [int(x) for x in pidfile.read_text().split()]
+        assert alive(late) and late[1] not in {c.pid for c in psutil.Process(leader.pid).children(recursive=True)}
+        recs = {
+            "daemon_pid": 1,
+            "children": {"model": [{"pid": leader.pid, "create_time": psutil.Process(leader.pid).create_time()}]},
+        }
+        (tmp_path / "children.json").write_text(json.dumps(recs))
+        killed = Records(tmp_path / "children.json", log).kill_leftovers()
+        assert {k.pid for k in killed} == {leader.pid, *late} and {k.child for k in killed} == {"model"}
+        leader.wait(5)
+        assert not alive(late)
+        assert alive([stranger.pid, os.getpid()])
+    finally:
+        for pid in late:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        for p in (leader, stranger):
             p.kill()
             p.wait()
 

@@ -179,12 +179,11 @@ class Daemon:
         self._first_signal_at = 0.0
         self._release_since = 0.0  # monotonic: the finished yield's detection (or stop request)
         self._lock_fd: int | None = None
+        self._stack = contextlib.AsyncExitStack()  # replaced by run()'s: what starts registers its cleanup
         self.detector: Detector | None = None
         self.model: Child | None = None
         self.tunnel: TunnelKeeper | None = None
         self.notifier: Notifier | None = None
-        self._notifier_task: asyncio.Task[None] | None = None
-        self._pinger: asyncio.Task[None] | None = None
         self.gpu: GpuView | None = None
         self.gpu_plan = GpuPlan()
         self.gpu_watch: GpuWatch | None = None
@@ -205,26 +204,25 @@ class Daemon:
         self.catalog: Catalog | None = None
         self.coord: Coordinator | None = None
         self.webhooks: Webhooks | None = None
-        self._webhooks_task: asyncio.Task[None] | None = None
         self._llm_bin = ""
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
     async def run(self) -> int:
-        """Run until shut down. Raises StartupError before anything was started; never leaves
-        a child running when it returns."""
-        try:
+        """Run until shut down. Raises StartupError (after undoing what had started); never leaves
+        a child running when it returns.
+
+        Shutdown is ordered by construction: each part registers its cleanup on the exit stack as
+        it starts, so parts stop in the reverse order of their start (the detector and timers
+        before the children, the children before the listeners, notifications last but the lock)."""
+        async with contextlib.AsyncExitStack() as stack:
+            self._stack = stack
             await self._startup()
-        except BaseException:
-            await self._shutdown()
-            raise
-        try:
-            await self._exit.wait()
-        except BaseException:
-            log.exception("internal error; stopping everything")
-            self._exit_code = 1
-        finally:
-            await self._shutdown()
+            try:
+                await self._exit.wait()
+            except BaseException:
+                log.exception("internal error; stopping everything")
+                self._exit_code = 1
         return self._exit_code
 
     async def _startup(self) -> None:
@@ -250,8 +248,11 @@ class Daemon:
             self.notifier = Notifier(s.notify_url_list, coalesce=s.notify_coalesce, node=s.node_name, log=log)
         except NotifyConfigError as e:
             raise StartupError(f"NOTIFY_URLS/NTFY_TOPIC: {e}") from None
-        self._notifier_task = asyncio.create_task(self.notifier.run(), name="notifier")
+        notifying = asyncio.create_task(self.notifier.run(), name="notifier")
+        self._stack.push_async_callback(self._close_notifier, self.notifier, notifying)
         self._setup_gpus()
+        # Removed only once the children are closed: a second Ctrl-C while they stop means "hurry".
+        self._stack.callback(self._remove_signal_handlers, loop)
         await self._open_listeners(load_keys(s))
         logs = s.state_dir / "logs"
         self.model = Child(
@@ -265,11 +266,17 @@ class Daemon:
             on_line=self.coord.swaps.log_line if self.coord is not None else None,
         )
         self.model.launch(self._on_supervisor_crash)
-        if s.idle_release_after > 0:
-            self.activity = ActivityProbe(s.model_base_url + "/metrics", s.idle_release_after, self._on_activity, log)
+        # Children last stopped by the policy are already down; close() stops anything left (after
+        # an internal error, everything) and ends their owner tasks.
+        self._stack.push_async_callback(self.model.close)
         if s.tunnel_enabled:  # connected by the policy's SetTunnel, from the first decision on
             self.tunnel = self._make_tunnel(records, logs)
             self.tunnel.child.launch(self._on_supervisor_crash)
+            self._stack.push_async_callback(self.tunnel.close)
+        if s.idle_release_after > 0:
+            self.activity = ActivityProbe(s.model_base_url + "/metrics", s.idle_release_after, self._on_activity, log)
+            self._stack.callback(self.activity.stop)
+        self._stack.callback(self._cancel_pending)  # before the children close: no timer restarts one
         own = own_jobs(dict(os.environ), _read(Path("/proc/self/cgroup")))
         jobs: frozenset[str] = frozenset()
         if (job_mode := s.detection_mode.jobs) is not None:
@@ -283,6 +290,7 @@ class Daemon:
                     stale_grace=s.stale_job_grace,
                 )
                 jobs = self.detector.start(lambda sig: _discard(loop.call_soon_threadsafe(self._on_detect, sig)))
+                self._stack.callback(self.detector.stop)
             except DetectError as e:
                 raise StartupError(f"DETECTION_MODE={s.detection_mode.value}: {e}") from None
             for line in self.detector.describe():
@@ -307,6 +315,7 @@ class Daemon:
                 log,
             )
             self.gpu_watch.start()
+            self._stack.push_async_callback(asyncio.to_thread, self.gpu_watch.stop)
         for sig in SHUTDOWN_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
         # Jobs already running are looked up before the first decision (no start on a job's GPUs).
@@ -323,7 +332,8 @@ class Daemon:
             self._handle(Startup(frozenset()))
         self.sd.notify("READY=1")
         if usec := os.environ.get("WATCHDOG_USEC"):
-            self._pinger = asyncio.create_task(self._watchdog_pings(int(usec) / 1e6), name="sd-watchdog")
+            pinger = asyncio.create_task(self._watchdog_pings(int(usec) / 1e6), name="sd-watchdog")
+            self._stack.callback(pinger.cancel)
 
     def _setup_coordination(self) -> tuple[SwapRecord, ModelEntry] | None:
         """Lock, swaps, schedule, connectivity log and webhooks, from their files in STATE_DIR.
@@ -363,7 +373,8 @@ class Daemon:
                 log=log,
                 on_result=lambda outcome, _event: self.metrics.webhooks.labels(outcome).inc(),
             )
-            self._webhooks_task = asyncio.create_task(self.webhooks.run(), name="webhooks")
+            sending = asyncio.create_task(self.webhooks.run(), name="webhooks")
+            self._stack.push_async_callback(self._close_webhooks, self.webhooks, sending)
         self.coord = Coordinator(
             catalog=cat,
             lock=SwapLock(JsonStore(s.state_dir / "lock.json", log), max_ttl=s.swap_lock_max_ttl, log=log),
@@ -488,6 +499,7 @@ class Daemon:
             lambda: (s.model_base_url, self._internal_key),
             lambda: {"model": self._public_model_name(), "since": self._wall(self.state.since)},
         )
+        self._stack.push_async_callback(self.gateway.aclose)  # after its listener: it answered until then
         assert self.coord is not None
         admin = build_admin(
             self.status,
@@ -508,8 +520,13 @@ class Daemon:
                 sock.close()
             raise StartupError(str(e)) from None
         self.listeners = [Listener("public", self.gateway, socks[0], log), Listener("admin", admin, socks[1], log)]
+        if not s.admin_host:
+            self._stack.callback(_unlink, s.admin_socket)
         for listener in self.listeners:
+            self._stack.push_async_callback(listener.stop)
             await listener.start()
+        # Live swap streams end first, so that the admin listener can close at once.
+        self._stack.callback(self.coord.swaps.close)
         where = f"{s.admin_host}:{s.admin_port} (token required)" if s.admin_host else str(s.admin_socket)
         log.info("gateway on %s (%d key(s)); admin API on %s", s.public_base_url, len(keys), where)
 
@@ -532,6 +549,7 @@ class Daemon:
         """NVML (or its stand-in), which GPUs are ours, and how jobs are judged against them."""
         s = self.s
         self.gpu = open_gpu_view(s.gpu_standin, s.nvml_timeout, log)
+        self._stack.callback(self._close_gpu)
         try:
             self.gpu_plan = plan_gpus(s, self.gpu, os.environ, log)
         except GpuSetupError as e:
@@ -613,58 +631,45 @@ class Daemon:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        self._stack.callback(self._unlock)
 
-    async def _shutdown(self) -> None:
-        for handle in self._timers.values():
-            handle.cancel()
-        if self._pinger is not None:
-            self._pinger.cancel()
-        if self.detector is not None:
-            self.detector.stop()
-        self._exiting.set()
-        if self.gpu_watch is not None:
-            await asyncio.to_thread(self.gpu_watch.stop)
-        if self.activity is not None:
-            self.activity.stop()
-        for task in list(self._tasks):
-            task.cancel()
-        # Children last stopped by the policy are already down; close() stops anything left
-        # (the tunnel, or everything after an internal error) and ends their owner tasks.
-        if self.model is not None:
-            await self.model.close()
-        if self.tunnel is not None:
-            await self.tunnel.close()
-        # The gateway answered "shutting down" until the model was gone; now it closes too.
-        if self.coord is not None:
-            self.coord.swaps.close()  # live swap streams end, so the admin listener can close at once
-        for listener in self.listeners:
-            await listener.stop()
-        if self.gateway is not None:
-            await self.gateway.aclose()
-        if not self.s.admin_host and self.listeners:
-            with contextlib.suppress(OSError):
-                self.s.admin_socket.unlink()
-        # Signal handlers stay until the children are closed: a second Ctrl-C there means "hurry".
-        with contextlib.suppress(RuntimeError):
-            loop = asyncio.get_running_loop()
-            for sig in SHUTDOWN_SIGNALS:
-                loop.remove_signal_handler(sig)
-        if self.notifier is not None:
-            await self.notifier.close(NOTIFY_FLUSH_TIMEOUT)
-        if self._notifier_task is not None:
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(self._notifier_task, 1.0)
-        if self.webhooks is not None:
-            await self.webhooks.close(WEBHOOK_FLUSH_TIMEOUT)
-        if self._webhooks_task is not None:
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
-                await asyncio.wait_for(self._webhooks_task, 1.0)
-        if self.gpu is not None:
-            self.gpu.close()
-        if self._lock_fd is not None:  # we own STATE_DIR: record the final state
-            self._publish_status()
+    # ---- cleanups, registered on the exit stack as their parts start ---------------------------
+
+    def _unlock(self) -> None:
+        """Last: we own STATE_DIR until here, so the final state is ours to record."""
+        self._publish_status()
+        if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    def _close_gpu(self) -> None:
+        if self.gpu is not None:  # None again when no GPU was listed
+            self.gpu.close()
+
+    def _cancel_pending(self) -> None:
+        """Timers, release confirmations (their NVML wait ends on _exiting) and background lookups."""
+        for handle in self._timers.values():
+            handle.cancel()
+        self._exiting.set()
+        for task in list(self._tasks):
+            task.cancel()
+
+    @staticmethod
+    def _remove_signal_handlers(loop: asyncio.AbstractEventLoop) -> None:
+        for sig in SHUTDOWN_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+    @staticmethod
+    async def _close_notifier(notifier: Notifier, task: asyncio.Task[None]) -> None:
+        await notifier.close(NOTIFY_FLUSH_TIMEOUT)
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(task, 1.0)
+
+    @staticmethod
+    async def _close_webhooks(webhooks: Webhooks, task: asyncio.Task[None]) -> None:
+        await webhooks.close(WEBHOOK_FLUSH_TIMEOUT)
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
+            await asyncio.wait_for(task, 1.0)
 
     def _on_supervisor_crash(self, exc: BaseException) -> None:
         # A bug in supervision: its processes were SIGKILLed; stop the daemon rather than pretend.
@@ -990,6 +995,11 @@ class Daemon:
             write_atomic(self.s.state_dir / STATUS_FILE, self.status())
         except OSError as e:
             log.warning("cannot write %s: %s", self.s.state_dir / STATUS_FILE, e.strerror or e)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 def _discard(_: object) -> None:

@@ -274,7 +274,9 @@ class Records:
                 self._warned = True
 
     def kill_leftovers(self) -> list[Leftover]:
-        """SIGKILL processes recorded by a previous run that are still the same processes."""
+        """SIGKILL processes recorded by a previous run that are still the same processes, with
+        everything they started since (a tree that grew after its last record: a killed daemon
+        records nothing more)."""
         try:
             data = json.loads(self.path.read_text())
             children = data["children"]
@@ -283,22 +285,61 @@ class Records:
         except (OSError, ValueError, KeyError, TypeError) as e:
             self.log.warning("ignoring unreadable %s: %s", self.path, e)
             return []
-        killed: list[Leftover] = []
-        procs: list[psutil.Process] = []
+        roots: list[tuple[str, psutil.Process]] = []
         for child, recs in children.items():
             for rec in recs:
                 try:
                     p = psutil.Process(int(rec["pid"]))
                     if abs(p.create_time() - float(rec["create_time"])) > 0.01:
                         continue  # the pid now names another process
-                    name = p.name()
-                    p.kill()
-                    killed.append(Leftover(child, p.pid, name))
-                    procs.append(p)
+                    roots.append((child, p))
                 except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, TypeError, ValueError):
                     continue
-        if procs:
-            psutil.wait_procs(procs, timeout=5)
+        killed = _kill_trees(roots)
         self._data = {}
         self._write()
         return killed
+
+
+def _kill_trees(roots: list[tuple[str, psutil.Process]]) -> list[Leftover]:
+    """SIGKILL `roots`, their descendants, and the members of every session one of them leads
+    (where a child that was forked while its parent died ends up). Rounds until no new process
+    turns up: a process forking while we kill has its child found by the next round. Sessions only
+    of a verified root: never the caller's own session, never anyone else's."""
+    sids = set()
+    for _, p in roots:
+        with contextlib.suppress(OSError):
+            if os.getsid(p.pid) == p.pid:
+                sids.add(p.pid)
+    owner = {p.pid: child for child, p in roots}
+    live = [p for _, p in roots]
+    done: dict[int, psutil.Process] = {}
+    killed: list[Leftover] = []
+    for _ in range(10):
+        found: dict[int, psutil.Process] = {}
+        for p in live:
+            found[p.pid] = p
+            with contextlib.suppress(psutil.Error):
+                for c in p.children(recursive=True):
+                    found.setdefault(c.pid, c)
+                    owner.setdefault(c.pid, owner.get(p.pid, "?"))
+        if sids:
+            for q in psutil.process_iter():
+                with contextlib.suppress(OSError, psutil.Error):
+                    if q.pid not in found and os.getsid(q.pid) in sids:
+                        found[q.pid] = q
+                        owner.setdefault(q.pid, owner.get(os.getsid(q.pid), "?"))
+        new = [p for pid, p in found.items() if pid not in done]
+        if not new:
+            break
+        for p in new:
+            done[p.pid] = p
+            try:
+                name = p.name()
+                p.kill()  # psutil checks it is still the same process (pid and start time)
+            except psutil.Error:
+                continue
+            killed.append(Leftover(owner.get(p.pid, "?"), p.pid, name))
+        live = new
+    psutil.wait_procs(list(done.values()), timeout=5)
+    return killed
