@@ -226,6 +226,9 @@ class Daemon:
         return self._exit_code
 
     async def _startup(self) -> None:
+        """State dir and lock, catalog, coordination, leftovers, notifier, GPUs, listeners,
+        children, detection, signals, then the first decision. Each step that can fail does so
+        with a StartupError before the next one starts."""
         s = self.s
         prepare_state_dir(s.state_dir)
         self._lock()
@@ -254,6 +257,19 @@ class Daemon:
         # Removed only once the children are closed: a second Ctrl-C while they stop means "hurry".
         self._stack.callback(self._remove_signal_handlers, loop)
         await self._open_listeners(load_keys(s))
+        self._start_children(records)
+        jobs = self._start_detection(loop)
+        for sig in SHUTDOWN_SIGNALS:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        await self._first_decision(pending, jobs)
+        self.sd.notify("READY=1")
+        if usec := os.environ.get("WATCHDOG_USEC"):
+            pinger = asyncio.create_task(self._watchdog_pings(int(usec) / 1e6), name="sd-watchdog")
+            self._stack.callback(pinger.cancel)
+
+    def _start_children(self, records: Records) -> None:
+        """The model's owner (started by the policy's StartModel), the tunnel's, the idle probe."""
+        s = self.s
         logs = s.state_dir / "logs"
         self.model = Child(
             self._model_spec(self.state.model.name),
@@ -277,6 +293,10 @@ class Daemon:
             self.activity = ActivityProbe(s.model_base_url + "/metrics", s.idle_release_after, self._on_activity, log)
             self._stack.callback(self.activity.stop)
         self._stack.callback(self._cancel_pending)  # before the children close: no timer restarts one
+
+    def _start_detection(self, loop: asyncio.AbstractEventLoop) -> frozenset[str]:
+        """Slurm jobs (cgroup or procfs) and foreign GPU processes; returns the jobs already running."""
+        s = self.s
         own = own_jobs(dict(os.environ), _read(Path("/proc/self/cgroup")))
         jobs: frozenset[str] = frozenset()
         if (job_mode := s.detection_mode.jobs) is not None:
@@ -316,8 +336,9 @@ class Daemon:
             )
             self.gpu_watch.start()
             self._stack.push_async_callback(asyncio.to_thread, self.gpu_watch.stop)
-        for sig in SHUTDOWN_SIGNALS:
-            loop.add_signal_handler(sig, self._on_signal, sig)
+        return jobs
+
+    async def _first_decision(self, pending: tuple[SwapRecord, ModelEntry] | None, jobs: frozenset[str]) -> None:
         # Jobs already running are looked up before the first decision (no start on a job's GPUs).
         # Meanwhile the detector and signals may already speak: each event goes through the policy
         # (in phase init it just remembers), and a signal in that window ends the daemon here.
@@ -330,10 +351,6 @@ class Daemon:
         await asyncio.gather(*lookups)
         if self.state.phase is Phase.INIT:
             self._handle(Startup(frozenset()))
-        self.sd.notify("READY=1")
-        if usec := os.environ.get("WATCHDOG_USEC"):
-            pinger = asyncio.create_task(self._watchdog_pings(int(usec) / 1e6), name="sd-watchdog")
-            self._stack.callback(pinger.cancel)
 
     def _setup_coordination(self) -> tuple[SwapRecord, ModelEntry] | None:
         """Lock, swaps, schedule, connectivity log and webhooks, from their files in STATE_DIR.
