@@ -7,6 +7,7 @@ import json
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,6 +19,8 @@ from helpers import TEST_KEY, alive, bin_path, free_port
 
 from watchdog_llm.config import Settings
 from watchdog_llm.supervise.tree import set_child_subreaper
+
+MEMORY = Path("/sys/fs/cgroup/memory")  # cgroup v1: the real-cgroupfs tests make Slurm-shaped dirs here
 
 # Orphans of anything a test starts (a SIGKILLed daemon's model tree, say) re-parent to pytest
 # instead of init, so the leftover check below sees every process the test is responsible for.
@@ -174,3 +177,20 @@ def slurm() -> Iterator[Any]:
     finally:
         s.cleanup()
         s.clear_leftovers()
+
+
+@pytest.fixture
+def slurm_v1() -> Iterator[Path]:
+    """`memory/slurm_wdtest<random>/uid_0`: Debian's v1 layout, removed afterwards (deepest first)."""
+    if os.geteuid() != 0 or not MEMORY.is_dir():
+        pytest.skip("needs root and a cgroup v1 memory controller")
+    top = MEMORY / f"slurm_wdtest{uuid.uuid4().hex[:8]}"
+    try:
+        (top / "uid_0").mkdir(parents=True)
+    except OSError as e:
+        pytest.skip(f"cannot create cgroups here: {e.strerror}")
+    yield top / "uid_0"
+    for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    top.rmdir()

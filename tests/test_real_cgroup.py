@@ -3,36 +3,14 @@ modes end to end. A real process in a real job cgroup is what the procfs scanner
 
 from __future__ import annotations
 
-import contextlib
-import os
 import subprocess
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from daemon_harness import DaemonProc, env_with, gone
 from helpers import wait_for
 
-MEMORY = Path("/sys/fs/cgroup/memory")
 pytestmark = [pytest.mark.cgroupfs, pytest.mark.timeout(90)]
-
-
-@pytest.fixture
-def slurm_v1() -> Iterator[Path]:
-    """`memory/slurm_wdtest<random>/uid_0`: Debian's v1 layout, removed afterwards (deepest first)."""
-    if os.geteuid() != 0 or not MEMORY.is_dir():
-        pytest.skip("needs root and a cgroup v1 memory controller")
-    top = MEMORY / f"slurm_wdtest{uuid.uuid4().hex[:8]}"
-    try:
-        (top / "uid_0").mkdir(parents=True)
-    except OSError as e:
-        pytest.skip(f"cannot create cgroups here: {e.strerror}")
-    yield top / "uid_0"
-    for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        with contextlib.suppress(OSError):
-            d.rmdir()
-    top.rmdir()
 
 
 def test_inotify_on_real_cgroupfs_yields_and_resumes(daemon_env: dict[str, str], slurm_v1: Path) -> None:

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +21,6 @@ from watchdog_llm.detect import CgroupDetector
 from watchdog_llm.detect.stale import StaleTracker, hides_processes, jobs_with_processes
 
 LOG = logging.getLogger("test.stale")
-MEMORY = Path("/sys/fs/cgroup/memory")
 
 
 # --- the bookkeeping ------------------------------------------------------------------------------
@@ -184,22 +181,6 @@ def test_no_scan_while_no_job_is_known(
 
 
 # --- the real cgroupfs and the real /proc -----------------------------------------------------------
-
-
-@pytest.fixture
-def slurm_v1() -> Iterator[Path]:
-    if os.geteuid() != 0 or not MEMORY.is_dir():
-        pytest.skip("needs root and a cgroup v1 memory controller")
-    top = MEMORY / f"slurm_wdtest{uuid.uuid4().hex[:8]}"
-    try:
-        (top / "uid_0").mkdir(parents=True)
-    except OSError as e:
-        pytest.skip(f"cannot create cgroups here: {e.strerror}")
-    yield top / "uid_0"
-    for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        with contextlib.suppress(OSError):
-            d.rmdir()
-    top.rmdir()
 
 
 @contextlib.contextmanager
