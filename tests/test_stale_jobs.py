@@ -62,7 +62,7 @@ class FakeProc:
 
     def put(self, pid: int, path: str) -> None:
         (self.root / str(pid)).mkdir(parents=True, exist_ok=True)
-        (self.root / str(pid) / "cgroup").write_text(f"0::{path}\n" if not path.startswith("0::") else path + "\n")
+        (self.root / str(pid) / "cgroup").write_text(f"0::{path}\n")
 
     def drop(self, pid: int) -> None:
         (self.root / str(pid) / "cgroup").unlink()
