@@ -19,6 +19,7 @@ from watchdog_llm.policy import (
     MODEL_STOPPING,
     AbortStreams,
     Action,
+    Activity,
     ConfirmRelease,
     Decision,
     DetectorFailed,
@@ -44,6 +45,8 @@ from watchdog_llm.policy import (
     SwapUpdate,
     TimerFired,
     TransitionError,
+    WatchActivity,
+    activity_wanted,
     decide,
     tunnel_wanted,
 )
@@ -907,7 +910,9 @@ class World:
     pending_stops: int = 0
     runs_started: int = 0
     swaps: int = 0
-    tokens: dict[str, list[int]] = field(default_factory=lambda: {"cooldown": [], "backoff": [], "startup": []})
+    tokens: dict[str, list[int]] = field(
+        default_factory=lambda: {"cooldown": [], "backoff": [], "startup": [], "idle": []}
+    )
 
     def next_event(self, state: State) -> Event:
         """Mostly what could really happen next, plus stale and duplicate events."""
@@ -933,6 +938,8 @@ class World:
             self.swaps += 1
             target = ModelChoice(rng.choice(["m1", "m2", "m3"]), None, rng.choice([None, 5.0, 30.0]))
             return SwapRequested(f"swap-{self.swaps}", target)
+        if r < 0.79:
+            return Activity()
         name = rng.choice(list(self.tokens))
         issued = self.tokens[name]
         if issued and rng.random() < 0.8:
@@ -966,6 +973,7 @@ class Seen:
     exits: int = 0
     max_token: int = -1
     tunnel_up: bool = False  # what the SetTunnel actions so far asked for
+    probing: bool = False  # what the WatchActivity actions so far asked for
 
 
 def _check_step(before: State, event: Event, d: Decision, lim: Limits, seen: Seen) -> None:
@@ -1081,6 +1089,13 @@ def _check_step(before: State, event: Event, d: Decision, lim: Limits, seen: See
     if seen.tunnel_up:
         assert lim.tunnel and after.phase not in (Phase.INIT, Phase.STOPPING, Phase.STOPPED)
         assert after.phase is Phase.SERVING or not lim.tunnel_leaves_on_yield
+    # The idle probe runs exactly while a model process may answer, and only with an idle release.
+    for w in (a for a in actions if isinstance(a, WatchActivity)):
+        assert w.on != seen.probing, f"{w} twice in a row"
+        seen.probing = w.on
+    assert seen.probing == activity_wanted(after, lim)
+    if seen.probing:
+        assert lim.idle_release_after > 0 and after.phase in MODEL_RUNNING
     # GPU release is confirmed once per finished yield, and only where NVML can say.
     confirms = [a for a in actions if isinstance(a, ConfirmRelease)]
     if confirms:
@@ -1107,7 +1122,7 @@ def test_random_event_storms_keep_every_invariant(seed: int) -> None:
     visited: set[Phase] = set()
     lives = 0
     steps = 0
-    while steps < 2500:
+    while steps < 3000:
         lives += 1
         lim = limits(
             resume_cooldown=rng.choice([0.0, 5.0, 60.0]),
@@ -1117,13 +1132,14 @@ def test_random_event_storms_keep_every_invariant(seed: int) -> None:
             startup_timeout=rng.choice([5.0, 900.0]),
             tunnel=rng.random() < 0.7,
             tunnel_leaves_on_yield=rng.random() < 0.5,
+            idle_release_after=rng.choice([0.0, 0.0, 0.0, 600.0]),
         )
         initial = frozenset(rng.sample(["a", "b", "c"], rng.choice([0, 0, 1, 2])))
         world, seen = World(rng, jobs=set(initial)), Seen()
         state, now = State(), 0.0
         event: Event = Startup(initial)
         stuck = 0
-        while steps < 2500 and stuck < 40:  # a new life once stopped or failed for a while
+        while steps < 3000 and stuck < 40:  # a new life once stopped or failed for a while
             steps += 1
             d = decide(state, event, now, lim, rng.random())
             _check_step(state, event, d, lim, seen)

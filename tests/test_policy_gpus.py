@@ -35,6 +35,7 @@ from watchdog_llm.policy import (
     StopDone,
     StopModel,
     TimerFired,
+    WatchActivity,
     decide,
     plan_gpus,
 )
@@ -302,7 +303,7 @@ def test_idle_release_stops_and_exits_after_the_quiet_period() -> None:
     [again] = of(d, SetTimer)
     assert again.delay == pytest.approx(390.0) and dmn.phase() is Phase.SERVING
     d = dmn.feed(TimerFired("idle", again.token), 1000.0)
-    assert d.actions == (StopModel("idle"), AbortStreams()) and dmn.phase() is Phase.STOPPING
+    assert d.actions == (StopModel("idle"), AbortStreams(), WatchActivity(False)) and dmn.phase() is Phase.STOPPING
     d = dmn.feed(StopDone(200.0, 0), 1000.3)
     [n] = notices(d)
     assert n.kind == "released" and "no request for 10 min" in n.body and "served 16 min" in n.body

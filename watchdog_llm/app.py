@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import random
@@ -22,25 +23,24 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import psutil
 import sdnotify
 import yaml
 
-from watchdog_llm import __version__
+from watchdog_llm import views
 from watchdog_llm.activity import ActivityProbe
+from watchdog_llm.announce import Announcer
 from watchdog_llm.availability import Availability, availability, typical_start
 from watchdog_llm.base.ids import format_ids as _ids
-from watchdog_llm.base.vocab import SWAP_ENDED, NotifyKind, YieldOn
+from watchdog_llm.base.vocab import NotifyKind, YieldOn
 from watchdog_llm.config import Settings, TunnelOnYield
 from watchdog_llm.coordination.catalog import Catalog, CatalogError, ModelEntry
 from watchdog_llm.coordination.core import Coordinator
 from watchdog_llm.coordination.health import HealthLog
 from watchdog_llm.coordination.lock import SwapLock
-from watchdog_llm.coordination.lock import public as lock_public
 from watchdog_llm.coordination.schedule import Schedule
 from watchdog_llm.coordination.store import JsonStore
 from watchdog_llm.coordination.swap import SwapRecord, Swaps
@@ -57,7 +57,7 @@ from watchdog_llm.http.gateway import Gateway, GatewayConfig
 from watchdog_llm.http.keys import KeyConfigError, KeyRing, Limiter
 from watchdog_llm.http.server import Listener, ListenError, bind_tcp, bind_unix
 from watchdog_llm.metrics import Metrics
-from watchdog_llm.notify import Message, Notifier, NotifyConfigError
+from watchdog_llm.notify import Notifier, NotifyConfigError
 from watchdog_llm.policy import (
     AbortStreams,
     Activity,
@@ -85,18 +85,20 @@ from watchdog_llm.policy import (
     SwapRequested,
     SwapUpdate,
     TimerFired,
+    WatchActivity,
     decide,
     served,
 )
 from watchdog_llm.policy import DetectorFailed as PolicyDetectorFailed
 from watchdog_llm.policy import JobGone as PolicyJobGone
 from watchdog_llm.policy import JobSeen as PolicyJobSeen
-from watchdog_llm.status import STATUS_FILE, write_atomic
+from watchdog_llm.status import STATUS_FILE
 from watchdog_llm.supervise.child import Child, ChildChanged, ChildEvent, ChildExited, ChildReady, ChildStopped
 from watchdog_llm.supervise.probes import free_port
-from watchdog_llm.supervise.specs import load_catalog, model_argv, model_spec, resolve_bin, tunnel_config, tunnel_spec
+from watchdog_llm.supervise.specs import load_catalog, model_spec, resolve_bin, tunnel_config, tunnel_spec
 from watchdog_llm.supervise.tree import Records, descendants, set_child_subreaper
 from watchdog_llm.supervise.tunnel import TunnelKeeper
+from watchdog_llm.timers import Timers
 
 log = logging.getLogger("watchdog_llm")
 
@@ -105,13 +107,6 @@ NOTIFY_FLUSH_TIMEOUT = 8.0
 DUPLICATE_SIGNAL_S = 0.25  # a second stop signal sooner than this is the same request, not "hurry"
 KILL_WAIT_DEFAULT = 30  # slurm.conf KillWait: SIGTERM -> SIGKILL of a job's processes
 WEBHOOK_FLUSH_TIMEOUT = 5.0
-# Daemon notices that are webhook events too (the coordination events are sent where they happen).
-_WEBHOOK_EVENTS = {
-    NotifyKind.YIELDED: "yielded",
-    NotifyKind.RESUMED: "resumed",
-    NotifyKind.CRASHED: "crashed",
-    NotifyKind.FAILED: "crashed",
-}
 
 
 class StartupError(Exception):
@@ -173,7 +168,7 @@ class Daemon:
         self.started_wall = time.time()
         self._exit = asyncio.Event()
         self._exit_code = 0
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self.timers = Timers()
         self._yield_detected_at: float | None = None  # monotonic time the yielding job was seen
         self._shutdown_signals = 0
         self._first_signal_at = 0.0
@@ -196,15 +191,23 @@ class Daemon:
         self._exiting = threading.Event()  # ends a release confirmation's NVML wait at shutdown
         self._tasks: set[asyncio.Task[None]] = set()
         self._internal_key = secrets.token_urlsafe(32)  # replaced at every model start
-        self._timer_due: dict[str, float] = {}  # monotonic time each armed timer fires
-        self._start_times: list[float] = []  # seconds from start to serving, the last few runs
         self.metrics = Metrics(served_seconds=lambda: served(self.state, time.monotonic()))
+        self.announce = Announcer(
+            settings.state_dir / STATUS_FILE,
+            lambda: views.status(self),
+            lambda: self.state,
+            lambda: (self.tunnel.url if self.tunnel else "") or settings.public_base_url,
+            settings.num_gpus,
+            self.metrics,
+            self.sd,
+            log,
+        )
         self.gateway: Gateway | None = None
         self.listeners: list[Listener] = []
         self.catalog: Catalog | None = None
         self.coord: Coordinator | None = None
         self.webhooks: Webhooks | None = None
-        self._llm_bin = ""
+        self.llm_bin = ""
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -239,7 +242,7 @@ class Daemon:
         llm_bin = resolve_bin(s.llm_bin)
         if llm_bin is None:
             raise StartupError(f"LLM_BIN={s.llm_bin!r} not found or not executable (is vLLM installed?)")
-        self._llm_bin = llm_bin
+        self.llm_bin = llm_bin
         pending = self._setup_coordination()
         records = Records(s.state_dir / "children.json", log)
         for left in records.kill_leftovers():
@@ -251,6 +254,7 @@ class Daemon:
             self.notifier = Notifier(s.notify_url_list, coalesce=s.notify_coalesce, node=s.node_name, log=log)
         except NotifyConfigError as e:
             raise StartupError(f"NOTIFY_URLS/NTFY_TOPIC: {e}") from None
+        self.announce.notifier = self.notifier
         notifying = asyncio.create_task(self.notifier.run(), name="notifier")
         self._stack.push_async_callback(self._close_notifier, self.notifier, notifying)
         self._setup_gpus()
@@ -406,34 +410,35 @@ class Daemon:
             refuse=self._refuse_swap,
             unfit=self._unfit,
             notify=lambda kind, title, body: _discard(
-                loop.call_soon_threadsafe(self._submit, Notify(NotifyKind(kind), title, body, "high"))
+                loop.call_soon_threadsafe(self.announce.submit, Notify(NotifyKind(kind), title, body, "high"))
             ),
         )
+        self.announce.coord = self.coord
         return pending
 
     @staticmethod
     def _choice(e: ModelEntry) -> ModelChoice:
         return ModelChoice(e.name, e.gpus, e.startup_timeout)
 
-    def _entry(self, name: str) -> ModelEntry:
+    def entry(self, name: str) -> ModelEntry:
         assert self.catalog is not None
         return self.catalog.resolve(name) or self.catalog.default_entry
 
     def _model_spec(self, name: str) -> Any:
-        return model_spec(self.s, self._llm_bin, lambda: self._internal_key, self._entry(name))
+        return model_spec(self.s, self.llm_bin, lambda: self._internal_key, self.entry(name))
 
     def _public_model_name(self) -> str:
         """What the public page and /health call the model: its hub id, or its catalog name when it
         is a local path (a path names a user's directory; the page is on the internet)."""
-        e = self._entry(self.state.model.name)
+        e = self.entry(self.state.model.name)
         return e.model if e.local_path is None else e.name
 
-    def _our_gpus(self) -> frozenset[int] | None:
+    def our_gpus(self) -> frozenset[int] | None:
         """Every GPU that can be ours (given, or to choose from); None: unknown (no NVML)."""
         return self.limits.fixed_gpus if self.limits.fixed_gpus is not None else self.limits.all_gpus
 
     def _unfit(self, e: ModelEntry) -> str | None:
-        gpus = self._our_gpus()
+        gpus = self.our_gpus()
         if gpus is not None and e.gpus > len(gpus):
             return f"model {e.name} needs {e.gpus} GPUs; at most {len(gpus)} can be ours here ({_ids(gpus)})"
         return None
@@ -442,61 +447,6 @@ class Daemon:
         if self.state.phase in (Phase.STOPPING, Phase.STOPPED):
             return "the daemon is stopping"
         return None
-
-    def endpoints(self) -> dict[str, Any]:
-        """Discovery (GET /api/endpoints): where clients reach the model, filled in while it is down too."""
-        st, s = self.state, self.s
-        e = self._entry(st.model.name)
-        a = self.availability()
-        tunnel = None
-        if self.tunnel is not None:
-            tunnel = {
-                "url": self.tunnel.url or None,
-                "ready": self.tunnel.ready,
-                "state": self.tunnel.child.state.value,
-                "on_yield": s.tunnel_on_yield.value,
-            }
-        return {
-            "vllm": {
-                "ready": a.serving,
-                "base_url": s.public_base_url + "/v1",
-                "model": e.name,
-                "model_id": e.model,
-                "openai_compat": True,
-                "state": st.phase.value,
-                "message": a.message,
-                "retry_after": None if a.serving else a.retry_after,
-            },
-            "tunnel": tunnel,
-            "node": s.node_name,
-        }
-
-    def validate(self, key: str) -> dict[str, Any]:
-        """A swap's dry run: what would run, and whether it can (POST /api/swap/{key}/validate)."""
-        e = self._entry(key)
-        checks: list[dict[str, Any]] = []
-
-        def check(name: str, ok: bool, detail: str) -> None:
-            checks.append({"check": name, "ok": ok, "detail": detail})
-
-        check("binary", bool(self._llm_bin), self._llm_bin or f"LLM_BIN={self.s.llm_bin!r} not found")
-        if (path := e.local_path) is not None:
-            check("model_path", path.exists(), f"{path} " + ("exists" if path.exists() else "does not exist"))
-        else:
-            check("model_path", True, f"{e.model} is a hub id (fetched by vLLM, not checked here)")
-        gpus = self._our_gpus()
-        if gpus is None:
-            check("gpus", True, f"needs {e.gpus}; this node's GPUs are unknown (no NVML)")
-        else:
-            check("gpus", e.gpus <= len(gpus), f"needs {e.gpus}; {len(gpus)} can be ours ({_ids(gpus)})")
-        argv = model_argv(self.s, self._llm_bin or self.s.llm_bin, e)
-        return {
-            "ok": all(c["ok"] for c in checks),
-            "model": e.name,
-            "command": argv,
-            "env": sorted(e.env),
-            "checks": checks,
-        }
 
     async def _open_listeners(self, keys: KeyRing) -> None:
         """The public gateway and the admin API. Both sockets are bound before either serves, so a
@@ -519,11 +469,11 @@ class Daemon:
         self._stack.push_async_callback(self.gateway.aclose)  # after its listener: it answered until then
         assert self.coord is not None
         admin = build_admin(
-            self.status,
+            lambda: views.status(self),
             self._health,
             self.metrics.render,
             s.admin_token.get_secret_value(),
-            [coordination_router(self.coord, self.endpoints, self.validate)],
+            [coordination_router(self.coord, lambda: views.endpoints(self), lambda key: views.validate(self, key))],
         )
         socks = []
         try:
@@ -550,12 +500,11 @@ class Daemon:
     def availability(self) -> Availability:
         now = time.monotonic()
         timer = {Phase.COOLDOWN: "cooldown", Phase.BACKOFF: "backoff"}.get(self.state.phase)
-        due = self._timer_due.get(timer) if timer else None
         return availability(
             self.state,
             now,
-            timer_left=None if due is None else max(0.0, due - now),
-            start_s=typical_start(self._start_times, self.s.startup_timeout),
+            timer_left=self.timers.left(timer, now) if timer else None,
+            start_s=typical_start(self.announce.start_times, self.s.startup_timeout),
             cooldown_s=self.s.resume_cooldown,
         )
 
@@ -622,8 +571,8 @@ class Daemon:
             url=f"https://{s.tunnel_hostname}" if s.tunnel_hostname else "",
             backoff_max=s.restart_backoff_max,
             min_uptime=s.min_uptime,
-            on_down=lambda body: self._submit(Notify(NotifyKind.TUNNEL, "tunnel down", body, "default")),
-            on_change=self._publish_status,
+            on_down=lambda body: self.announce.submit(Notify(NotifyKind.TUNNEL, "tunnel down", body, "default")),
+            on_change=self.announce.publish_status,
             log=log,
             rng=self.rng,
         )
@@ -654,7 +603,7 @@ class Daemon:
 
     def _unlock(self) -> None:
         """Last: we own STATE_DIR until here, so the final state is ours to record."""
-        self._publish_status()
+        self.announce.publish_status()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -665,8 +614,7 @@ class Daemon:
 
     def _cancel_pending(self) -> None:
         """Timers, release confirmations (their NVML wait ends on _exiting) and background lookups."""
-        for handle in self._timers.values():
-            handle.cancel()
+        self.timers.cancel_all()
         self._exiting.set()
         for task in list(self._tasks):
             task.cancel()
@@ -790,7 +738,7 @@ class Daemon:
         if ev.name == "model" and isinstance(ev, ChildChanged | ChildReady) and self.model is not None:
             self._recent_pids = frozenset(self.model.pids)  # if it crashes, these were ours
         if isinstance(ev, ChildChanged):
-            self._publish_status()
+            self.announce.publish_status()
             return
         if ev.name == "tunnel":
             if self.tunnel is not None:
@@ -830,10 +778,8 @@ class Daemon:
                     self._internal_key = secrets.token_urlsafe(32)  # a fresh key for every run
                     env = {**self.gpu_plan.cuda_env(gpus), "VLLM_API_KEY": self._internal_key}
                     self.model.start(run, env, self._model_spec(name))
-                    if self.activity is not None:
-                        self.activity.start()
                 case SetTimer(name=name, delay=delay, token=token):
-                    self._arm_callback(name, delay, lambda n=name, t=token: self._handle(TimerFired(n, t)))
+                    self.timers.arm(name, delay, functools.partial(self._handle, TimerFired(name, token)))
                 case Notify():
                     notices.append(action)
                 case SwapUpdate():
@@ -844,174 +790,27 @@ class Daemon:
                 case SetTunnel(up=up):
                     if self.tunnel is not None:
                         self.tunnel.want(up)
+                case WatchActivity(on=True) if self.activity is not None:
+                    self.activity.start()
+                case WatchActivity(on=False) if self.activity is not None:
+                    self.activity.stop()
                 case ConfirmRelease(run=run, gpus=gpus):
                     since, pids = self._release_since, set(self._recent_pids)
                     self._background(self._confirm_released(run, gpus, pids, since))
                 case Exit(code=code):
                     self._exit_code = code
                     self._exit.set()
-        if self.activity is not None and d.state.phase not in (Phase.STARTING, Phase.SERVING):
-            self.activity.stop()
+        # call_soon: runs after the child owner's wake-up that was queued above, so logs, status
+        # files and notifications never delay a kill.
+        loop = asyncio.get_running_loop()
         if updates:
-            asyncio.get_running_loop().call_soon(self._swap_updates, updates)
+            loop.call_soon(self.announce.swap_updates, updates)
         if d.state != before or notices:
-            # call_soon: runs after the child owner's wake-up that was queued above, so logs,
-            # status files and notifications never delay a kill.
-            prev = before.phase if d.state.phase is not before.phase else None
-            asyncio.get_running_loop().call_soon(self._publish, notices, prev)
-            asyncio.get_running_loop().call_soon(self._count, before, d)
-
-    def _arm_callback(self, name: str, delay: float, fn: Any) -> None:
-        if (old := self._timers.pop(name, None)) is not None:
-            old.cancel()
-        self._timers[name] = asyncio.get_running_loop().call_later(delay, fn)
-        self._timer_due[name] = time.monotonic() + delay
-
-    def _count(self, before: State, d: Decision) -> None:
-        """Metrics, and start times for Retry-After: after the fact, like every output."""
-        after = d.state
-        m = self.metrics
-        m.state.state(after.phase.value)
-        for action in d.actions:
-            if isinstance(action, StartModel):
-                m.starts.inc()
-                if before.phase is Phase.BACKOFF:
-                    m.restarts.inc()
-        if after.phase is Phase.YIELDING and before.phase is not Phase.YIELDING:
-            m.yields.inc()
-            if after.last_yield is not None and after.last_yield.detect_ms is not None:
-                m.detection.observe(after.last_yield.detect_ms / 1000)
-        rec = after.last_yield
-        if (
-            rec is not None
-            and rec.stop_ms is not None
-            and (before.last_yield is None or before.last_yield.stop_ms is None)
-        ):
-            m.yield_time.observe(rec.stop_ms / 1000)
-        if after.phase is Phase.SERVING and before.phase is Phase.STARTING:
-            self._start_times = [*self._start_times[-4:], time.monotonic() - before.started_at]
+            loop.call_soon(self.announce.decided, before, d, notices)
 
     @staticmethod
     def _wall(mono: float) -> float:
         return mono + time.time() - time.monotonic()
-
-    # ---- outputs (after the fact) --------------------------------------------------------------
-
-    def _publish(self, notices: list[Notify], prev: Phase | None = None) -> None:
-        if prev is not None:
-            log.info("%s -> %s: %s", prev, self.state.phase, self.state.reason)
-        self._publish_status()
-        self.sd.notify(f"STATUS={self.state.phase}: {self.state.reason}")
-        for n in notices:
-            self._submit(n)
-
-    def _swap_updates(self, updates: list[SwapUpdate]) -> None:
-        if self.coord is None:
-            return
-        for u in updates:
-            self.coord.swap_update(u.id, u.stage, u.detail)
-            if u.stage in SWAP_ENDED:
-                self.metrics.swaps.labels(u.stage).inc()
-        self._publish_status()
-
-    def _webhook(self, n: Notify) -> None:
-        event = _WEBHOOK_EVENTS.get(n.kind)
-        if event is None or self.coord is None:
-            return
-        data: dict[str, Any] = {"detail": n.body, "state": self.state.phase.value}
-        rec = self.state.last_yield
-        if event in ("yielded", "resumed") and rec is not None:
-            data.update(
-                job=rec.job or None,
-                cause=rec.cause,
-                detect_ms=rec.detect_ms,
-                stop_ms=rec.stop_ms,
-                lookup_ms=rec.lookup_ms,
-                gpu_release_ms=rec.gpu_release_ms,
-                gpus=list(rec.gpus),
-            )
-        self.coord.event(event, data)
-
-    def _submit(self, n: Notify) -> None:
-        self._webhook(n)
-        if self.notifier is None:
-            return
-        body = n.body
-        if n.kind in (NotifyKind.ONLINE, NotifyKind.RESUMED, NotifyKind.SWAPPED):
-            url = (self.tunnel.url if self.tunnel else "") or self.s.public_base_url
-            gpus = self.state.model.gpus if self.state.model.gpus is not None else self.s.num_gpus
-            body += f"\nmodel: {self.state.model.name}\nGPUs: {gpus}\nURL: {url}"
-        self.notifier.submit(Message(n.kind, n.title, body, n.priority))
-
-    def status(self) -> dict[str, Any]:
-        st = self.state
-        mono_to_wall = time.time() - time.monotonic()
-        last_yield = None
-        if st.last_yield is not None:
-            last_yield = asdict(st.last_yield)
-            last_yield["detected_at"] = st.last_yield.detected_at + mono_to_wall
-        return {
-            "version": __version__,
-            "daemon_pid": os.getpid(),
-            "daemon_create_time": psutil.Process().create_time(),
-            "node": self.s.node_name,
-            "config": None if self.s.config_file is None else str(self.s.config_file),
-            "state": st.phase.value,
-            "reason": st.reason,
-            "since": st.since + mono_to_wall,
-            "updated_at": time.time(),
-            "model": st.model.name,
-            "model_id": self._entry(st.model.name).model if self.catalog is not None else self.s.model_name,
-            "model_url": self.s.model_base_url,
-            "public_url": self.s.public_base_url,
-            "admin": f"{self.s.admin_host}:{self.s.admin_port}" if self.s.admin_host else str(self.s.admin_socket),
-            "availability": asdict(self.availability()),
-            "model_pids": self.model.pids if self.model else [],
-            "model_run": st.run,
-            "serving_since": None if st.serving_since is None else st.serving_since + mono_to_wall,
-            "jobs": sorted(st.jobs),
-            "last_yield": last_yield,
-            "last_exit": st.last_exit,
-            "fast_failures": st.fast_failures,
-            "tunnel": None
-            if self.tunnel is None
-            else {
-                "state": self.tunnel.child.state.value,
-                "url": self.tunnel.url,
-                "pids": self.tunnel.child.pids,
-                "ready": self.tunnel.ready,
-            },
-            "detector": self.s.detection_mode.value,
-            "served_s": round(served(st, time.monotonic()), 1),
-            "gpus": {
-                "view": self.gpu.name if self.gpu is not None else None,
-                "ours": sorted(st.gpus),
-                "choose_from": None if self.limits.all_gpus is None else sorted(self.limits.all_gpus),
-                "fixed": None if self.limits.fixed_gpus is None else sorted(self.limits.fixed_gpus),
-                "yield_on": self.limits.yield_on,
-                "busy": sorted(st.busy),
-                "job_gpus": {j: None if g is None else sorted(g) for j, g in sorted(st.job_gpus.items())},
-            },
-            "swap": None if self.coord is None or (o := self.coord.swaps.open()) is None else o.public(),
-            "lock": lock_public(self.coord.lock.status()) if self.coord is not None else None,
-            "webhooks": None
-            if self.webhooks is None
-            else {
-                "delivered": self.webhooks.delivered,
-                "failed": self.webhooks.failed,
-                "dropped": self.webhooks.dropped,
-                "queued": self.webhooks.queued,
-            },
-            "notifications": None
-            if self.notifier is None
-            else {"sent": self.notifier.sent, "failed": self.notifier.failed, "dropped": self.notifier.dropped},
-        }
-
-    def _publish_status(self) -> None:
-        try:
-            write_atomic(self.s.state_dir / STATUS_FILE, self.status())
-        except OSError as e:
-            log.warning("cannot write %s: %s", self.s.state_dir / STATUS_FILE, e.strerror or e)
 
 
 def _unlink(path: Path) -> None:

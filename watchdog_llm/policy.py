@@ -266,7 +266,25 @@ class ConfirmRelease:
     gpus: frozenset[int]
 
 
-Action = StartModel | StopModel | SetTimer | Notify | Exit | SwapUpdate | AbortStreams | SetTunnel | ConfirmRelease
+@dataclass(frozen=True, slots=True)
+class WatchActivity:
+    """Start (on) or stop the idle probe that reads the model's request counters (IDLE_RELEASE_AFTER)."""
+
+    on: bool
+
+
+Action = (
+    StartModel
+    | StopModel
+    | SetTimer
+    | Notify
+    | Exit
+    | SwapUpdate
+    | AbortStreams
+    | SetTunnel
+    | ConfirmRelease
+    | WatchActivity
+)
 
 
 # ---- state -------------------------------------------------------------------------------------
@@ -475,15 +493,22 @@ def tunnel_wanted(state: State, limits: Limits) -> bool:
     return state.phase is Phase.SERVING or not limits.tunnel_leaves_on_yield
 
 
+def activity_wanted(state: State, limits: Limits) -> bool:
+    """Should the idle probe run? While a model process may answer, and only with an idle release."""
+    return limits.idle_release_after > 0 and state.phase in MODEL_RUNNING
+
+
 def _follow_phase(before: State, d: Decision, limits: Limits) -> Decision:
     """Actions that follow from the phase change alone, added here so that no branch of _decide can
-    forget them: streams end when serving does; the tunnel follows `tunnel_wanted`. After the
-    decision's own actions (kills first), before its Exit (always last)."""
+    forget them: streams end when serving does; the tunnel follows `tunnel_wanted`, the idle probe
+    `activity_wanted`. After the decision's own actions (kills first), before its Exit (always last)."""
     extra: list[Action] = []
     if before.phase is Phase.SERVING and d.state.phase is not Phase.SERVING:
         extra.append(AbortStreams())
     if (up := tunnel_wanted(d.state, limits)) != tunnel_wanted(before, limits):
         extra.append(SetTunnel(up))
+    if (on := activity_wanted(d.state, limits)) != activity_wanted(before, limits):
+        extra.append(WatchActivity(on))
     if not extra:
         return d
     acts = d.actions

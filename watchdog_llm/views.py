@@ -1,0 +1,155 @@
+"""Read-only views of a running daemon, as the admin API serves them: status (GET /api/status and
+status.json), discovery (GET /api/endpoints) and a swap's dry run (POST /api/swap/{key}/validate).
+
+They read the daemon's parts and change nothing; the HTTP layer only translates them to JSON.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from watchdog_llm import __version__
+from watchdog_llm.base.ids import format_ids as _ids
+from watchdog_llm.coordination.lock import public as lock_public
+from watchdog_llm.policy import served
+from watchdog_llm.supervise.specs import model_argv
+
+if TYPE_CHECKING:
+    from watchdog_llm.app import Daemon
+
+
+def endpoints(d: Daemon) -> dict[str, Any]:
+    """Discovery (GET /api/endpoints): where clients reach the model, filled in while it is down too."""
+    st, s = d.state, d.s
+    e = d.entry(st.model.name)
+    a = d.availability()
+    tunnel = None
+    if d.tunnel is not None:
+        tunnel = {
+            "url": d.tunnel.url or None,
+            "ready": d.tunnel.ready,
+            "state": d.tunnel.child.state.value,
+            "on_yield": s.tunnel_on_yield.value,
+        }
+    return {
+        "vllm": {
+            "ready": a.serving,
+            "base_url": s.public_base_url + "/v1",
+            "model": e.name,
+            "model_id": e.model,
+            "openai_compat": True,
+            "state": st.phase.value,
+            "message": a.message,
+            "retry_after": None if a.serving else a.retry_after,
+        },
+        "tunnel": tunnel,
+        "node": s.node_name,
+    }
+
+
+def validate(d: Daemon, key: str) -> dict[str, Any]:
+    """A swap's dry run: what would run, and whether it can (POST /api/swap/{key}/validate)."""
+    e = d.entry(key)
+    checks: list[dict[str, Any]] = []
+
+    def check(name: str, ok: bool, detail: str) -> None:
+        checks.append({"check": name, "ok": ok, "detail": detail})
+
+    check("binary", bool(d.llm_bin), d.llm_bin or f"LLM_BIN={d.s.llm_bin!r} not found")
+    if (path := e.local_path) is not None:
+        check("model_path", path.exists(), f"{path} " + ("exists" if path.exists() else "does not exist"))
+    else:
+        check("model_path", True, f"{e.model} is a hub id (fetched by vLLM, not checked here)")
+    gpus = d.our_gpus()
+    if gpus is None:
+        check("gpus", True, f"needs {e.gpus}; this node's GPUs are unknown (no NVML)")
+    else:
+        check("gpus", e.gpus <= len(gpus), f"needs {e.gpus}; {len(gpus)} can be ours ({_ids(gpus)})")
+    argv = model_argv(d.s, d.llm_bin or d.s.llm_bin, e)
+    return {
+        "ok": all(c["ok"] for c in checks),
+        "model": e.name,
+        "command": argv,
+        "env": sorted(e.env),
+        "checks": checks,
+    }
+
+
+def status(d: Daemon) -> dict[str, Any]:
+    """GET /api/status, and status.json for `watchdog-llm status` (times are wall-clock seconds)."""
+    st = d.state
+    mono_to_wall = time.time() - time.monotonic()
+    last_yield = None
+    if st.last_yield is not None:
+        last_yield = asdict(st.last_yield)
+        last_yield["detected_at"] = st.last_yield.detected_at + mono_to_wall
+    return {
+        "version": __version__,
+        "daemon_pid": os.getpid(),
+        "daemon_create_time": psutil.Process().create_time(),
+        "node": d.s.node_name,
+        "config": None if d.s.config_file is None else str(d.s.config_file),
+        "state": st.phase.value,
+        "reason": st.reason,
+        "since": st.since + mono_to_wall,
+        "updated_at": time.time(),
+        "model": st.model.name,
+        "model_id": d.entry(st.model.name).model if d.catalog is not None else d.s.model_name,
+        "model_url": d.s.model_base_url,
+        "public_url": d.s.public_base_url,
+        "admin": f"{d.s.admin_host}:{d.s.admin_port}" if d.s.admin_host else str(d.s.admin_socket),
+        "availability": asdict(d.availability()),
+        "model_pids": d.model.pids if d.model else [],
+        "model_run": st.run,
+        "serving_since": None if st.serving_since is None else st.serving_since + mono_to_wall,
+        "jobs": sorted(st.jobs),
+        "last_yield": last_yield,
+        "last_exit": st.last_exit,
+        "fast_failures": st.fast_failures,
+        "tunnel": _tunnel(d),
+        "detector": d.s.detection_mode.value,
+        "served_s": round(served(st, time.monotonic()), 1),
+        "gpus": _gpus(d),
+        "swap": None if d.coord is None or (o := d.coord.swaps.open()) is None else o.public(),
+        "lock": lock_public(d.coord.lock.status()) if d.coord is not None else None,
+        "webhooks": _webhooks(d),
+        "notifications": None
+        if d.notifier is None
+        else {"sent": d.notifier.sent, "failed": d.notifier.failed, "dropped": d.notifier.dropped},
+    }
+
+
+def _tunnel(d: Daemon) -> dict[str, Any] | None:
+    if d.tunnel is None:
+        return None
+    return {
+        "state": d.tunnel.child.state.value,
+        "url": d.tunnel.url,
+        "pids": d.tunnel.child.pids,
+        "ready": d.tunnel.ready,
+    }
+
+
+def _gpus(d: Daemon) -> dict[str, Any]:
+    st, lim = d.state, d.limits
+    return {
+        "view": d.gpu.name if d.gpu is not None else None,
+        "ours": sorted(st.gpus),
+        "choose_from": None if lim.all_gpus is None else sorted(lim.all_gpus),
+        "fixed": None if lim.fixed_gpus is None else sorted(lim.fixed_gpus),
+        "yield_on": lim.yield_on,
+        "busy": sorted(st.busy),
+        "job_gpus": {j: None if g is None else sorted(g) for j, g in sorted(st.job_gpus.items())},
+    }
+
+
+def _webhooks(d: Daemon) -> dict[str, int] | None:
+    w = d.webhooks
+    if w is None:
+        return None
+    return {"delivered": w.delivered, "failed": w.failed, "dropped": w.dropped, "queued": w.queued}
