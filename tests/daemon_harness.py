@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from helpers import alive, wait_for
 
 
 class DaemonProc:
-    def __init__(self, env: dict[str, str], *args: str) -> None:
+    def __init__(self, env: dict[str, str], *args: str, nofile: int | None = None) -> None:
         self.env = env
         self.state_dir = Path(env["STATE_DIR"])
         self.root = Path(env["CGROUP_ROOT"])
@@ -28,6 +29,8 @@ class DaemonProc:
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            # A lab node's login limit (soft = hard), which the daemon cannot raise.
+            preexec_fn=None if nofile is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)),
         )
 
     # ---- observing ---------------------------------------------------------------------------
@@ -98,9 +101,9 @@ class DaemonProc:
                 self.proc.wait()
 
 
-def start(daemons: list[DaemonProc], env: dict[str, str]) -> DaemonProc:
+def start(daemons: list[DaemonProc], env: dict[str, str], *, nofile: int | None = None) -> DaemonProc:
     """A daemon that the `daemons` fixture stops (or kills) after the test, whatever happens."""
-    d = DaemonProc(env)
+    d = DaemonProc(env, nofile=nofile)
     daemons.append(d)
     return d
 

@@ -36,7 +36,7 @@ from helpers import bin_path, free_port, wait_for
 from watchdog_llm.availability import Availability
 from watchdog_llm.http.gateway import Gateway, GatewayConfig
 from watchdog_llm.http.keys import KeyRing, Limiter
-from watchdog_llm.http.server import Listener, bind_tcp
+from watchdog_llm.http.server import ConnLimits, Listener, bind_tcp
 from watchdog_llm.metrics import Metrics
 
 KEY_A = "alice-key-0123456789abcdef"
@@ -89,7 +89,9 @@ class GatewayServer:
         limit: int = 0,
         internal_key: str = INTERNAL_KEY,
         model: str = MODEL,
+        limits: ConnLimits | None = None,
     ) -> None:
+        self.conn_limits = limits
         self.avail = Switch()
         self.upstream_url = upstream_url
         self.internal_key = internal_key
@@ -128,7 +130,7 @@ class GatewayServer:
             lambda: {"model": self.model, "since": time.time() - 3600},
         )
         sock = bind_tcp("127.0.0.1", 0, "PUBLIC_PORT")
-        self.listener = Listener("public", self.gw, sock, logging.getLogger("test.gateway"))
+        self.listener = Listener("public", self.gw, sock, logging.getLogger("test.gateway"), self.conn_limits)
         await self.listener.start()
 
     async def _stop(self) -> None:

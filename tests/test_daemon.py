@@ -6,8 +6,11 @@ states in status.json, processes gone, notifications received, exit codes, log l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
+import socket
 import subprocess
 import sys
 import time
@@ -346,4 +349,40 @@ def test_no_secret_setting_reaches_any_child(daemons, daemon_env, ntfy) -> None:
         assert not [n for n in needles if n in argv], f"a secret on the command line of {proc.name()}"
         checked += 1
     assert tunnel["pids"] and checked == len(st["model_pids"]) + len(tunnel["pids"]) >= 3
+    assert d.terminate() == 0
+
+
+def test_a_flood_of_idle_connections_never_stops_a_yield(daemons, daemon_env) -> None:
+    """What a neighbour did to the daemon with 2,000 idle connections under a 1,024-file limit:
+    here the daemon caps connections below its limit, refuses the rest at once, and yields as fast."""
+    d = start(daemons, env_with(daemon_env, NUM_GPUS="2", HEAD_TIMEOUT="60"), nofile=512)
+    pids = d.wait_state("serving")["model_pids"]
+    port = int(daemon_env["PUBLIC_PORT"])
+    held, refused = [], 0
+    try:
+        for _ in range(600):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            held.append(s)
+        waiting, deadline = set(held), time.monotonic() + 10
+        while waiting and time.monotonic() < deadline and len(waiting) > 42:
+            ready, _, _ = select.select(list(waiting)[:500], [], [], 0.2)
+            for s in ready:
+                with contextlib.suppress(OSError):
+                    refused += s.recv(12).startswith(b"HTTP/1.1 503")
+                waiting.discard(s)
+        assert refused >= len(held) - 42, f"only {refused} of {len(held)} connections refused"
+        t0 = time.monotonic()
+        d.start_job("job_77")
+        gone(pids, timeout=5)
+        took = time.monotonic() - t0
+        st = d.wait_state("yielded")
+    finally:
+        for s in held:
+            s.close()
+    assert took < 3.0, f"model tree took {took:.2f} s to go under a connection flood"
+    assert st["last_yield"]["survivors"] == 0
+    log = d.log()
+    assert "MAX_CONNECTIONS=1024 lowered to 42" in log
+    assert "Too many open files" not in log
+    assert log.count("connection refused") <= 3, "one refusal line per 10 s, not one per connection"
     assert d.terminate() == 0

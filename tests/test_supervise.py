@@ -7,9 +7,11 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -310,4 +312,44 @@ async def test_a_child_forked_while_stopping_is_killed_too(tmp_path: Path) -> No
     stopped = await h.next(ChildStopped)
     assert isinstance(stopped, ChildStopped) and stopped.result.survivors == 0
     assert not alive([int(pidfile.read_text())]), "the late child outlived the stop"
+    await h.child.close()
+
+
+@contextlib.contextmanager
+def no_descriptor_left() -> Iterator[None]:
+    """Every file descriptor of this process in use (what 2,000 idle connections did to the daemon)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, in_use + 64), hard))
+    held: list[int] = []
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        with pytest.raises(OSError, match="Too many open files"):
+            os.open(os.devnull, os.O_RDONLY)
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@run_async
+async def test_a_stop_needs_no_new_file_descriptor(tmp_path: Path) -> None:
+    """A yield while something has taken every descriptor: the tree's held pidfds signal and watch
+    it, so the whole tree (setsid()ed workers too) is gone as fast as usual."""
+    h = Harness(standin_spec(tmp_path, tp=2), tmp_path)
+    h.child.start(1)
+    await h.next(ChildReady)
+    await asyncio.sleep(0.6)  # one scan after ready: every member known
+    pids = h.child.pids
+    assert len(pids) >= 4
+    with no_descriptor_left():
+        h.child.stop()
+        stopped = await h.next(ChildStopped)
+    assert not alive(pids), "processes of the tree outlived a stop without descriptors"
+    assert isinstance(stopped, ChildStopped)
+    assert stopped.result.survivors == 0 and stopped.result.killed == 0
+    assert stopped.result.elapsed_ms < 2000
     await h.child.close()

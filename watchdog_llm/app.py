@@ -55,7 +55,16 @@ from watchdog_llm.http.api import build_admin
 from watchdog_llm.http.coord_api import coordination_router
 from watchdog_llm.http.gateway import Gateway, GatewayConfig
 from watchdog_llm.http.keys import KeyConfigError, KeyRing, Limiter
-from watchdog_llm.http.server import Listener, ListenError, bind_tcp, bind_unix
+from watchdog_llm.http.server import (
+    ConnLimits,
+    Listener,
+    ListenError,
+    bind_tcp,
+    bind_unix,
+    fit_to_fds,
+    raise_fd_limit,
+    rate_limit_resource_errors,
+)
 from watchdog_llm.metrics import Metrics
 from watchdog_llm.notify import Notifier, NotifyConfigError
 from watchdog_llm.policy import (
@@ -258,6 +267,8 @@ class Daemon:
         notifying = asyncio.create_task(self.notifier.run(), name="notifier")
         self._stack.push_async_callback(self._close_notifier, self.notifier, notifying)
         self._setup_gpus()
+        rate_limit_resource_errors(loop, log)
+        self._stack.callback(loop.set_exception_handler, None)
         # Removed only once the children are closed: a second Ctrl-C while they stop means "hurry".
         self._stack.callback(self._remove_signal_handlers, loop)
         await self._open_listeners(load_keys(s))
@@ -486,7 +497,11 @@ class Daemon:
             for sock in socks:
                 sock.close()
             raise StartupError(str(e)) from None
-        self.listeners = [Listener("public", self.gateway, socks[0], log), Listener("admin", admin, socks[1], log)]
+        limits = self._conn_limits()
+        self.listeners = [
+            Listener("public", self.gateway, socks[0], log, limits),
+            Listener("admin", admin, socks[1], log, limits),
+        ]
         if not s.admin_host:
             self._stack.callback(_unlink, s.admin_socket)
         for listener in self.listeners:
@@ -496,6 +511,19 @@ class Daemon:
         self._stack.callback(self.coord.swaps.close)
         where = f"{s.admin_host}:{s.admin_port} (token required)" if s.admin_host else str(s.admin_socket)
         log.info("gateway on %s (%d key(s)); admin API on %s", s.public_base_url, len(keys), where)
+
+    def _conn_limits(self) -> ConnLimits:
+        """Connection caps and timeouts, with the file limit raised first so that caps, not EMFILE,
+        refuse connections (a yield needs no new descriptor either way: see supervise.tree.Member)."""
+        s = self.s
+        before, nofile = raise_fd_limit()
+        if nofile != before:
+            log.info("file descriptors: RLIMIT_NOFILE raised from %d to %d", before, nofile)
+        wanted = ConnLimits(s.max_connections, s.max_connections_per_peer, s.head_timeout, s.keepalive_timeout)
+        limits, why = fit_to_fds(wanted, nofile)
+        if why is not None:
+            log.warning("%s", why)
+        return limits
 
     def availability(self) -> Availability:
         now = time.monotonic()

@@ -111,6 +111,14 @@ class Settings(BaseSettings):
     max_concurrent_per_key: int = Field(64, ge=0, description="requests in flight per key (429 above; 0: no limit)")
     upstream_timeout: float = Field(600.0, gt=0, description="longest silence from the model before 504")
     body_timeout: float = Field(30.0, gt=0, le=3600, description="seconds a client has to send its request body")
+    max_connections: int = Field(
+        1024, ge=1, le=1_000_000, description="open connections per listener (503 and closed above)"
+    )
+    max_connections_per_peer: int = Field(
+        256, ge=1, le=1_000_000, description="open connections from one address (everyone behind the tunnel is one)"
+    )
+    head_timeout: float = Field(10.0, gt=0, le=300, description="seconds a client has to send a request head (408)")
+    keepalive_timeout: float = Field(20.0, ge=1, le=3600, description="seconds an idle keep-alive connection stays")
 
     # Admin API: status, metrics (and the coordination endpoints)
     admin_host: str = Field("", description="empty: unix socket STATE_DIR/admin.sock (0600); else listen here")

@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import resource
 import socket
+import time
+from collections import Counter
 from collections.abc import Generator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
+
+from watchdog_llm.http.errors import encode, openai_body
 
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 MAX_HEAD_BYTES = 64 * 1024  # request line + headers, whichever HTTP parser reads them
@@ -24,6 +32,142 @@ MAX_HEAD_BYTES = 64 * 1024  # request line + headers, whichever HTTP parser read
 
 class ListenError(Exception):
     """A listener cannot be opened; the message names the setting at fault."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnLimits:
+    """What one connection may hold, so that nobody can take the daemon's descriptors or its time."""
+
+    max_connections: int = 1024  # open connections of this listener; refused (503) above
+    per_peer: int = 256  # of those, from one address (everyone behind the tunnel shares one)
+    head_timeout: float = 10.0  # seconds from a request head's first byte (or the connect) to its end
+    keepalive_timeout: float = 20.0  # an idle keep-alive connection is closed after this
+
+
+FD_RESERVE = 256  # descriptors kept for the daemon's own use: logs, pidfds, inotify, NVML, files
+FDS_PER_CONNECTION = 3  # a proxied request holds its client's and its upstream's; the admin listener too
+# listen() backlog, which is also how many connections asyncio accepts in one go before any of them
+# reaches our cap (uvicorn's 2048 would take 2048 descriptors in one burst). A full backlog makes the
+# kernel hold further connects back, which costs the daemon nothing.
+ACCEPT_BACKLOG = 64
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit (a login shell's 1024 is what 2,000 idle connections
+    exhausted). Returns (before, now)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            target = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            return soft, soft
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError):
+            return soft, soft
+    return soft, max(soft, target)
+
+
+def fit_to_fds(limits: ConnLimits, nofile: int) -> tuple[ConnLimits, str | None]:
+    """MAX_CONNECTIONS lowered where two listeners full of connections would leave the daemon less
+    than FD_RESERVE descriptors: caps, not the kernel's EMFILE, must be what refuses connections.
+    Returns the limits to use and, if lowered, a warning naming the setting."""
+    room = max(16, (nofile - FD_RESERVE - 2 * ACCEPT_BACKLOG) // FDS_PER_CONNECTION)
+    if limits.max_connections <= room:
+        return limits, None
+    why = (
+        f"MAX_CONNECTIONS={limits.max_connections} lowered to {room}: this process may open {nofile} files "
+        f"(RLIMIT_NOFILE), {FD_RESERVE} are kept for the daemon and a proxied request holds {FDS_PER_CONNECTION}"
+    )
+    return replace(limits, max_connections=room, per_peer=min(limits.per_peer, room)), why
+
+
+class RateLimitedLog:
+    """One warning, then at most one summary per `every` seconds with how many were left unsaid:
+    a flood of refusals must not become a flood of log lines (or a full disk)."""
+
+    def __init__(self, log: logging.Logger, every: float = 10.0) -> None:
+        self.log = log
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._quiet: Counter[str] = Counter()
+
+    def warning(self, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.every:
+            self._quiet[key] += 1
+            return
+        self._last[key] = now
+        quiet = self._quiet.pop(key, 0)
+        suffix = f" (and {quiet} more like it in the last {now - last:.0f} s)" if quiet and last else ""
+        self.log.warning(msg + suffix, *args)
+
+
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def rate_limit_resource_errors(loop: asyncio.AbstractEventLoop, log: logging.Logger) -> None:
+    """asyncio reports every failed accept() (out of descriptors, buffers or memory) through the
+    loop's exception handler, with a traceback each time: one warning per 10 s instead, with a count.
+    Every other error still goes to asyncio's default handler."""
+    limited = RateLimitedLog(log)
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
+            message = context.get("message", "")
+            limited.warning(message, "event loop: %s: %s", message, exc.strerror or exc)
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
+@dataclass
+class _Guard:
+    """Connection counts of one listener, shared by its connections' protocols."""
+
+    limits: ConnLimits
+    name: str
+    log: RateLimitedLog
+    open: int = 0
+    peers: Counter[str] = field(default_factory=Counter)
+    refused: int = 0
+
+    def admit(self, peer: str) -> str | None:
+        """None if the connection may stay; else why not (for the 503 and the log)."""
+        lim = self.limits
+        if self.open >= lim.max_connections:
+            return f"{self.open} connections are open (MAX_CONNECTIONS={lim.max_connections})"
+        if self.peers[peer] >= lim.per_peer:
+            who = peer or "one peer"
+            return f"{self.peers[peer]} connections are open from {who} (MAX_CONNECTIONS_PER_PEER={lim.per_peer})"
+        self.open += 1
+        self.peers[peer] += 1
+        return None
+
+    def release(self, peer: str) -> None:
+        self.open -= 1
+        self.peers[peer] -= 1
+        if self.peers[peer] <= 0:
+            del self.peers[peer]
+
+
+def _raw_response(status: int, reason: str, code: str, message: str, retry_after: int | None = None) -> bytes:
+    body = encode(openai_body(status, code, message, retryable=retry_after is not None))
+    head = [f"HTTP/1.1 {status} {reason}", "content-type: application/json", f"content-length: {len(body)}"]
+    if retry_after is not None:
+        head.append(f"retry-after: {retry_after}")
+    head.append("connection: close")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def _peer_of(transport: asyncio.BaseTransport) -> str:
+    addr = transport.get_extra_info("peername")
+    return addr[0] if isinstance(addr, tuple) and addr else ""
 
 
 _FLUSH_AT = 64 * 1024
@@ -92,14 +236,16 @@ class _Coalesce:
         self._transport.close()
 
 
-def _http_protocol() -> type[asyncio.Protocol] | str:
-    """uvicorn's httptools protocol (llhttp, in C) with the limits its h11 protocol has; h11 where
-    httptools is missing. httptools parses a request in a fraction of h11's time: measured with
-    bench/gateway.py's load, the gateway's CPU per proxied request fell by ~15 % (docs/PERFORMANCE.md)."""
+def _http_protocol(guard: _Guard) -> type[asyncio.Protocol] | str:
+    """uvicorn's httptools protocol (llhttp, in C) with the limits its h11 protocol has, and this
+    listener's connection caps and head timeout; h11 where httptools is missing. httptools parses a
+    request in a fraction of h11's time: measured with bench/gateway.py's load, the gateway's CPU per
+    proxied request fell by ~15 % (docs/PERFORMANCE.md)."""
     try:
         import httptools
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:  # pragma: no cover - httptools is a dependency; a platform without its wheel
+        guard.log.log.warning("%s listener: httptools missing: no connection caps or head timeout", guard.name)
         return "h11"
 
     class StrictHttpTools(HttpToolsProtocol):
@@ -113,8 +259,57 @@ def _http_protocol() -> type[asyncio.Protocol] | str:
 
         _head_left: int | None = MAX_HEAD_BYTES  # bytes the current head may still take; None: reading a body
         _heads = 0  # heads read on this connection
+        _peer: str | None = None  # set once admitted: its count is released when the connection ends
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            peer = _peer_of(transport)
+            why = guard.admit(peer)
+            if why is not None:  # refused before uvicorn sees it: its descriptor is freed at once
+                guard.refused += 1
+                guard.log.warning(guard.name, "%s listener: connection refused: %s", guard.name, why)
+                transport.write(
+                    _raw_response(503, "Service Unavailable", "too_many_connections", "too many connections", 1)
+                )
+                transport.close()
+                return
+            self._peer = peer
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._peer is None:  # refused in connection_made: uvicorn never knew it
+                return
+            guard.release(self._peer)
+            self._peer = None
+            self._cancel_head_timer()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(guard.limits.head_timeout, self._head_timed_out)
+
+        def _cancel_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            """No complete request head within HEAD_TIMEOUT of its first byte (or of the connect)."""
+            self._head_timer = None
+            if self.transport.is_closing():
+                return
+            if self._heads == 0 and self._head_left == MAX_HEAD_BYTES:  # connected, never said a word
+                self.transport.close()
+                return
+            t = guard.limits.head_timeout
+            msg = f"request head not complete within {t:g} s (HEAD_TIMEOUT)"
+            self.transport.write(_raw_response(408, "Request Timeout", "head_timeout", msg))
+            self.transport.close()
 
         def data_received(self, data: bytes) -> None:
+            if self._head_left is not None:  # a head is being read: it has HEAD_TIMEOUT from here
+                self._arm_head_timer()
             left = self._head_left
             if left is None or len(data) <= left:
                 if left is not None:
@@ -135,6 +330,7 @@ def _http_protocol() -> type[asyncio.Protocol] | str:
             self.send_400_response("Invalid HTTP request received.")
 
         def on_headers_complete(self) -> None:
+            self._cancel_head_timer()
             self._head_left = None
             self._heads += 1
             if self.parser.get_http_version() not in ("1.0", "1.1"):
@@ -206,12 +402,15 @@ def bind_unix(path: Path, setting: str) -> socket.socket:
 
 
 class Listener:
-    """One uvicorn server on one socket we bound."""
+    """One uvicorn server on one socket we bound, with its connection caps and timeouts."""
 
-    def __init__(self, name: str, app: ASGIApp, sock: socket.socket, log: logging.Logger) -> None:
+    def __init__(
+        self, name: str, app: ASGIApp, sock: socket.socket, log: logging.Logger, limits: ConnLimits | None = None
+    ) -> None:
         self.name = name
         self.sock = sock
         self.log = log
+        self.guard = _Guard(limits or ConnLimits(), name, RateLimitedLog(log))
         config = uvicorn.Config(
             app,
             lifespan="off",
@@ -220,8 +419,9 @@ class Listener:
             access_log=False,
             server_header=False,
             timeout_graceful_shutdown=5,
-            timeout_keep_alive=30,
-            http=_http_protocol(),
+            timeout_keep_alive=max(1, round(self.guard.limits.keepalive_timeout)),
+            http=_http_protocol(self.guard),
+            backlog=ACCEPT_BACKLOG,
             h11_max_incomplete_event_size=MAX_HEAD_BYTES,  # where httptools is missing
         )
         self.server = _Server(config)

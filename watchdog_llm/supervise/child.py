@@ -27,7 +27,7 @@ import psutil
 
 from watchdog_llm.supervise.probes import probe_client
 from watchdog_llm.supervise.states import DOWN, SIGNALLABLE, ChildState, describe_exit, transition
-from watchdog_llm.supervise.tree import TAG_ENV, Records, Tree, wait_gone
+from watchdog_llm.supervise.tree import TAG_ENV, Member, Records, Tree, wait_gone
 
 Probe = Callable[[httpx.AsyncClient], Awaitable[bool]]
 LOG_TAIL_LINES = 200
@@ -239,6 +239,8 @@ class Child:
             self._set(frozenset({ChildState.STARTING}), ChildState.EXITED)
             self.post(ChildExited(spec.name, run, None, why))
             return
+        if self._current is not None:  # pidfds of a tree that survived SIGKILL (uninterruptible sleep)
+            self._current.tree.close()
         cur = _Run(run, proc, _watch_exit(proc), Tree(proc.pid, tag), time.monotonic())
         self._current = cur
         self._output.info("---- %s run %d started: pid %d: %s", spec.name, run, proc.pid, " ".join(spec.argv))
@@ -329,7 +331,7 @@ class Child:
         self.records.update(self.spec.name, tree.records())
         return StopResult(t0, done, len(alive), killed)
 
-    async def _wait_or_hurry(self, tree: Tree, grace: float) -> list[psutil.Process]:
+    async def _wait_or_hurry(self, tree: Tree, grace: float) -> list[Member]:
         gone = asyncio.create_task(wait_gone(tree.alive(), grace))
         hurry = asyncio.create_task(self._hurry.wait())
         await asyncio.wait({gone, hurry}, return_when=asyncio.FIRST_COMPLETED)
@@ -428,13 +430,13 @@ def _watch_exit(proc: subprocess.Popen[bytes]) -> asyncio.Future[int]:
     return fut
 
 
-def _describe(procs: list[psutil.Process]) -> str:
+def _describe(members: list[Member]) -> str:
     out = []
-    for p in procs[:8]:
+    for m in members[:8]:
         try:
-            out.append(f"{p.pid} ({p.name()}, {p.status()})")
-        except psutil.Error:
-            out.append(str(p.pid))
+            out.append(f"{m.pid} ({m.proc.name()}, {m.proc.status()})")
+        except (psutil.Error, OSError):  # gone meanwhile, or /proc unreadable (no descriptor left)
+            out.append(str(m.pid))
     return ", ".join(out)
 
 

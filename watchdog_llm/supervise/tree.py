@@ -5,8 +5,8 @@ Ownership is by ancestry and by a per-spawn tag, never by name or user:
   instead of init and stay findable as our descendants;
 - every child gets `WATCHDOG_LLM_TREE=<tag>` in its environment, inherited by its descendants, which
   attributes such orphans to the right tree;
-- members are remembered as psutil.Process objects (pid + create time), so a recycled pid is never
-  signalled.
+- members are remembered as psutil.Process objects (pid + create time) with a pidfd held open, so a
+  recycled pid is never signalled, and a stop needs no new file descriptor.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import errno
 import json
 import logging
 import os
+import select
 import signal
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ import psutil
 
 TAG_ENV = "WATCHDOG_LLM_TREE"
 PR_SET_CHILD_SUBREAPER = 36
+POLL_WAIT_INTERVAL = 0.01  # where pidfds are missing: how often a stop looks again
 
 
 def set_child_subreaper() -> bool:
@@ -56,6 +59,69 @@ def _tag_of(p: psutil.Process) -> str | None:
         return None
 
 
+class Member:
+    """One process of a tree: its psutil handle (pid + create time) and, where the kernel has them,
+    a pidfd opened when the process was found and held until it is seen gone.
+
+    The pidfd is what makes a stop independent of file descriptors: seeing whether the process is
+    still there (poll) and signalling it (pidfd_send_signal) need no new descriptor, so a yield works
+    while something has exhausted the daemon's (a flood of connections). It also pins identity:
+    while the pidfd is not readable, the pid still names this process."""
+
+    __slots__ = ("_dead", "pidfd", "proc")
+
+    def __init__(self, proc: psutil.Process) -> None:
+        self.proc = proc
+        self._dead = False
+        self.pidfd: int | None = None
+        try:
+            self.pidfd = os.pidfd_open(proc.pid)
+        except OSError:  # gone already, no pidfd support, or no descriptor left: psutil's way then
+            return
+        if not proc.is_running():  # the pid was recycled between psutil's look and pidfd_open
+            self.close()
+            self._dead = True
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def gone(self) -> bool:
+        """Exited (a zombie holds no memory or GPU context) or its pid now names another process."""
+        if self._dead:
+            return True
+        if self.pidfd is None:
+            try:
+                gone = is_gone(self.proc)
+            except OSError:  # /proc unreadable (no descriptor left): count it as alive, keep trying
+                return False
+        else:
+            poller = select.poll()  # a poll set is not a descriptor (epoll's would be)
+            poller.register(self.pidfd, select.POLLIN)
+            gone = bool(poller.poll(0))  # a pidfd is readable once its process has exited
+        if gone:
+            self._dead = True
+            self.close()
+        return gone
+
+    def signal(self, sig: signal.Signals) -> bool:
+        if self.gone():
+            return False
+        try:
+            if self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, sig)
+            else:
+                self.proc.send_signal(sig)  # psutil re-checks create time: a recycled pid is never hit
+            return True
+        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess, psutil.AccessDenied):
+            return False
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
 class Tree:
     """Every process of one spawn: the leader and each descendant seen since it started."""
 
@@ -63,20 +129,32 @@ class Tree:
         self.tag = tag
         self.pgid = leader_pid  # start_new_session=True: the leader leads its own session and group
         self.leader_pid = leader_pid
-        self._members: dict[tuple[int, float], psutil.Process] = {}
+        self._members: dict[tuple[int, float], Member] = {}
         with contextlib.suppress(psutil.NoSuchProcess):
             self._add(psutil.Process(leader_pid))
 
     def _add(self, p: psutil.Process) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
-            self._members.setdefault((p.pid, p.create_time()), p)
+            key = (p.pid, p.create_time())
+            if key not in self._members:
+                self._members[key] = Member(p)
 
     def scan(self) -> int:
-        """Record descendants that appeared since the last scan. Returns how many are known alive."""
+        """Record descendants that appeared since the last scan. Returns how many are known alive.
+        Reading /proc takes descriptors: with none left, the scan finds nothing new this time (the
+        members already known are still stopped: they hold pidfds)."""
+        try:
+            self._scan()
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+        return len(self.alive())
+
+    def _scan(self) -> None:
         children = _children_reader()
         me = os.getpid()
         known = {pid for pid, _ in self._members}
-        roots = [p.pid for p in self.alive()]
+        roots = [m.pid for m in self.alive()]
         # Orphans of this tree re-parented to us (subreaper): recognised by the inherited tag.
         for pid in children(me):
             if pid not in known:
@@ -93,22 +171,21 @@ class Tree:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     self._add(psutil.Process(pid))
             roots.extend(children(pid))
-        return len(self.alive())
 
-    def alive(self) -> list[psutil.Process]:
-        return [p for p in self._members.values() if not is_gone(p)]
+    def alive(self) -> list[Member]:
+        return [m for m in self._members.values() if not m.gone()]
 
     def records(self) -> list[dict[str, float]]:
-        return [{"pid": p.pid, "create_time": ct} for (_, ct), p in self._members.items() if not is_gone(p)]
+        return [{"pid": m.pid, "create_time": ct} for (_, ct), m in self._members.items() if not m.gone()]
 
     def group_alive(self) -> bool:
         """True while a member still belongs to our process group, so killpg() cannot hit a stranger.
 
         The kernel keeps a pgid number reserved while any process is in that group.
         """
-        for p in self.alive():
+        for m in self.alive():
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                if os.getpgid(p.pid) == self.pgid:
+                if os.getpgid(m.pid) == self.pgid:
                     return True
         return False
 
@@ -123,28 +200,28 @@ class Tree:
 
     def signal_each(self, sig: signal.Signals) -> int:
         """Signal every live member individually (those that left the group included)."""
-        n = 0
-        for p in self.alive():
-            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                p.send_signal(sig)  # psutil re-checks create time: a recycled pid is never hit
-                n += 1
-        return n
+        return sum(m.signal(sig) for m in self.alive())
 
     def reap(self, skip: Iterable[int] = ()) -> None:
         """Collect exit statuses of members that became our children (orphans), never `skip` pids
         (asyncio's child watcher owns those)."""
         me = os.getpid()
         skipped = set(skip)
-        for p in list(self._members.values()):
-            if p.pid in skipped:
+        for m in list(self._members.values()):
+            if m.pid in skipped:
                 continue
             try:
-                if p.ppid() != me:
+                if m.proc.ppid() != me:
                     continue
-            except psutil.NoSuchProcess:
+            except (psutil.NoSuchProcess, OSError):
                 continue
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(p.pid, os.WNOHANG)
+                os.waitpid(m.pid, os.WNOHANG)
+
+    def close(self) -> None:
+        """The run is over: its pidfds go (those of members still alive too)."""
+        for m in self._members.values():
+            m.close()
 
 
 def _proc_children(pid: int) -> list[int]:
@@ -189,41 +266,32 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
-async def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """Wait until every process has exited, up to `timeout`. Returns those still alive.
+async def wait_gone(members: list[Member], timeout: float) -> list[Member]:
+    """Wait until every member has exited, up to `timeout`. Returns those still alive.
 
-    Event-driven: a pidfd becomes readable when its process exits, for any process, not only our
-    children. Falls back to psutil's polling where pidfd_open is unavailable.
+    Event-driven on the members' own pidfds (no new descriptor); members without one (no pidfd
+    support, or none could be opened) are polled.
     """
-    alive = [p for p in procs if not is_gone(p)]
+    alive = [m for m in members if not m.gone()]
     if not alive or timeout <= 0:
         return alive
+    if any(m.pidfd is None for m in alive):
+        return await _poll_wait(alive, timeout)
     loop = asyncio.get_running_loop()
     fds: list[int] = []
     waits: list[asyncio.Future[None]] = []
     try:
-        for p in alive:
-            try:
-                fd = os.pidfd_open(p.pid)
-            except ProcessLookupError:
-                continue
-            except OSError as e:
-                if e.errno in (errno.ENOSYS, errno.EPERM, errno.EINVAL):
-                    return await asyncio.to_thread(_poll_wait, alive, timeout)
-                raise
-            fds.append(fd)
-            if is_gone(p):  # exited (or pid recycled) between the check and pidfd_open
-                continue
+        for m in alive:
+            assert m.pidfd is not None
             fut: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(fd, _resolve, fut)
+            loop.add_reader(m.pidfd, _resolve, fut)
+            fds.append(m.pidfd)
             waits.append(fut)
-        if waits:
-            await asyncio.wait(waits, timeout=timeout)
+        await asyncio.wait(waits, timeout=timeout)
     finally:
         for fd in fds:
             loop.remove_reader(fd)
-            os.close(fd)
-    return [p for p in alive if not is_gone(p)]
+    return [m for m in alive if not m.gone()]
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -231,9 +299,11 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-def _poll_wait(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    return [p for p in alive if not is_gone(p)]
+async def _poll_wait(members: list[Member], timeout: float) -> list[Member]:
+    deadline = time.monotonic() + timeout
+    while (alive := [m for m in members if not m.gone()]) and time.monotonic() < deadline:
+        await asyncio.sleep(POLL_WAIT_INTERVAL)
+    return alive
 
 
 # ---- records of what we started, for leftovers after a crash of the daemon itself ------------
