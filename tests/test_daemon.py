@@ -11,6 +11,7 @@ import json
 import os
 import select
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -385,4 +386,22 @@ def test_a_flood_of_idle_connections_never_stops_a_yield(daemons, daemon_env) ->
     assert "MAX_CONNECTIONS=1024 lowered to 42" in log
     assert "Too many open files" not in log
     assert log.count("connection refused") <= 3, "one refusal line per 10 s, not one per connection"
+    assert d.terminate() == 0
+
+
+def test_state_dir_and_its_files_are_ours_alone(daemons, daemon_env) -> None:
+    """A STATE_DIR made 0755 beforehand (mkdir under a 022 umask) is closed to other users, and the
+    files that name jobs, pids and paths are 0600."""
+    state = Path(daemon_env["STATE_DIR"])
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "logs").mkdir(exist_ok=True)
+    os.chmod(state, 0o755)
+    os.chmod(state / "logs", 0o755)
+    d = start(daemons, daemon_env)
+    d.wait_state("serving")
+    for p in (state, state / "logs"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o700, p
+    for name in ("status.json", "children.json"):
+        assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
+    assert "readable by other users (mode 0755): made it 0700" in d.log()
     assert d.terminate() == 0

@@ -133,7 +133,11 @@ def prepare_state_dir(path: Path) -> None:
             raise StartupError(f"STATE_DIR={str(path)!r} belongs to uid {st.st_uid}, not to us: use one of ours")
         if st.st_mode & 0o022:
             raise StartupError(f"STATE_DIR={str(path)!r} is writable by other users: chmod go-w it, or use another")
-        (path / "logs").mkdir(exist_ok=True)
+        for d in (path, path / "logs"):
+            d.mkdir(exist_ok=True, mode=0o700)
+            if (mode := d.stat().st_mode & 0o777) & 0o077:  # ours: logs and status name jobs, pids, paths
+                log.warning("%s was readable by other users (mode %04o): made it 0700", d, mode)
+                os.chmod(d, 0o700)
         probe = path / f".write-test.{os.getpid()}"
         probe.write_text("")
         probe.unlink()
@@ -592,6 +596,7 @@ class Daemon:
         if s.tunnel_id and s.cloudflared_creds:
             config_file = s.state_dir / "cloudflared.yml"
             config_file.write_text(yaml.safe_dump(tunnel_config(s), sort_keys=False))
+            config_file.chmod(0o600)
         spec = tunnel_spec(s, cloudflared, metrics, config_file)
         child = Child(spec, grace=min(s.yield_grace, 5.0), log_dir=logs, records=records, post=self._on_child, log=log)
         return TunnelKeeper(

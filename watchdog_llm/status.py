@@ -21,7 +21,7 @@ def write_atomic(path: Path, data: dict[str, Any]) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")
-        os.chmod(tmp, 0o644)
+        # mkstemp's 0600 kept: status names jobs, pids and paths; only the daemon's user reads it.
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -336,7 +336,9 @@ class Records:
     def _write(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps({"daemon_pid": os.getpid(), "children": self._data}))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps({"daemon_pid": os.getpid(), "children": self._data}))
             os.replace(tmp, self.path)
         except OSError as e:
             if not self._warned:  # once: the daemon keeps working, leftovers just can't be recorded
