@@ -43,7 +43,7 @@ import psutil
 from watchdog_llm.config import Settings
 from watchdog_llm.detect import JobSeen, make_detector
 from watchdog_llm.supervise.probes import free_port
-from watchdog_llm.supervise.tree import wait_gone
+from watchdog_llm.supervise.tree import Member, wait_gone
 
 VENV_BIN = Path(sys.executable).parent
 # "1": the model tree exits at once on SIGTERM, so the numbers measure the supervisor, not the
@@ -127,16 +127,21 @@ def model_tree(leader: psutil.Process) -> list[psutil.Process]:
 
 def wait_tree_gone(procs: list[psutil.Process]) -> tuple[float, list[psutil.Process]]:
     """When the whole tree is gone; or, if some of it outlives the leader by 1 s, what was left."""
-    left = asyncio.run(wait_gone(procs[:1], 10))
-    if left:
-        p = left[0]
-        with contextlib.suppress(psutil.Error):
-            print(f"  ! leader {p.pid} {p.status()} {p.cmdline()} still alive after 10 s", file=sys.stderr)
-    left = asyncio.run(wait_gone(procs, 1.0))
-    t = time.monotonic()
-    for p in left:  # clean up the orphans by the psutil handles we hold (never by name)
-        p.kill()
-    return t, left
+    members = [Member(p) for p in procs]  # pidfds: woken by each exit, no polling
+    try:
+        left = asyncio.run(wait_gone(members[:1], 10))
+        if left:
+            p = left[0].proc
+            with contextlib.suppress(psutil.Error):
+                print(f"  ! leader {p.pid} {p.status()} {p.cmdline()} still alive after 10 s", file=sys.stderr)
+        left = asyncio.run(wait_gone(members, 1.0))
+        t = time.monotonic()
+        for m in left:  # clean up the orphans by the psutil handles we hold (never by name)
+            m.proc.kill()
+        return t, [m.proc for m in left]
+    finally:
+        for m in members:
+            m.close()
 
 
 def wait_until(pred: Any, timeout: float, interval: float = 0.01) -> Any:
