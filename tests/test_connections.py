@@ -138,7 +138,7 @@ def test_a_complete_request_is_not_cut_by_the_head_timeout(gw_with) -> None:
         for _ in range(3):
             s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             assert read_response(s).status in (200, 503)
-            time.sleep(0.3)  # idle between requests: keep-alive's business, not the head timeout's
+            time.sleep(0.7)  # idle past HEAD_TIMEOUT between requests: keep-alive's business, not the head timeout's
 
 
 def test_an_idle_keepalive_connection_is_closed(gw_with) -> None:

@@ -135,7 +135,6 @@ class _Guard:
     log: RateLimitedLog
     open: int = 0
     peers: Counter[str] = field(default_factory=Counter)
-    refused: int = 0
 
     def admit(self, peer: str) -> str | None:
         """None if the connection may stay; else why not (for the 503 and the log)."""
@@ -266,7 +265,6 @@ def _http_protocol(guard: _Guard) -> type[asyncio.Protocol] | str:
             peer = _peer_of(transport)
             why = guard.admit(peer)
             if why is not None:  # refused before uvicorn sees it: its descriptor is freed at once
-                guard.refused += 1
                 guard.log.warning(guard.name, "%s listener: connection refused: %s", guard.name, why)
                 transport.write(
                     _raw_response(503, "Service Unavailable", "too_many_connections", "too many connections", 1)
