@@ -311,3 +311,78 @@ def test_cooldown_503_says_how_long_and_the_page_says_offline(daemons, daemon_en
     page = httpx.get(d.status()["public_url"] + "/")
     assert page.status_code == 200 and "offline" in page.text and "standin/test" in page.text
     assert TEST_KEY not in page.text and d.status()["model_url"] not in page.text
+
+
+def _leader(pids: list[int]) -> int:
+    """The API server: the one of the model's processes whose parent is not among them."""
+    import psutil
+
+    return next(p for p in pids if psutil.Process(p).ppid() not in pids)
+
+
+def test_a_hung_model_is_noticed_restarted_and_its_waiting_clients_get_503(daemons, daemon_env) -> None:
+    import os
+    import signal
+    import time
+
+    env = env_with(
+        daemon_env,
+        LIVENESS_INTERVAL="0.5",
+        LIVENESS_TIMEOUT="0.5",
+        LIVENESS_FAILURES="3",
+        RESTART_BACKOFF_MAX="2",
+        RESTART_LIMIT="10",
+        UPSTREAM_TIMEOUT="60",
+    )
+    d = start(daemons, env)
+    st = d.wait_state("serving")
+    pids = st["model_pids"]
+    api = _leader(pids)
+    client = _client(d)
+
+    # A pause shorter than LIVENESS_FAILURES checks is not a hang: same run, still serving.
+    os.kill(api, signal.SIGSTOP)
+    time.sleep(0.9)
+    os.kill(api, signal.SIGCONT)
+    assert _chat(client, "still here") == "[stand-in] still here"
+    assert d.status()["model_run"] == 1 and d.status()["state"] == "serving"
+
+    # A stopped API server: the kernel still accepts connections, nothing ever answers.
+    os.kill(api, signal.SIGSTOP)
+    t0 = time.monotonic()
+    waited: dict[str, Any] = {}
+
+    def ask() -> None:
+        t = time.monotonic()
+        try:
+            _client(d).with_options(timeout=60).chat.completions.create(
+                model="standin/test", messages=[{"role": "user", "content": "anyone?"}]
+            )
+        except openai.APIStatusError as e:
+            waited.update(status=e.status_code, code=e.body.get("code") if isinstance(e.body, dict) else None)
+        waited["s"] = time.monotonic() - t
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    st = d.wait_state("backoff", timeout=15)
+    detected = time.monotonic() - t0
+    health = httpx.get(st["public_url"] + "/health", timeout=5)
+    assert health.status_code == 503 and health.json()["status"] != "ok", health.text
+    asker.join(15)
+    assert waited.get("status") == 503 and waited["s"] < 10, waited  # not UPSTREAM_TIMEOUT's 60 s
+    # 3 failed checks 0.5 s apart, each up to 0.5 s: about 1.5-2 s, plus the stop of the tree.
+    assert detected < 6, f"hang noticed after {detected:.1f} s"
+    assert "stopped answering /health" in st["reason"], st["reason"]
+    wait_for(lambda: not any(psutil_alive(p) for p in pids), 10, what="the hung tree gone")
+    st = d.wait_state("serving", timeout=20)
+    assert st["model_run"] == 2 and not set(st["model_pids"]) & set(pids)
+    assert _chat(client, "back again") == "[stand-in] back again"
+
+
+def psutil_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

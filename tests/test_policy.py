@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from watchdog_llm.base.backoff import backoff_delay
+from watchdog_llm.base.vocab import StopReason
 from watchdog_llm.policy import (
     MODEL_DOWN,
     MODEL_RUNNING,
@@ -30,6 +31,7 @@ from watchdog_llm.policy import (
     Limits,
     ModelChoice,
     ModelExited,
+    ModelHung,
     ModelReady,
     Notify,
     Phase,
@@ -477,6 +479,46 @@ def test_crash_while_serving_after_min_uptime_backs_off_with_a_crashed_notificat
     assert 0.5 <= timer.delay <= 1.0  # first restart: half to all of BASE * 2**0
     assert timer.delay == backoff_delay(0, cap=LIMITS.restart_backoff_max, jitter=jitter)
     assert of(d, StartModel) == [] and of(d, StopModel) == []
+
+
+def test_a_hung_model_is_stopped_and_restarted_like_a_crash() -> None:
+    dmn = serving()  # started at 0, ready at 10
+    why = "stopped answering /health (3 checks over 10.0 s: no answer within 3 s)"
+    d = dmn.feed(ModelHung(run=1, why=why), 3600.0)
+    assert dmn.phase() is Phase.BACKOFF and dmn.state.fast_failures == 1
+    # The stop first (the tree still runs), streams end at once (clients get 503 from now on).
+    assert [type(a) for a in d.actions] == [StopModel, Notify, SetTimer, AbortStreams]
+    assert of(d, StopModel) == [StopModel(StopReason.HUNG)]
+    [n] = notices(d)
+    assert n.kind == "crashed" and why in n.body and "restarting in" in n.body
+    assert why in dmn.state.reason
+    # Its stop ends in backoff: nothing more to do; the backoff timer restarts it.
+    assert dmn.state.stops_pending == 1
+    d = dmn.feed(StopDone(1200.0, 0), 3601.0)
+    assert dmn.phase() is Phase.BACKOFF and d.actions == () and dmn.state.stops_pending == 0
+    d = dmn.feed(TimerFired("backoff", dmn.state.timer_token), 3610.0)
+    assert dmn.phase() is Phase.STARTING and of(d, StartModel) == [StartModel(2)]
+
+
+def test_hangs_of_other_runs_or_phases_are_ignored() -> None:
+    dmn = serving()
+    assert_ignored(dmn, ModelHung(run=0, why="old run"), 100.0)
+    dmn = starting()
+    assert_ignored(dmn, ModelHung(run=dmn.state.run, why="not ready yet: the startup timer decides"), 1.0)
+
+
+def test_hung_again_and_again_gives_up_after_the_restart_limit() -> None:
+    dmn = serving()
+    now = 20.0
+    for _ in range(LIMITS.restart_limit - 1):
+        dmn.feed(ModelHung(run=dmn.state.run, why="stopped answering /health"), now)
+        assert dmn.phase() is Phase.BACKOFF
+        dmn.feed(TimerFired("backoff", dmn.state.timer_token), now + 1)
+        dmn.feed(ModelReady(), now + 2)
+        now += 3
+    d = dmn.feed(ModelHung(run=dmn.state.run, why="stopped answering /health"), now)
+    assert dmn.phase() is Phase.FAILED
+    assert of(d, StopModel) == [StopModel(StopReason.HUNG)]  # given up on, and still stopped
 
 
 def test_crash_notification_uses_the_exit_reason_when_known() -> None:
@@ -931,6 +973,8 @@ class World:
             return ModelReady()
         if r < 0.52:
             run = state.run if rng.random() < 0.7 else rng.randint(0, max(state.run, 1))
+            if rng.random() < 0.25:
+                return ModelHung(run, "stopped answering /health")
             return ModelExited(code=rng.choice([None, 0, 1, -9, -15]), run=run)
         if r < 0.70 and self.pending_stops:
             return StopDone(rng.uniform(1, 12_000), rng.choice([0, 0, 0, 1]))

@@ -80,6 +80,7 @@ from watchdog_llm.policy import (
     Limits,
     ModelChoice,
     ModelExited,
+    ModelHung,
     ModelReady,
     Notify,
     Phase,
@@ -102,7 +103,15 @@ from watchdog_llm.policy import DetectorFailed as PolicyDetectorFailed
 from watchdog_llm.policy import JobGone as PolicyJobGone
 from watchdog_llm.policy import JobSeen as PolicyJobSeen
 from watchdog_llm.status import STATUS_FILE
-from watchdog_llm.supervise.child import Child, ChildChanged, ChildEvent, ChildExited, ChildReady, ChildStopped
+from watchdog_llm.supervise.child import (
+    Child,
+    ChildChanged,
+    ChildEvent,
+    ChildExited,
+    ChildHung,
+    ChildReady,
+    ChildStopped,
+)
 from watchdog_llm.supervise.probes import free_port
 from watchdog_llm.supervise.specs import load_catalog, model_spec, resolve_bin, tunnel_config, tunnel_spec
 from watchdog_llm.supervise.tree import Records, descendants, set_child_subreaper
@@ -784,6 +793,8 @@ class Daemon:
                 if tail:
                     log.warning("last lines of the model's output:\n  %s", "\n  ".join(tail))
                 self._handle(ModelExited(code, run, why))
+            case ChildHung(run=run, why=why):
+                self._handle(ModelHung(run, why))
             case ChildStopped(result=r):
                 start = self._release_since = self._yield_detected_at or r.requested_at
                 self._handle(StopDone((r.finished_at - start) * 1000, r.survivors))

@@ -95,6 +95,13 @@ class Settings(BaseSettings):
     num_gpus: int = Field(1, ge=0, le=64, description="GPUs the model uses")
     startup_timeout: float = Field(900.0, gt=0, description="seconds for the model to answer /health")
     health_path: str = Field("/health", description="readiness path of the model server")
+    liveness_interval: float = Field(
+        5.0, ge=0, le=3600, description="seconds between health checks of a ready model (0: no checks)"
+    )
+    liveness_timeout: float = Field(3.0, gt=0, le=600, description="a health check slower than this has failed")
+    liveness_failures: int = Field(
+        3, ge=1, le=100, description="failed health checks in a row that mean hung: restarted like a crash"
+    )
     api_key: SecretStr = Field(SecretStr(""), description="old name for one public key (see PUBLIC_API_KEYS)")
 
     models: str = Field("", description="model catalog: a YAML file or a directory of *.env profiles")

@@ -10,7 +10,7 @@ Phases
   yielding    a job (or a foreign GPU process) needs our GPUs; the model tree is being stopped
   yielded     stopped; what blocks a start is still there (jobs, busy GPUs, too few free GPUs)
   cooldown    no job any more; waiting RESUME_COOLDOWN before starting again
-  backoff     the model crashed; waiting before a restart
+  backoff     the model crashed, or hung (its tree is being stopped meanwhile); waiting before a restart
   failed      too many fast failures in a row; stays down until restarted by a person
   swapping    a swap asked for another model; the current model tree is being stopped
   stopping    the daemon is shutting down (a signal, or an idle release); the model tree is being stopped
@@ -165,6 +165,14 @@ class ModelExited:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelHung:
+    """The serving model failed its liveness checks: it runs, but answers nothing."""
+
+    run: int
+    why: str  # e.g. "stopped answering /health (3 checks over 10.0 s: no answer within 3 s)"
+
+
+@dataclass(frozen=True, slots=True)
 class StopDone:
     elapsed_ms: float  # stop request -> whole tree gone
     survivors: int  # processes that could not be killed (should be 0)
@@ -196,6 +204,7 @@ Event = (
     | Activity
     | ModelReady
     | ModelExited
+    | ModelHung
     | StopDone
     | TimerFired
     | Shutdown
@@ -554,6 +563,13 @@ def _decide(state: State, event: Event, now: float, limits: Limits, jitter: floa
             if run != state.run or p not in MODEL_RUNNING:
                 return Decision(state)  # exit during a stop we asked for, or of an older run
             return _crashed(state, code, why, now, limits, jitter)
+        case ModelHung(run=run, why=why):
+            if run != state.run or p is not Phase.SERVING:
+                return Decision(state)
+            # A crash whose tree still runs: stopped here (its StopDone in backoff is ignored, as a
+            # timed-out start's is); clients get 503 from now on, not a wait until the stop ends.
+            d = _crashed(state, None, why, now, limits, jitter)
+            return Decision(d.state, (StopModel(StopReason.HUNG), *d.actions))
         case StopDone(elapsed_ms=ms, survivors=survivors):
             return _stop_done(state, ms, survivors, now, limits)
         case TimerFired(name=name, token=token):

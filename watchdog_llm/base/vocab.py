@@ -62,5 +62,6 @@ class StopReason(StrEnum):
     YIELD = "yield"
     SHUTDOWN = "shutdown"
     STARTUP_TIMEOUT = "startup-timeout"
+    HUNG = "hung"  # ready once, then stopped answering its liveness checks
     IDLE = "idle"
     SWAP = "swap"

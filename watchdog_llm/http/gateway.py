@@ -131,7 +131,7 @@ class Gateway:
         self.availability = availability
         self.upstream = upstream
         self.page = page
-        self._streams: set[_Exchange] = set()
+        self._inflight: set[_Exchange] = set()
         # httpx's transport without an AsyncClient around it: no redirects followed, no proxy from
         # the environment (it must not carry our internal key elsewhere), no cookie jar (a cookie one
         # user's answer set would go upstream with everyone's requests), no default headers; and
@@ -150,8 +150,9 @@ class Gateway:
         await self.upstream_client.aclose()
 
     def model_down(self) -> None:
-        """The model left serving (yield, crash, stop): end every stream now, with an error event."""
-        for ex in list(self._streams):
+        """The model left serving (yield, crash, hang, stop): every request in flight ends now, a
+        stream with an error event, a request still waiting for its answer with our 503."""
+        for ex in list(self._inflight):
             ex.abort("model")
 
     # ---- ASGI ------------------------------------------------------------------------------------
@@ -243,12 +244,13 @@ class Gateway:
         me = asyncio.current_task()
         assert me is not None
         ex = _Exchange(me)
+        self._inflight.add(ex)
         watcher = asyncio.create_task(_watch_disconnect(receive, ex))
         try:
             return await self._relay(send, req, ex, consumer, route_label(scope["path"]))
         finally:
             watcher.cancel()
-            self._streams.discard(ex)
+            self._inflight.discard(ex)
 
     def _url(self, base: str, scope: Scope) -> httpx.URL:
         """The upstream URL of this path and query: parsed once (a parse costs ~15 us), kept while
@@ -267,8 +269,8 @@ class Gateway:
         t0 = time.perf_counter()
         try:
             resp: httpx.Response = await ex.wait(self.upstream_client.handle_async_request(req))
-        except _Aborted:
-            return CLIENT_GONE
+        except _Aborted as a:
+            return await self._aborted(send, a, consumer)
         except httpx.TimeoutException:
             msg = "the model did not answer in time"
             return await self._refuse(send, 504, "upstream_timeout", msg, consumer, True, 5, reason="timeout")
@@ -281,12 +283,11 @@ class Gateway:
         try:
             out = _response_headers(resp, req.url)
             if resp.headers.get("content-type", "").startswith("text/event-stream"):
-                self._streams.add(ex)
                 return await self._stream(send, resp, out, ex, consumer)
             try:
                 content = b"".join([c async for c in _chunks(resp, ex)])
-            except _Aborted:
-                return CLIENT_GONE
+            except _Aborted as a:
+                return await self._aborted(send, a, consumer)
             except httpx.TimeoutException:
                 msg = "the model stopped answering mid-response"
                 return await self._refuse(send, 504, "upstream_timeout", msg, consumer, True, 5, reason="timeout")
@@ -350,6 +351,16 @@ class Gateway:
         except OSError:
             return CLIENT_GONE
         return resp.status_code
+
+    async def _aborted(self, send: Send, a: _Aborted, consumer: str) -> int:
+        """Before any of the answer was sent: the client left, or the model went away (say why)."""
+        if a.why == "client":
+            return CLIENT_GONE
+        avail = self.availability()
+        if avail.serving:  # back already (a fast restart): this request's answer is lost all the same
+            msg = "the model went away before answering; try again"
+            return await self._refuse(send, 502, "upstream_error", msg, consumer, True, 1, reason="upstream")
+        return await self._unavailable(send, avail, consumer)
 
     def _down_message(self, default: str = "the model went away mid-answer") -> tuple[str, str]:
         avail = self.availability()

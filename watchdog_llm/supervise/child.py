@@ -25,7 +25,7 @@ from typing import IO
 import httpx
 import psutil
 
-from watchdog_llm.supervise.probes import probe_client
+from watchdog_llm.supervise.probes import Liveness, probe_client
 from watchdog_llm.supervise.states import DOWN, SIGNALLABLE, ChildState, describe_exit, transition
 from watchdog_llm.supervise.tree import TAG_ENV, Member, Records, Tree, wait_gone
 
@@ -44,6 +44,7 @@ class ChildSpec:
     probe: Probe | None = None  # readiness; None: ready once spawned
     preflight: Callable[[], str | None] | None = None  # returns why it must not start now
     cwd: str | None = None
+    liveness: Liveness | None = None  # once ready: checked until it stops; None: never
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,13 +85,22 @@ class ChildStopped:
 
 
 @dataclass(frozen=True, slots=True)
+class ChildHung:
+    """A ready child failed its liveness checks: it runs, but answers nothing. Nothing is done to it."""
+
+    name: str
+    run: int
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
 class ChildChanged:
     """The set of live processes changed (the tree grew while starting, say): for status only."""
 
     name: str
 
 
-ChildEvent = ChildReady | ChildExited | ChildStopped | ChildChanged
+ChildEvent = ChildReady | ChildExited | ChildStopped | ChildChanged | ChildHung
 
 
 @dataclass(slots=True)
@@ -100,7 +110,7 @@ class _Run:
     exited: asyncio.Future[int]  # resolves with the leader's exit status as soon as it exits
     tree: Tree
     started_at: float
-    helpers: list[asyncio.Task[None]] = field(default_factory=list)  # scanner, probe: end with the run
+    helpers: list[asyncio.Task[None]] = field(default_factory=list)  # scanner, probes: end with the run
 
 
 class Child:
@@ -264,6 +274,8 @@ class Child:
         )
         self._current.tree.scan()
         self.records.update(self.spec.name, self._current.tree.records())
+        if self.spec.liveness is not None:
+            self._current.helpers.append(asyncio.create_task(self._watch(self._current, self.spec.liveness)))
         self.post(ChildReady(self.spec.name, run))
 
     async def _exited(self, run: int) -> None:
@@ -298,6 +310,7 @@ class Child:
         t0 = time.monotonic()
         tree = cur.tree
         tree.signal_group(signal.SIGTERM)  # first, before anything that takes time
+        tree.signal_group(signal.SIGCONT)  # a stopped (SIGSTOPped) member only acts on SIGTERM once continued
         for t in cur.helpers:
             t.cancel()
         tree.scan()  # members that appeared since the last scan, setsid()ed ones included
@@ -359,6 +372,34 @@ class Child:
                     self._requests.put_nowait(("ready", cur.run, {}, None))
                     return
                 await asyncio.sleep(PROBE_INTERVAL)
+
+    async def _watch(self, cur: _Run, lv: Liveness) -> None:
+        """While running: `lv.failures` failed checks in a row report the run as hung, once. What to
+        do about it is the caller's decision (the policy stops it and counts a crash)."""
+        misses: list[str] = []
+        first = 0.0
+        async with probe_client(lv.timeout) as client:
+            while self.state is ChildState.RUNNING and cur.proc.returncode is None:
+                t = time.monotonic()
+                why = await lv.check(client)
+                if why is None:
+                    if misses:
+                        self.log.info("%s answers its liveness check again", self.spec.name)
+                    misses = []
+                else:
+                    first = first if misses else t
+                    misses.append(why)
+                    self.log.warning(
+                        "%s liveness check %d of %d failed: %s", self.spec.name, len(misses), lv.failures, why
+                    )
+                    if len(misses) >= lv.failures:
+                        span = time.monotonic() - first
+                        path = httpx.URL(lv.url).path  # not the address: the reason reaches clients
+                        what = f"stopped answering {path} ({len(misses)} checks over {span:.1f} s: {why})"
+                        self.log.warning("%s %s (run %d)", self.spec.name, what, cur.run)
+                        self.post(ChildHung(self.spec.name, cur.run, what))
+                        return
+                await asyncio.sleep(max(0.0, lv.interval - (time.monotonic() - t)))
 
     async def _scan(self, cur: _Run) -> None:
         """Record the tree as it grows (fast while starting), so a crash of the daemon itself

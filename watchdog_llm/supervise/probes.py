@@ -13,9 +13,32 @@ import httpx
 PROBE_TIMEOUT = httpx.Timeout(2.0, connect=1.0)
 
 
-def probe_client() -> httpx.AsyncClient:
+def probe_client(timeout: float | None = None) -> httpx.AsyncClient:
     # trust_env=False: cluster nodes often set HTTP(S)_PROXY, which must never see loopback probes.
-    return httpx.AsyncClient(timeout=PROBE_TIMEOUT, trust_env=False)
+    t = PROBE_TIMEOUT if timeout is None else httpx.Timeout(timeout, connect=min(timeout, 1.0))
+    return httpx.AsyncClient(timeout=t, trust_env=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Liveness:
+    """After readiness: `url` is asked every `interval` s; `failures` failed answers in a row (no
+    answer within `timeout`, or not 200) mean the server hangs (SIGSTOPped, deadlocked, its engine
+    dead): the child is then handled as if it had exited."""
+
+    url: str
+    interval: float
+    timeout: float
+    failures: int
+
+    async def check(self, client: httpx.AsyncClient) -> str | None:
+        """None if alive, else what went wrong, in a few words."""
+        try:
+            r = await client.get(self.url)
+        except httpx.TimeoutException:
+            return f"no answer within {self.timeout:g} s"
+        except (httpx.HTTPError, OSError) as e:
+            return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        return None if r.status_code == 200 else f"answered {r.status_code}"
 
 
 @dataclass(frozen=True, slots=True)

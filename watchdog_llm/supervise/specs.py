@@ -12,7 +12,7 @@ from watchdog_llm.config import SECRET_SETTINGS, Settings
 from watchdog_llm.coordination import catalog
 from watchdog_llm.coordination.catalog import Catalog, ModelEntry
 from watchdog_llm.supervise.child import ChildSpec
-from watchdog_llm.supervise.probes import HttpProbe, port_in_use
+from watchdog_llm.supervise.probes import HttpProbe, Liveness, port_in_use
 
 # Secrets the daemon holds that no child needs: removed from inherited environments.
 _DAEMON_SECRETS = SECRET_SETTINGS | {"VLLM_API_KEY"}
@@ -72,7 +72,10 @@ def model_spec(s: Settings, llm_bin: str, api_key: Callable[[], str], entry: Mod
         confirm_url=base + "/v1/models",
         confirm_headers=lambda: {"Authorization": f"Bearer {api_key()}"},
     )
-    return ChildSpec("model", tuple(model_argv(s, llm_bin, e)), env, probe, preflight)
+    live = None
+    if s.liveness_interval > 0:
+        live = Liveness(base + e.health_path, s.liveness_interval, s.liveness_timeout, s.liveness_failures)
+    return ChildSpec("model", tuple(model_argv(s, llm_bin, e)), env, probe, preflight, liveness=live)
 
 
 def tunnel_config(s: Settings) -> dict[str, Any]:
