@@ -267,6 +267,9 @@ class Rig:
             VLLM_ARGS="--disable-uvicorn-access-log",
             STANDIN_TOKEN_DELAY_MS="0",
             STANDIN_FAST_EXIT="1",
+            # vLLM over TCP, as in the measurements before SERVER_SOCKET: "direct" and LiteLLM
+            # need a port (they are the comparison, outside the daemon's trust boundary).
+            SERVER_SOCKET="off",
         )
         env["NUM_GPUS"] = "1"  # tensor parallel 1: API server + EngineCore, no idle workers
         if not self.standin_as_is:

@@ -184,6 +184,7 @@ class StandIn:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("STANDIN_", "VLLM_"))}
         env.update(
             VLLM_API_KEY=key,
+            VLLM_SERVER_DEV_MODE="1",  # its dev routes exist: the gateway must still never reach them
             STANDIN_STARTUP_S="0.1",
             STANDIN_TOKEN_DELAY_MS=str(token_delay_ms),
             PYTHONUNBUFFERED="1",

@@ -48,7 +48,7 @@ from gateway_harness import (
 )
 from helpers import free_port, wait_for
 
-from watchdog_llm.http.gateway import GatewayConfig
+from watchdog_llm.http.gateway import GatewayConfig, relative_location
 
 CHAT = "/v1/chat/completions"
 YIELD_MSG = YIELDED.message + "; this response is incomplete"
@@ -580,12 +580,60 @@ def test_refused_paths_never_reach_the_upstream(make_gw: Any, make_upstream: Any
     assert [r.request_line for r in up.requests] == [f"POST {CHAT} HTTP/1.1"]
 
 
-def test_trailing_slash_does_not_expose_the_internal_address(gw: GatewayServer, standin: StandIn) -> None:
-    r = raw_request(gw.port, request_bytes("GET", "/v1/models/", headers=auth()))
+FORGED = {
+    "X-Forwarded-Proto": "https",  # cloudflared sends this on every request
+    "X-Forwarded-Host": "evil.example",
+    "X-Forwarded-For": "203.0.113.7",
+    "X-Real-IP": "203.0.113.7",
+    "Forwarded": "for=203.0.113.7;proto=https;host=evil.example",
+}
+
+
+@pytest.mark.parametrize("forwarded", [{}, FORGED], ids=["plain", "forwarded headers"])
+def test_trailing_slash_does_not_expose_the_internal_address(
+    gw: GatewayServer, standin: StandIn, forwarded: dict[str, str]
+) -> None:
+    # Before: with X-Forwarded-Proto: https, vLLM's 307 said location: https://127.0.0.1:SERVER_PORT/...
+    r = raw_request(gw.port, request_bytes("GET", "/v1/models/", headers={**auth(), **forwarded}))
     clean(r.raw + r.body)
-    assert r.status < 500
-    where = f"127.0.0.1:{standin.port}".encode()
-    assert where not in r.raw and where not in r.body, (r.status, r.headers)
+    assert r.status == 307 and r.headers["location"] == "/v1/models", (r.status, r.headers)
+    for where in (f"127.0.0.1:{standin.port}", str(standin.port), "evil.example"):
+        assert where.encode() not in r.raw + r.body, (where, r.headers)
+
+
+@pytest.mark.parametrize("forwarded", [{}, FORGED], ids=["plain", "forwarded headers"])
+def test_our_own_redirects_are_paths(gw: GatewayServer, forwarded: dict[str, str]) -> None:
+    r = raw_request(gw.port, request_bytes("GET", "/health/", headers=forwarded))
+    assert r.status == 307 and r.headers["location"] == "/health", (r.status, r.headers)
+    assert b"evil.example" not in r.raw and b"https" not in r.raw
+
+
+def test_forwarding_headers_never_reach_the_model(make_gw: Any, make_upstream: Any) -> None:
+    up = make_upstream(json_ok)
+    g = make_gw(up.url)
+    r = post(g.url + CHAT, chat_body(), headers={**auth(KEY_A), **FORGED, "CF-Connecting-IP": "203.0.113.7"})
+    assert r.status_code == 200, r.text
+    (req,) = up.requests
+    for name in (*FORGED, "CF-Connecting-IP"):
+        assert req.header(name.lower()) == [], name
+    assert b"203.0.113.7" not in req.head and b"evil.example" not in req.head
+
+
+@pytest.mark.parametrize(
+    ("location", "expected"),
+    [
+        (b"https://127.0.0.1:8000/v1/models", b"/v1/models"),
+        (b"http://localhost/v1/models?x=1", b"/v1/models?x=1"),
+        (b"http://[::1]:9/a#b", b"/a#b"),
+        (b"https://gpu.example.org/v1", b"/v1"),  # the request's own Host
+        (b"http://127.0.0.1:8000", b"/"),
+        (b"http://user@127.0.0.1:8000/x", b"/x"),
+        (b"/already/relative", b"/already/relative"),
+        (b"https://elsewhere.example/login", b"https://elsewhere.example/login"),
+    ],
+)
+def test_relative_location(location: bytes, expected: bytes) -> None:
+    assert relative_location(location, b"gpu.example.org") == expected
 
 
 def test_method_not_allowed_on_site_routes(gw: GatewayServer) -> None:

@@ -4,6 +4,7 @@ through a start, a yield and a resume. (Faults of the proxy itself: test_gateway
 from __future__ import annotations
 
 import json
+import os
 import socket
 import stat
 import subprocess
@@ -14,6 +15,7 @@ from typing import Any
 
 import httpx
 import openai
+import psutil
 import pytest
 from daemon_harness import DaemonProc, env_with, start
 from helpers import TEST_KEY, bin_path, free_port, wait_for
@@ -49,10 +51,27 @@ def test_openai_client_through_the_gateway_and_never_straight_to_vllm(daemons, d
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == "[stand-in] one two three four"
     assert [m.id for m in client.models.list()] == ["standin/test"]
-    # Our public key is not vLLM's key: another user of the node who reaches vLLM's port gets 401.
-    direct = openai.OpenAI(base_url=st["model_url"] + "/v1", api_key=TEST_KEY, max_retries=0, timeout=5)
+    # vLLM listens on a unix socket in our 0700 STATE_DIR, on no TCP port at all.
+    sock = st["model_url"].removeprefix("unix:")
+    assert st["model_url"] == f"unix:{d.state_dir / 'model.sock'}" and stat.S_ISSOCK(os.stat(sock).st_mode)
+    assert stat.S_IMODE(os.stat(d.state_dir).st_mode) == 0o700
+    listening = [c for p in st["model_pids"] for c in psutil.Process(p).net_connections("inet") if c.status == "LISTEN"]
+    assert listening == [], listening
+    # Even we, with the public key instead of the run's internal key, get 401 there.
+    direct = openai.OpenAI(
+        base_url="http://localhost/v1",
+        api_key=TEST_KEY,
+        max_retries=0,
+        http_client=httpx.Client(transport=httpx.HTTPTransport(uds=sock), timeout=5),
+    )
     with pytest.raises(openai.AuthenticationError):
         _chat(direct)
+    if os.geteuid() == 0 and os.access("/usr/bin/python3", os.X_OK):  # another user cannot even connect
+        probe = "import socket; socket.socket(socket.AF_UNIX).connect(" + repr(sock) + ")"
+        r = subprocess.run(
+            ["/usr/bin/python3", "-c", probe], user="nobody", capture_output=True, text=True, timeout=30, cwd="/"
+        )
+        assert r.returncode != 0 and "PermissionError" in r.stderr, r.stderr
     with pytest.raises(openai.AuthenticationError) as err:
         _chat(_client(d, "not-a-key-of-ours-at-all"))
     assert "API key" in err.value.message
@@ -100,7 +119,8 @@ def test_yield_mid_stream_ends_it_with_our_error_then_503_until_resumed(daemons,
     # Each start has its own internal key: the previous run's key no longer opens vLLM.
     new_key = _internal_key(min(st["model_pids"]))
     assert new_key != old_key
-    r = httpx.get(st["model_url"] + "/v1/models", headers={"Authorization": f"Bearer {old_key}"})
+    vllm = httpx.Client(transport=httpx.HTTPTransport(uds=st["model_url"].removeprefix("unix:")))
+    r = vllm.get("http://localhost/v1/models", headers={"Authorization": f"Bearer {old_key}"})
     assert r.status_code == 401
 
 
@@ -386,3 +406,65 @@ def psutil_alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(e.decode(errors="replace").split("=", 1) for e in raw if b"=" in e)
+
+
+def test_dev_mode_in_our_environment_never_reaches_the_model(daemons, daemon_env) -> None:
+    # A site (or a shell profile) exporting VLLM_SERVER_DEV_MODE=1 would give vLLM /sleep,
+    # /wake_up, /collective_rpc, /reset_prefix_cache, without authentication.
+    d = start(daemons, env_with(daemon_env, VLLM_SERVER_DEV_MODE="1"))
+    st = d.wait_state("serving")
+    for pid in st["model_pids"]:
+        env = _environ(pid)
+        assert "VLLM_SERVER_DEV_MODE" not in env, pid
+        assert env["VLLM_RPC_BASE_PATH"] == str(d.state_dir)  # vLLM's engine sockets: in our 0700 dir
+    vllm = httpx.Client(transport=httpx.HTTPTransport(uds=st["model_url"].removeprefix("unix:")))
+    assert vllm.post("http://localhost/sleep").status_code == 404
+    assert vllm.post("http://localhost/collective_rpc", json={"method": "x"}).status_code == 404
+    assert "Development endpoints are enabled" not in d.log()
+
+
+def test_a_socket_left_by_an_earlier_run_is_replaced(daemons, daemon_env) -> None:
+    state = Path(daemon_env["STATE_DIR"])
+    state.mkdir(mode=0o700)
+    left = socket.socket(socket.AF_UNIX)
+    left.bind(str(state / "model.sock"))  # bound, never listened on: what a killed vLLM leaves
+    left.close()
+    d = start(daemons, daemon_env)
+    st = d.wait_state("serving")
+    assert st["model_run"] == 1 and _chat(_client(d)) == "[stand-in] hello there"
+
+
+def test_a_port_squatter_moves_the_model_to_another_port_and_never_fails_it(daemons, daemon_env, ntfy) -> None:
+    # Over TCP (SERVER_SOCKET=off), any user can listen on SERVER_PORT first. Before, each start
+    # failed ("SERVER_PORT ... in use") and counted as a crash, until RESTART_LIMIT made it `failed`.
+    port = int(daemon_env["SERVER_PORT"])
+    squatter = socket.create_server(("127.0.0.1", port))
+    try:
+        d = start(daemons, env_with(daemon_env, SERVER_SOCKET="off", RESTART_LIMIT="2"))
+        st = d.wait_state("serving")
+        assert st["model_run"] == 1 and st["model_url"].startswith("http://127.0.0.1:")
+        moved = int(st["model_url"].rsplit(":", 1)[1])
+        assert moved != port
+        assert _chat(_client(d), "moved") == "[stand-in] moved"
+        wait_for(lambda: any("port taken" in t for t in ntfy.titles()), 10, what="the port notice")
+        # A yield and a resume while it still squats: another free port, no second notice, no crash.
+        d.start_job("job_5")
+        d.wait_state("yielded")
+        d.end_job("job_5")
+        st = d.wait_state("serving")
+        assert st["model_run"] == 2 and _chat(_client(d), "again") == "[stand-in] again"
+    finally:
+        squatter.close()
+    d.start_job("job_6")
+    d.wait_state("yielded")
+    d.end_job("job_6")
+    st = d.wait_state("serving")
+    assert st["model_url"] == f"http://127.0.0.1:{port}"  # free again: back on SERVER_PORT
+    assert _chat(_client(d), "home") == "[stand-in] home"
+    assert sum("port taken" in t for t in ntfy.titles()) == 1, ntfy.titles()
+    assert "crash" not in d.log().lower() and "failed" not in d.status()["state"]

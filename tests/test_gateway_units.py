@@ -151,7 +151,21 @@ def test_admin_over_tcp_needs_a_token(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
 def test_ports_must_differ(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="SERVER_PORT=9000, PUBLIC_PORT=9000: each needs its own port"):
-        _load(monkeypatch, tmp_path, SERVER_PORT="9000", PUBLIC_PORT="9000")
+        _load(monkeypatch, tmp_path, SERVER_PORT="9000", PUBLIC_PORT="9000", SERVER_SOCKET="off")
+    # vLLM on its unix socket (the default) uses no port: SERVER_PORT is not in the way then.
+    assert _load(monkeypatch, tmp_path, SERVER_PORT="9000", PUBLIC_PORT="9000").model_socket is not None
+
+
+def test_server_socket_is_checked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    s = _load(monkeypatch, tmp_path, STATE_DIR=str(tmp_path / "st"))
+    assert s.model_socket == tmp_path / "st" / "model.sock"
+    assert _load(monkeypatch, tmp_path, SERVER_SOCKET="OFF").model_socket is None
+    assert _load(monkeypatch, tmp_path, SERVER_SOCKET="/run/x/m.sock").model_socket == Path("/run/x/m.sock")
+    with pytest.raises(ConfigError, match=r"SERVER_SOCKET='m.sock' .*: expected auto, off or an absolute path"):
+        _load(monkeypatch, tmp_path, SERVER_SOCKET="m.sock")
+    with pytest.raises(ConfigError, match=r"SERVER_SOCKET: .* is 1[0-9]{2} bytes, more than the 107") as err:
+        _load(monkeypatch, tmp_path, STATE_DIR="/tmp/" + "d" * 100)
+    assert len(str(err.value).splitlines()) == 1
 
 
 def test_public_keys_are_hidden_in_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -233,7 +233,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     try:
         port = free_port()
         extra = ["--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.5", "--enable-prefix-caching"]
-        s = p.start(vllm_argv(port, *extra), vllm_env(), "vllm")
+        s = p.start(vllm_argv(port, *extra), vllm_env(VLLM_SERVER_DEV_MODE="1"), "vllm")
         wait_serving(s, port)
         yield Server(s, port, wait_tree(s, p))
     finally:
@@ -307,7 +307,8 @@ def test_api_key_guards_v1_only(server: Server) -> None:
     with pytest.raises(openai.AuthenticationError):
         client(server.port, key="wrong").models.list()
 
-    # As in vLLM 0.11: health, version and the dev endpoints answer without a key.
+    # As in vLLM 0.11: health, version and (with VLLM_SERVER_DEV_MODE=1) the dev endpoints answer
+    # without a key.
     assert HTTP.get(base + "/health").status_code == 200
     assert HTTP.get(base + "/version").json() == {"version": standin_vllm.VERSION}
     assert HTTP.get(base + "/is_sleeping").json() == {"is_sleeping": False}

@@ -249,12 +249,20 @@ def test_leftovers_take_what_their_tree_started_after_the_last_record(tmp_path: 
 
 
 def test_model_argv_keeps_the_key_off_the_command_line(tmp_path: Path) -> None:
-    s = Settings(model_name="org/m", vllm_args="--max-model-len 4096", num_gpus=2, server_port=8123, api_key="sekrit")
+    s = Settings(
+        model_name="org/m", vllm_args="--max-model-len 4096", num_gpus=2, server_port=8123, api_key="sekrit",
+        server_socket="off",
+    )  # fmt: skip
     spec = model_spec(s, "/usr/bin/vllm", lambda: "sekrit")
     assert spec.argv == (
         "/usr/bin/vllm", "serve", "org/m", "--tensor-parallel-size", "2", "--max-model-len", "4096",
         "--host", "127.0.0.1", "--port", "8123",
     )  # fmt: skip
+    assert spec.uds is None
+    # The default: vLLM on its unix socket in STATE_DIR, no --host/--port at all.
+    on_socket = model_spec(Settings(model_name="org/m", state_dir=tmp_path), "/usr/bin/vllm", lambda: "k")
+    assert on_socket.argv == ("/usr/bin/vllm", "serve", "org/m", "--uds", str(tmp_path / "model.sock"))
+    assert on_socket.uds == str(tmp_path / "model.sock") and on_socket.env["VLLM_RPC_BASE_PATH"] == str(tmp_path)
     assert "sekrit" not in " ".join(spec.argv) and "VLLM_API_KEY" not in spec.env  # given per start
     assert isinstance(spec.probe, HttpProbe) and spec.probe.confirm_headers() == {"Authorization": "Bearer sekrit"}
     assert spec.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"

@@ -16,6 +16,8 @@ from collections.abc import Callable
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from watchdog_llm.supervise.probes import Address, probe_client
+
 IN_FLIGHT = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 FINISHED = "vllm:request_success_total"
 
@@ -41,9 +43,13 @@ class ActivityProbe:
     when something happened. Errors (model restarting, odd text) are not activity and not fatal."""
 
     def __init__(
-        self, url: str, idle_release_after: float, on_activity: Callable[[], None], log: logging.Logger
+        self,
+        address: Callable[[], Address],
+        idle_release_after: float,
+        on_activity: Callable[[], None],
+        log: logging.Logger,
     ) -> None:
-        self.url = url
+        self.address = address  # read per look: over TCP the port may change from run to run
         self.interval = probe_interval(idle_release_after)
         self.on_activity = on_activity
         self.log = log
@@ -60,11 +66,12 @@ class ActivityProbe:
 
     async def _run(self) -> None:
         last: float | None = None
-        async with httpx.AsyncClient(timeout=5.0) as client:
+        addr = self.address()
+        async with probe_client(5.0, addr.uds) as client:
             while True:
                 await asyncio.sleep(self.interval)
                 with contextlib.suppress(httpx.HTTPError, ValueError):
-                    r = await client.get(self.url)
+                    r = await client.get(self.address().base_url + "/metrics")
                     if r.status_code != 200:
                         continue
                     in_flight, finished = read_counters(r.text)

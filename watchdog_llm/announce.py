@@ -15,6 +15,7 @@ from typing import Any
 
 import sdnotify
 
+from watchdog_llm.base.failures import FailureNote
 from watchdog_llm.base.vocab import SWAP_ENDED, NotifyKind
 from watchdog_llm.coordination.core import Coordinator
 from watchdog_llm.metrics import Metrics
@@ -60,6 +61,7 @@ class Announcer:
         self.notifier: Notifier | None = None
         self.coord: Coordinator | None = None
         self.start_times: list[float] = []  # seconds from start to serving, the last few runs
+        self._status_failures = FailureNote(log, f"cannot write {status_file}")
 
     def decided(self, before: State, d: Decision, notices: list[Notify]) -> None:
         """One decision's reports: metrics, the phase line, status and the notices, in that order."""
@@ -140,4 +142,6 @@ class Announcer:
         try:
             write_atomic(self.status_file, self.status())
         except OSError as e:
-            self.log.warning("cannot write %s: %s", self.status_file, e.strerror or e)
+            self._status_failures.failed(e)
+        else:
+            self._status_failures.ok()

@@ -112,9 +112,16 @@ from watchdog_llm.supervise.child import (
     ChildReady,
     ChildStopped,
 )
-from watchdog_llm.supervise.probes import free_port
-from watchdog_llm.supervise.specs import load_catalog, model_spec, resolve_bin, tunnel_config, tunnel_spec
-from watchdog_llm.supervise.tree import Records, descendants, set_child_subreaper
+from watchdog_llm.supervise.probes import free_port, port_in_use
+from watchdog_llm.supervise.specs import (
+    load_catalog,
+    model_address,
+    model_spec,
+    resolve_bin,
+    tunnel_config,
+    tunnel_spec,
+)
+from watchdog_llm.supervise.tree import Records, descendants, owner_id, set_child_subreaper
 from watchdog_llm.supervise.tunnel import TunnelKeeper
 from watchdog_llm.timers import Timers
 
@@ -213,6 +220,8 @@ class Daemon:
         self._exiting = threading.Event()  # ends a release confirmation's NVML wait at shutdown
         self._tasks: set[asyncio.Task[None]] = set()
         self._internal_key = secrets.token_urlsafe(32)  # replaced at every model start
+        self.model_addr = model_address(settings)  # where the model listens (SERVER_PORT may be taken)
+        self._port_taken = False  # SERVER_PORT was in use at the last start (told once, until free again)
         self.metrics = Metrics(served_seconds=lambda: served(self.state, time.monotonic()))
         self.announce = Announcer(
             settings.state_dir / STATUS_FILE,
@@ -266,7 +275,7 @@ class Daemon:
             raise StartupError(f"LLM_BIN={s.llm_bin!r} not found or not executable (is vLLM installed?)")
         self.llm_bin = llm_bin
         pending = self._setup_coordination()
-        records = Records(s.state_dir / "children.json", log)
+        records = Records(s.state_dir / "children.json", log, owner_id(s.state_dir))
         for left in records.kill_leftovers():
             log.warning("killed leftover %s process %d (%s) of a previous run", left.child, left.pid, left.name)
         if not set_child_subreaper():
@@ -318,7 +327,7 @@ class Daemon:
             self.tunnel.child.launch(self._on_supervisor_crash)
             self._stack.push_async_callback(self.tunnel.close)
         if s.idle_release_after > 0:
-            self.activity = ActivityProbe(s.model_base_url + "/metrics", s.idle_release_after, self._on_activity, log)
+            self.activity = ActivityProbe(lambda: self.model_addr, s.idle_release_after, self._on_activity, log)
             self._stack.callback(self.activity.stop)
         self._stack.callback(self._cancel_pending)  # before the children close: no timer restarts one
 
@@ -449,7 +458,27 @@ class Daemon:
         return self.catalog.resolve(name) or self.catalog.default_entry
 
     def _model_spec(self, name: str) -> Any:
-        return model_spec(self.s, self.llm_bin, lambda: self._internal_key, self.entry(name))
+        return model_spec(self.s, self.llm_bin, lambda: self._internal_key, self.entry(name), self.model_addr)
+
+    def _choose_address(self) -> None:
+        """Before each start, over TCP: SERVER_PORT, or another free port while something else holds
+        it (another user's server must not make our model fail; told once, until it is free again)."""
+        s = self.s
+        if s.model_socket is not None:
+            return
+        if not port_in_use(s.server_host, s.server_port):
+            self._port_taken = False
+            self.model_addr = model_address(s)
+            return
+        port = free_port(s.server_host)
+        self.model_addr = model_address(s, port)
+        body = f"SERVER_PORT {s.server_port} is in use by another process; the model listens on port {port} instead"
+        if self._port_taken:
+            log.info("%s", body)
+            return
+        self._port_taken = True
+        log.warning("%s", body)
+        self.announce.submit(Notify(NotifyKind.PORT_TAKEN, "model port taken", body, "default"))
 
     def _public_model_name(self) -> str:
         """What the public page and /health call the model: its hub id, or its catalog name when it
@@ -480,6 +509,7 @@ class Daemon:
             max_body_bytes=s.max_body_bytes,
             body_timeout=s.body_timeout,
             read_timeout=s.upstream_timeout,
+            upstream_uds=self.model_addr.uds,
         )
         self.gateway = Gateway(
             cfg,
@@ -487,7 +517,7 @@ class Daemon:
             Limiter(s.max_concurrent_per_key),
             self.metrics,
             self.availability,
-            lambda: (s.model_base_url, self._internal_key),
+            lambda: (self.model_addr.base_url, self._internal_key),
             lambda: {"model": self._public_model_name(), "since": self._wall(self.state.since)},
         )
         self._stack.push_async_callback(self.gateway.aclose)  # after its listener: it answered until then
@@ -821,6 +851,7 @@ class Daemon:
                     assert self.model is not None
                     self._internal_key = secrets.token_urlsafe(32)  # a fresh key for every run
                     env = {**self.gpu_plan.cuda_env(gpus), "VLLM_API_KEY": self._internal_key}
+                    self._choose_address()
                     self.model.start(run, env, self._model_spec(name))
                 case SetTimer(name=name, delay=delay, token=token):
                     self.timers.arm(name, delay, functools.partial(self._handle, TimerFired(name, token)))

@@ -31,6 +31,7 @@ DEFAULT_CONFIG = Path("config.env")
 
 
 MIN_ADMIN_TOKEN_CHARS = 16
+MAX_UNIX_PATH = 107  # sun_path holds 108 bytes, the last a NUL
 
 
 class ConfigError(Exception):
@@ -90,8 +91,15 @@ class Settings(BaseSettings):
     llm_bin: str = Field("vllm", description="vLLM executable (name on PATH or path)")
     model_name: str = Field("", description="model to serve: hub id or local path")
     vllm_args: str = Field("", description="extra arguments for `vllm serve`, shell-quoted")
-    server_host: str = Field("127.0.0.1", description="address vLLM listens on")
-    server_port: int = Field(8000, ge=1, le=65535, description="port vLLM listens on")
+    server_socket: str = Field(
+        "auto",
+        description="unix socket vLLM listens on (vllm serve --uds): auto = STATE_DIR/model.sock; "
+        "off = TCP on SERVER_HOST:SERVER_PORT",
+    )
+    server_host: str = Field("127.0.0.1", description="address vLLM listens on with SERVER_SOCKET=off")
+    server_port: int = Field(
+        8000, ge=1, le=65535, description="port vLLM listens on with SERVER_SOCKET=off (taken: another one)"
+    )
     num_gpus: int = Field(1, ge=0, le=64, description="GPUs the model uses")
     startup_timeout: float = Field(900.0, gt=0, description="seconds for the model to answer /health")
     health_path: str = Field("/health", description="readiness path of the model server")
@@ -237,6 +245,15 @@ class Settings(BaseSettings):
             raise ValueError("expected a path starting with /")
         return v
 
+    @field_validator("server_socket")
+    @classmethod
+    def _socket(cls, v: str) -> str:
+        if v.lower() in ("auto", "off"):
+            return v.lower()
+        if not v.startswith("/"):
+            raise ValueError("expected auto, off or an absolute path")
+        return v
+
     @field_validator("tunnel_metrics")
     @classmethod
     def _hostport(cls, v: str) -> str:
@@ -251,11 +268,22 @@ class Settings(BaseSettings):
             raise ValueError("ADMIN_HOST needs ADMIN_TOKEN: over TCP every user of the node could reach the admin API")
         if self.admin_token.get_secret_value() and len(self.admin_token.get_secret_value()) < MIN_ADMIN_TOKEN_CHARS:
             raise ValueError(f"ADMIN_TOKEN is too short (at least {MIN_ADMIN_TOKEN_CHARS} characters)")
-        ports = {"SERVER_PORT": self.server_port, "PUBLIC_PORT": self.public_port}
+        ports = {"SERVER_PORT": self.server_port} if self.model_socket is None else {}  # a socket: no port
+        ports["PUBLIC_PORT"] = self.public_port
         if self.admin_host:
             ports["ADMIN_PORT"] = self.admin_port
         if len(set(ports.values())) < len(ports):
             raise ValueError(f"{', '.join(f'{k}={v}' for k, v in ports.items())}: each needs its own port")
+        return self
+
+    @model_validator(mode="after")
+    def _socket_fits(self) -> Settings:
+        path = self.model_socket
+        if path is not None and len(os.fsencode(path)) > MAX_UNIX_PATH:
+            raise ValueError(
+                f"SERVER_SOCKET: {str(path)!r} is {len(os.fsencode(path))} bytes, more than the {MAX_UNIX_PATH} a "
+                "unix socket path may have: set SERVER_SOCKET to a shorter path (or a shorter STATE_DIR)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -302,6 +330,13 @@ class Settings(BaseSettings):
     @property
     def admin_socket(self) -> Path:
         return self.state_dir / "admin.sock"
+
+    @property
+    def model_socket(self) -> Path | None:
+        """The unix socket vLLM listens on; None: TCP (SERVER_SOCKET=off)."""
+        if self.server_socket == "off":
+            return None
+        return self.state_dir / "model.sock" if self.server_socket == "auto" else Path(self.server_socket)
 
     @property
     def config_file(self) -> Path | None:

@@ -253,7 +253,8 @@ def _script(scratch: Path, daemon: subprocess.Popen[bytes], key: str) -> int:
     say(f"  on GPUs {_ids(st['gpus']['ours'])} of 4 (stand-in NVML): the highest free ones; Slurm hands out low ones")
     public = st["public_url"]
     say(f"chat through the gateway {public} with the official openai client: " + repr(_chat(public, key)))
-    say(f"  the same key sent straight to vLLM's port ({st['model_url']}): {_chat_error(st['model_url'], key)}")
+    say(f"  vLLM listens on {st['model_url']}, in STATE_DIR (mode 0700): other users cannot connect at all")
+    say(f"  the same key sent straight to vLLM: {_direct_error(st['model_url'], key)}")
     say("  (each start gives vLLM a fresh internal key that only the gateway knows)")
 
     say("a Slurm job on GPU 0 starts (job_4241): scontrol says IDX:0, no overlap with ours")
@@ -316,6 +317,18 @@ def _chat(base: str, key: str) -> str:
         model="standin/tiny-chat", messages=[{"role": "user", "content": "hello from the demo"}], max_tokens=16
     )
     return r.choices[0].message.content or ""
+
+
+def _direct_error(model_url: str, key: str) -> str:
+    """A chat request straight to vLLM, at its unix:/path (as status.json shows it) or URL."""
+    import httpx
+
+    if not model_url.startswith("unix:"):
+        return _chat_error(model_url, key)
+    with httpx.Client(transport=httpx.HTTPTransport(uds=model_url[5:]), timeout=10) as http:
+        body = {"model": "standin/tiny-chat", "messages": [{"role": "user", "content": "hi"}]}
+        r = http.post("http://localhost/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+    return f"{r.status_code} {r.text[:80]!r}"
 
 
 def _chat_error(base: str, key: str) -> str:

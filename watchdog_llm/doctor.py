@@ -84,10 +84,13 @@ def _model(r: Report, s: Settings) -> Catalog | None:
         r.ok(f"LLM_BIN {llm}")
     if catalog is not None:
         _catalog(r, s, catalog, llm)
-    if port_in_use(s.server_host, s.server_port):
-        r.warn(f"SERVER_PORT {s.server_port} is in use now (by us if the daemon runs; else pick another port)")
+    sock = s.model_socket
+    if sock is not None:
+        r.ok(f"SERVER_SOCKET {sock}: vLLM listens there (vllm serve --uds, vLLM 0.10.2 or later); no TCP port")
+    elif port_in_use(s.server_host, s.server_port):
+        r.warn(f"SERVER_PORT {s.server_port} is in use now (by us if the daemon runs; else the model takes another)")
     else:
-        r.ok(f"SERVER_PORT {s.server_port} is free")
+        r.ok(f"SERVER_PORT {s.server_port} is free (SERVER_SOCKET=off: other users of the node can reach vLLM's port)")
     return catalog
 
 

@@ -100,7 +100,7 @@ def status(d: Daemon) -> dict[str, Any]:
         "updated_at": time.time(),
         "model": st.model.name,
         "model_id": d.entry(st.model.name).model if d.catalog is not None else d.s.model_name,
-        "model_url": d.s.model_base_url,
+        "model_url": d.model_addr.shown,
         "public_url": d.s.public_base_url,
         "admin": f"{d.s.admin_host}:{d.s.admin_port}" if d.s.admin_host else str(d.s.admin_socket),
         "availability": asdict(d.availability()),

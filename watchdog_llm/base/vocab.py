@@ -20,6 +20,7 @@ class NotifyKind(StrEnum):
     SWAP_FAILED = "swap_failed"
     TUNNEL = "tunnel"
     LOCK_FORCED = "lock_forced"
+    PORT_TAKEN = "port_taken"  # SERVER_PORT held by another process: the model moved to another port
     TEST = "test"
 
 

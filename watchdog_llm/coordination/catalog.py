@@ -27,6 +27,7 @@ from dotenv import dotenv_values
 RESERVED_VLLM_FLAGS = {
     "--port": "use SERVER_PORT",
     "--host": "use SERVER_HOST",
+    "--uds": "use SERVER_SOCKET",
     "--api-key": "the daemon gives vLLM a fresh internal key by environment; clients use PUBLIC_API_KEYS",
 }
 # Environment a profile may not set: the daemon owns GPU placement and the internal key.

@@ -55,8 +55,31 @@ _HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+# Who the client is and how it came, as a proxy would say it: never believed and never passed on.
+# The gateway cannot tell cloudflared from another user of the node on loopback, so any of these may
+# be forged; vLLM needs none of them (it would build redirects and logs from them).
+_FORWARDING = frozenset(
+    {
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-forwarded-proto",
+        b"x-forwarded-scheme",
+        b"x-forwarded-ssl",
+        b"x-real-ip",
+        b"x-original-url",
+        b"x-rewrite-url",
+        b"cf-connecting-ip",
+        b"cf-connecting-ipv6",
+        b"true-client-ip",
+    }
+)
 # Request headers we set ourselves (the internal key) or that describe the client's connection.
-_DROP_IN = _HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"x-api-key", b"cookie", b"expect"}
+_DROP_IN = (
+    _HOP_BY_HOP | _FORWARDING | {b"host", b"content-length", b"authorization", b"x-api-key", b"cookie", b"expect"}
+)
 _DROP_OUT = _HOP_BY_HOP | {b"content-length", b"date", b"server", b"set-cookie"}
 _BODY_TYPES = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
 CLIENT_GONE = 499  # nginx's code for "the client closed the connection": metrics only
@@ -70,6 +93,7 @@ class GatewayConfig:
     body_timeout: float = 30.0  # the whole request body must arrive within this (slow clients)
     connect_timeout: float = 5.0
     read_timeout: float = 600.0  # longest silence from the model (a long non-streamed answer)
+    upstream_uds: str | None = None  # the model's unix socket (SERVER_SOCKET); None: TCP
 
 
 class _Aborted(Exception):
@@ -136,7 +160,7 @@ class Gateway:
         # the environment (it must not carry our internal key elsewhere), no cookie jar (a cookie one
         # user's answer set would go upstream with everyone's requests), no default headers; and
         # none of the client's per-request work for features we do not use.
-        self.upstream_client = Lanes(keep=256, keepalive_expiry=30.0)
+        self.upstream_client = Lanes(keep=256, keepalive_expiry=30.0, uds=cfg.upstream_uds)
         self._timeout = httpx.Timeout(
             cfg.read_timeout, connect=cfg.connect_timeout, write=30.0, pool=cfg.connect_timeout
         ).as_dict()
@@ -160,6 +184,8 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and (scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
             await self._proxy(scope, receive, send)
+        elif scope["type"] == "http":
+            await self.site(scope, receive, _relative_redirects(scope, send))
         else:
             await self.site(scope, receive, send)
 
@@ -478,6 +504,24 @@ def _page(info: dict[str, Any], a: Availability) -> str:
     )
 
 
+def _relative_redirects(scope: Scope, send: Send) -> Send:
+    """Our own pages' redirects (Starlette's trailing-slash 307 is absolute, built from the Host
+    header and our plain-http scheme) as paths."""
+    host = next((v for k, v in scope["headers"] if k == b"host"), b"")
+
+    async def sending(msg: Message) -> None:
+        if msg["type"] == "http.response.start":
+            hs = msg.get("headers", [])
+            if any(k.lower() == b"location" for k, _ in hs):
+                msg = {
+                    **msg,
+                    "headers": [(k, relative_location(v, host) if k.lower() == b"location" else v) for k, v in hs],
+                }
+        await send(msg)
+
+    return sending
+
+
 async def _chunks(resp: httpx.Response, ex: _Exchange) -> Any:
     """resp.aiter_raw(), each read abortable by the exchange."""
     it = resp.aiter_raw()
@@ -492,17 +536,34 @@ async def _chunks(resp: httpx.Response, ex: _Exchange) -> Any:
 
 def _response_headers(resp: httpx.Response, upstream: httpx.URL) -> list[tuple[bytes, bytes]]:
     """The model's headers for the client: hop-by-hop ones dropped, and a redirect to the model's own
-    address (Starlette's trailing-slash 307) made relative, so the internal port never leaks."""
-    origin = f"{upstream.scheme}://{upstream.netloc.decode('ascii')}".encode()
+    address (Starlette's trailing-slash 307) made relative, so the internal address never leaks."""
     out = []
     for k, v in resp.headers.raw:
         name = k.lower()
         if name in _DROP_OUT:
             continue
-        if name == b"location" and v.startswith(origin):
-            v = v[len(origin) :] or b"/"
+        if name == b"location":
+            v = relative_location(v, upstream.netloc)
         out.append((k, v))
     return out
+
+
+_LOCAL_HOSTS = (b"localhost", b"127.", b"[::1]", b"0.0.0.0", b"[::]")
+
+
+def relative_location(value: bytes, *own: bytes) -> bytes:
+    """An absolute Location to one of `own` authorities (host[:port]) or to a local address, whatever
+    its scheme (a forwarded "https" included), as a path: the client follows it to where it already
+    is (the public hostname through the tunnel), and no internal address or port is shown."""
+    scheme, sep, rest = value.partition(b"://")
+    if not sep or not scheme.isalpha():
+        return value  # relative already (or not a URL we understand: left as the server sent it)
+    cut = min((i for i in (rest.find(b"/"), rest.find(b"?"), rest.find(b"#")) if i >= 0), default=len(rest))
+    authority, tail = rest[:cut].lower(), rest[cut:]
+    host = authority.rpartition(b"@")[2]
+    if host in {o.lower() for o in own} or host.startswith(_LOCAL_HOSTS):
+        return tail if tail.startswith(b"/") else b"/" + tail
+    return value
 
 
 def _event_end(data: bytes) -> int:

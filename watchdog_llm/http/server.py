@@ -416,6 +416,9 @@ class Listener:
             log_level="warning",
             access_log=False,
             server_header=False,
+            # Never take X-Forwarded-For/-Proto for the client's address or scheme: on a shared node
+            # any user reaches 127.0.0.1, so "from the proxy's address" proves nothing.
+            proxy_headers=False,
             timeout_graceful_shutdown=5,
             timeout_keep_alive=max(1, round(self.guard.limits.keepalive_timeout)),
             http=_http_protocol(self.guard),

@@ -241,9 +241,10 @@ class Lanes(httpx.AsyncBaseTransport):
     """The upstream transport: connections to the model, each lent to one request at a time. No
     limit on lanes in use (the per-key limiter bounds concurrency); `keep` bounds the idle ones."""
 
-    def __init__(self, keep: int, keepalive_expiry: float) -> None:
+    def __init__(self, keep: int, keepalive_expiry: float, uds: str | None = None) -> None:
         self._keep = keep
         self._expiry = keepalive_expiry
+        self._uds = uds  # every plain-http connection goes to this unix socket (the model's)
         self._https: httpx.AsyncHTTPTransport | None = None
         self._idle: collections.deque[tuple[float, httpx.AsyncHTTPTransport]] = collections.deque()  # (since, lane)
         self._lent: set[httpx.AsyncHTTPTransport] = set()
@@ -257,6 +258,7 @@ class Lanes(httpx.AsyncBaseTransport):
             max_connections=1,
             max_keepalive_connections=1,
             keepalive_expiry=self._expiry,
+            uds=self._uds,
             network_backend=_BACKEND,
         )
         return lane

@@ -27,7 +27,7 @@ vLLM (V1 engine, 0.11-era) that a supervisor depends on, and nothing else:
 Replies are deterministic: "[stand-in]" followed by the words of the last user message (or prompt),
 one token per word, cut at max_tokens. Embeddings are a fixed 16-float unit vector per input.
 
-CLI:  vllm-standin serve MODEL [--host H] [--port P] [--api-key K ...] [--served-model-name N ...]
+CLI:  vllm-standin serve MODEL [--host H] [--port P | --uds PATH] [--api-key K ...] [--served-model-name N ...]
       [--tensor-parallel-size|-tp N] [--max-model-len N] [--disable-uvicorn-access-log] [any vLLM flag]
 Unknown flags are accepted and logged as `non-default args` (real vLLM would reject a misspelt one).
 
@@ -54,8 +54,11 @@ Environment (faults and timing):
                                 lists it as NVML would; removed on a clean exit (the view drops dead pids anyway).
 
 Dev endpoints (POST /sleep, POST /wake_up, GET /is_sleeping, POST /collective_rpc,
-POST /reset_prefix_cache) are always present here; real vLLM registers them only with
-VLLM_SERVER_DEV_MODE=1, without authentication. A gateway must never publish them.
+POST /reset_prefix_cache) exist, as in real vLLM, only with VLLM_SERVER_DEV_MODE=1, and answer
+without authentication. A gateway must never publish them.
+
+--uds PATH listens on a unix socket instead of --host/--port (vLLM 0.10.2+): bound as vLLM binds it,
+so a file left at PATH makes the start fail with "Address already in use".
 """
 
 import argparse
@@ -75,7 +78,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -447,6 +450,8 @@ class ServerConfig:
     access_log: bool
     token_delay: float
     fail_health: bool
+    uds: str | None = None
+    dev_mode: bool = False
     started: float = field(default_factory=time.time)
 
     @property
@@ -867,7 +872,18 @@ def build_app(cfg: ServerConfig, state: ServerState, log: Log) -> "FastAPI":
             },
         }
 
-    # vLLM's development endpoints (VLLM_SERVER_DEV_MODE=1 there): unauthenticated, never to be published.
+    if cfg.dev_mode:
+        _dev_routes(app, cfg, state, log, json_body)
+    return app
+
+
+def _dev_routes(
+    app: "FastAPI", cfg: ServerConfig, state: ServerState, log: Log, json_body: Callable[..., Awaitable[Any]]
+) -> None:
+    """vLLM's development endpoints (VLLM_SERVER_DEV_MODE=1): unauthenticated, never to be published."""
+    from fastapi import Request, Response
+    from fastapi.responses import JSONResponse
+
     @app.post("/sleep")
     async def sleep() -> Response:
         state.sleeping = True
@@ -894,8 +910,6 @@ def build_app(cfg: ServerConfig, state: ServerState, log: Log) -> "FastAPI":
             return JSONResponse(error_body(400, "BadRequestError", "method is required"), status_code=400)
         log("INFO", "api_server.py:1105", f"collective_rpc {method!r} (stand-in: nothing runs)")
         return JSONResponse({"results": [None] * cfg.tp})
-
-    return app
 
 
 def _uvicorn_log_config(prefix: str) -> dict[str, Any]:
@@ -1054,9 +1068,11 @@ async def serve_api(cfg: ServerConfig, sock: socket.socket, log: Log, ignore_sig
     exit_code = 0
 
     log("INFO", "api_server.py:1634", "Supported_tasks: ['generate']")
-    log("WARNING", "api_server.py:1215", "SECURITY WARNING: Development endpoints are enabled! (stand-in: always)")
+    if cfg.dev_mode:
+        log("WARNING", "api_server.py:1215", "SECURITY WARNING: Development endpoints are enabled!")
     host = f"[{cfg.host}]" if ":" in cfg.host else (cfg.host or "0.0.0.0")
-    log("INFO", "api_server.py:1912", f"Starting vLLM API server 0 on http://{host}:{cfg.port}")
+    where = f"unix:{cfg.uds}" if cfg.uds else f"http://{host}:{cfg.port}"
+    log("INFO", "api_server.py:1912", f"Starting vLLM API server 0 on {where}")
     log("INFO", "launcher.py:34", "Available routes are:")
     for path, methods in _routes_of(app):
         log("INFO", "launcher.py:42", f"Route: {path}, Methods: {methods}")
@@ -1143,6 +1159,7 @@ def make_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     s.add_argument("--model", default=None)
     s.add_argument("--host", default="0.0.0.0")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--uds", default=None)
     s.add_argument("--api-key", action="extend", nargs="+", default=None)
     s.add_argument("--served-model-name", nargs="+", default=None)
     s.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
@@ -1196,6 +1213,18 @@ def _bind(host: str, port: int, listen: bool) -> socket.socket:
     return sock
 
 
+def _bind_unix(path: str, listen: bool) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # no unlink first: vLLM does none
+    try:
+        sock.bind(path)
+        if listen:
+            sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def _serve_main(argv: list[str]) -> int:
     print(BANNER, flush=True)
     parser, serve = make_parser()
@@ -1227,7 +1256,10 @@ def _serve_main(argv: list[str]) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
     try:
-        sock = _bind(args.host, args.port, listen=not env_flag("STANDIN_BIND_ONLY"))
+        if args.uds:
+            sock = _bind_unix(args.uds, listen=not env_flag("STANDIN_BIND_ONLY"))
+        else:
+            sock = _bind(args.host, args.port, listen=not env_flag("STANDIN_BIND_ONLY"))
     except OSError as e:
         print(f"OSError: [Errno {e.errno}] {e.strerror}", file=sys.stderr, flush=True)
         return 1
@@ -1238,7 +1270,9 @@ def _serve_main(argv: list[str]) -> int:
         tp=max(1, args.tensor_parallel_size),
         api_keys=keys,
         host=args.host,
-        port=sock.getsockname()[1],
+        port=0 if args.uds else sock.getsockname()[1],
+        uds=args.uds,
+        dev_mode=os.environ.get("VLLM_SERVER_DEV_MODE", "0").strip() not in ("", "0"),
         access_log=not args.disable_uvicorn_access_log,
         token_delay=max(0.0, env_float("STANDIN_TOKEN_DELAY_MS", 5.0)) / 1000.0,
         fail_health=env_flag("STANDIN_FAIL_HEALTH"),

@@ -14,6 +14,7 @@ import logging.handlers
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections import deque
@@ -25,6 +26,7 @@ from typing import IO
 import httpx
 import psutil
 
+from watchdog_llm.base.failures import FailureNote
 from watchdog_llm.supervise.probes import Liveness, probe_client
 from watchdog_llm.supervise.states import DOWN, SIGNALLABLE, ChildState, describe_exit, transition
 from watchdog_llm.supervise.tree import TAG_ENV, Member, Records, Tree, wait_gone
@@ -45,6 +47,7 @@ class ChildSpec:
     preflight: Callable[[], str | None] | None = None  # returns why it must not start now
     cwd: str | None = None
     liveness: Liveness | None = None  # once ready: checked until it stops; None: never
+    uds: str | None = None  # the probes connect to this unix socket (the child's server listens there)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +129,7 @@ class Child:
         scan_interval: float = 30.0,
         on_line: Callable[[str], None] | None = None,
     ) -> None:
+        self.owner = records.owner  # our trees' tag prefix (supervise.tree.owner_id)
         self.spec = spec
         self.on_line = on_line  # each line of output, as it arrives (a swap's live log)
         self.grace = grace
@@ -136,7 +140,7 @@ class Child:
         self.state = ChildState.STOPPED
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self.log_path = log_dir / f"{spec.name}.log"
-        self._output = _output_logger(spec.name, self.log_path)
+        self._output = _output_logger(spec.name, self.log_path, log)
         self._requests: asyncio.Queue[tuple[str, int, dict[str, str], ChildSpec | None]] = asyncio.Queue()
         self._current: _Run | None = None
         self._hurry = asyncio.Event()
@@ -228,7 +232,11 @@ class Child:
             self.post(ChildExited(spec.name, run, None, why))
             return
         self._set(DOWN, ChildState.STARTING)
-        tag = f"{spec.name}-{uuid.uuid4().hex[:16]}"
+        tag = (
+            f"{self.owner}.{spec.name}-{uuid.uuid4().hex[:16]}"
+            if self.owner
+            else f"{spec.name}-{uuid.uuid4().hex[:16]}"
+        )
         self._hurry.clear()
         try:
             # Popen, not asyncio's subprocess: asyncio's wait() only returns once every pipe is
@@ -366,7 +374,7 @@ class Child:
         self._requests.put_nowait(("exited", cur.run, {}, None))
 
     async def _probe(self, cur: _Run, probe: Probe) -> None:
-        async with probe_client() as client:
+        async with probe_client(uds=self.spec.uds) as client:
             while self.state is ChildState.STARTING and cur.proc.returncode is None:
                 if await probe(client) and cur.proc.returncode is None:
                     self._requests.put_nowait(("ready", cur.run, {}, None))
@@ -378,7 +386,7 @@ class Child:
         do about it is the caller's decision (the policy stops it and counts a crash)."""
         misses: list[str] = []
         first = 0.0
-        async with probe_client(lv.timeout) as client:
+        async with probe_client(lv.timeout, self.spec.uds) as client:
             while self.state is ChildState.RUNNING and cur.proc.returncode is None:
                 t = time.monotonic()
                 why = await lv.check(client)
@@ -481,14 +489,35 @@ def _describe(members: list[Member]) -> str:
     return ", ".join(out)
 
 
-def _output_logger(name: str, path: Path) -> logging.Logger:
-    """A logger writing the child's raw output to a size-capped file (rotation by the stdlib)."""
+class _OutputFile(logging.handlers.RotatingFileHandler):
+    """The child's output log, size-capped (rotation by the stdlib). A write that fails (a full
+    disk) is one warning in the daemon's log and a count of lost lines, not logging's traceback on
+    stderr for every line the model prints."""
+
+    def __init__(self, path: Path, daemon_log: logging.Logger) -> None:
+        super().__init__(path, maxBytes=20 << 20, backupCount=2, delay=True)
+        self.lost = FailureNote(daemon_log, f"cannot write the output log {path}; lines are lost")
+        self._failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._failed = False
+        super().emit(record)
+        if not self._failed:
+            self.lost.ok()
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._failed = True
+        self.lost.failed(sys.exc_info()[1] or "write failed")
+
+
+def _output_logger(name: str, path: Path, daemon_log: logging.Logger) -> logging.Logger:
+    """A logger writing the child's raw output to a size-capped file."""
     logger = logging.getLogger(f"watchdog_llm.output.{name}.{os.getpid()}.{id(path)}")
     logger.propagate = False
     logger.setLevel(logging.INFO)
     if not logger.handlers:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(path, maxBytes=20 << 20, backupCount=2, delay=True)
+        handler = _OutputFile(path, daemon_log)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     return logger

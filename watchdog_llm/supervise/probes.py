@@ -13,10 +13,25 @@ import httpx
 PROBE_TIMEOUT = httpx.Timeout(2.0, connect=1.0)
 
 
-def probe_client(timeout: float | None = None) -> httpx.AsyncClient:
+@dataclass(frozen=True, slots=True)
+class Address:
+    """Where a child's HTTP server listens: a unix socket (`uds`; `base_url` then only names the
+    scheme and Host header) or the TCP `base_url`."""
+
+    base_url: str
+    uds: str | None = None
+
+    @property
+    def shown(self) -> str:
+        """For status and logs: unix:/path or the URL."""
+        return f"unix:{self.uds}" if self.uds else self.base_url
+
+
+def probe_client(timeout: float | None = None, uds: str | None = None) -> httpx.AsyncClient:
     # trust_env=False: cluster nodes often set HTTP(S)_PROXY, which must never see loopback probes.
     t = PROBE_TIMEOUT if timeout is None else httpx.Timeout(timeout, connect=min(timeout, 1.0))
-    return httpx.AsyncClient(timeout=t, trust_env=False)
+    transport = httpx.AsyncHTTPTransport(uds=uds, trust_env=False) if uds else None
+    return httpx.AsyncClient(timeout=t, trust_env=False, transport=transport)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +90,9 @@ def port_in_use(host: str, port: int) -> bool:
         return False
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` that nothing listens on right now."""
+    target = "127.0.0.1" if host in ("", "0.0.0.0") else host
+    with socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET) as sock:
+        sock.bind((target, 0))
         return int(sock.getsockname()[1])

@@ -4,24 +4,37 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from watchdog_llm.config import SECRET_SETTINGS, Settings
+from watchdog_llm.config import SECRET_SETTINGS, Settings, local_url
 from watchdog_llm.coordination import catalog
 from watchdog_llm.coordination.catalog import Catalog, ModelEntry
 from watchdog_llm.supervise.child import ChildSpec
-from watchdog_llm.supervise.probes import HttpProbe, Liveness, port_in_use
+from watchdog_llm.supervise.probes import Address, HttpProbe, Liveness, port_in_use
 
 # Secrets the daemon holds that no child needs: removed from inherited environments.
 _DAEMON_SECRETS = SECRET_SETTINGS | {"VLLM_API_KEY"}
+# Never inherited by the model: vLLM's dev mode adds /sleep, /wake_up, /collective_rpc and
+# /reset_prefix_cache, open to whoever reaches its port. The daemon needs none of them; a catalog
+# entry's own env may still set it (an operator's explicit choice).
+_NOT_INHERITED = frozenset({"VLLM_SERVER_DEV_MODE"})
 
 
-def _base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.upper() not in _DAEMON_SECRETS}
+def _base_env(drop: frozenset[str] = frozenset()) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.upper() not in _DAEMON_SECRETS | drop}
     env["PYTHONUNBUFFERED"] = "1"  # log lines reach our log file as they happen
     return env
+
+
+def model_address(s: Settings, port: int | None = None) -> Address:
+    """Where the model listens: its unix socket, or SERVER_HOST and `port` (default SERVER_PORT)."""
+    sock = s.model_socket
+    if sock is not None:
+        return Address("http://localhost", str(sock))
+    return Address(local_url(s.server_host, port or s.server_port))
 
 
 def resolve_bin(name: str) -> str | None:
@@ -44,27 +57,46 @@ def settings_entry(s: Settings) -> ModelEntry:
     return catalog.single(s.model_name or "model", s.vllm_args, catalog_defaults(s)).entries[0]
 
 
-def model_argv(s: Settings, llm_bin: str, entry: ModelEntry | None = None) -> list[str]:
+def model_argv(s: Settings, llm_bin: str, entry: ModelEntry | None = None, addr: Address | None = None) -> list[str]:
     e = entry or settings_entry(s)
-    argv = [llm_bin, "serve", e.model, *e.args, "--host", s.server_host, "--port", str(s.server_port)]
+    a = addr or model_address(s)
+    if a.uds:
+        where = ["--uds", a.uds]
+    else:
+        port = a.base_url.rsplit(":", 1)[1]
+        where = ["--host", s.server_host, "--port", port]
+    argv = [llm_bin, "serve", e.model, *e.args, *where]
     if e.gpus > 1 and not any(a.split("=", 1)[0] in ("--tensor-parallel-size", "-tp") for a in e.args):
         argv[3:3] = ["--tensor-parallel-size", str(e.gpus)]
     return argv
 
 
-def model_spec(s: Settings, llm_bin: str, api_key: Callable[[], str], entry: ModelEntry | None = None) -> ChildSpec:
+def model_spec(
+    s: Settings,
+    llm_bin: str,
+    api_key: Callable[[], str],
+    entry: ModelEntry | None = None,
+    addr: Address | None = None,
+) -> ChildSpec:
     """`api_key` gives the internal key of the run being started: each start passes a fresh one as
     VLLM_API_KEY in its environment (argv is world-readable on a shared node)."""
     e = entry or settings_entry(s)
-    env = {**_base_env(), **e.env}
+    a = addr or model_address(s)
+    env = {**_base_env(_NOT_INHERITED), **e.env}
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # Slurm's GPU indices are in PCI bus order
+    # vLLM's API server and engine talk over ZMQ ipc sockets made in VLLM_RPC_BASE_PATH (default
+    # /tmp, with the process umask): in our 0700 STATE_DIR no other user can reach them.
+    env.setdefault("VLLM_RPC_BASE_PATH", str(s.state_dir))
     if s.gpu_standin is not None:  # the stand-in model announces its GPU contexts to the stand-in NVML
         env["WATCHDOG_LLM_GPU_STANDIN"] = str(s.gpu_standin)
-    base = s.model_base_url
+    base = a.base_url
 
     def preflight() -> str | None:
-        if port_in_use(s.server_host, s.server_port):
-            return f"SERVER_PORT {s.server_port} is already in use by another process"
+        if a.uds:
+            return _clear_socket(Path(a.uds))
+        port = int(base.rsplit(":", 1)[1])
+        if port_in_use(s.server_host, port):
+            return f"SERVER_PORT {port} is already in use by another process"
         return None
 
     probe = HttpProbe(
@@ -75,7 +107,26 @@ def model_spec(s: Settings, llm_bin: str, api_key: Callable[[], str], entry: Mod
     live = None
     if s.liveness_interval > 0:
         live = Liveness(base + e.health_path, s.liveness_interval, s.liveness_timeout, s.liveness_failures)
-    return ChildSpec("model", tuple(model_argv(s, llm_bin, e)), env, probe, preflight, liveness=live)
+    argv = tuple(model_argv(s, llm_bin, e, a))
+    return ChildSpec("model", argv, env, probe, preflight, liveness=live, uds=a.uds)
+
+
+def _clear_socket(path: Path) -> str | None:
+    """vLLM binds its socket path and fails if anything is there: remove what an earlier run left
+    (the directory is ours alone); anything but a socket is not ours to remove."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"SERVER_SOCKET {str(path)!r}: {e.strerror or e}"
+    if not stat.S_ISSOCK(st.st_mode):
+        return f"SERVER_SOCKET {str(path)!r} exists and is not a socket: remove it or choose another path"
+    try:
+        path.unlink()
+    except OSError as e:
+        return f"SERVER_SOCKET {str(path)!r}: cannot remove the old socket: {e.strerror or e}"
+    return None
 
 
 def tunnel_config(s: Settings) -> dict[str, Any]:

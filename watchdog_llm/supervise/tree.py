@@ -3,8 +3,9 @@
 Ownership is by ancestry and by a per-spawn tag, never by name or user:
 - the daemon is a child subreaper, so descendants orphaned by a dying parent re-parent to us
   instead of init and stay findable as our descendants;
-- every child gets `WATCHDOG_LLM_TREE=<tag>` in its environment, inherited by its descendants, which
-  attributes such orphans to the right tree;
+- every child gets `WATCHDOG_LLM_TREE=<owner>.<child>-<random>` in its environment, inherited by
+  its descendants, which attributes such orphans to the right tree, and lets the next daemon on the
+  same STATE_DIR find what a killed one left even when children.json could not be written;
 - members are remembered as psutil.Process objects (pid + create time) with a pidfd held open, so a
   recycled pid is never signalled, and a stop needs no new file descriptor.
 """
@@ -16,6 +17,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from watchdog_llm.base.failures import FailureNote
 
 TAG_ENV = "WATCHDOG_LLM_TREE"
 PR_SET_CHILD_SUBREAPER = 36
@@ -319,11 +323,12 @@ class Leftover:
 class Records:
     """`STATE_DIR/children.json`: pid + create time of every process we started, per child name."""
 
-    def __init__(self, path: Path, log: logging.Logger) -> None:
+    def __init__(self, path: Path, log: logging.Logger, owner: str = "") -> None:
         self.path = path
         self.log = log
+        self.owner = owner  # the tag prefix of every tree this daemon starts (owner_id)
         self._data: dict[str, list[dict[str, float]]] = {}
-        self._warned = False
+        self._failures = FailureNote(log, f"cannot record child pids in {path}")
 
     def update(self, child: str, records: list[dict[str, float]]) -> bool:
         """Record `child`'s live processes; True if they changed."""
@@ -340,15 +345,26 @@ class Records:
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps({"daemon_pid": os.getpid(), "children": self._data}))
             os.replace(tmp, self.path)
-        except OSError as e:
-            if not self._warned:  # once: the daemon keeps working, leftovers just can't be recorded
-                self.log.warning("cannot record child pids in %s: %s", self.path, e.strerror)
-                self._warned = True
+        except OSError as e:  # a full disk: the daemon keeps working; leftovers are found by tag
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            self._failures.failed(e)
+        else:
+            self._failures.ok()
 
     def kill_leftovers(self) -> list[Leftover]:
-        """SIGKILL processes recorded by a previous run that are still the same processes, with
-        everything they started since (a tree that grew after its last record: a killed daemon
-        records nothing more)."""
+        """SIGKILL what a previous run of this daemon left: processes recorded in the file that are
+        still the same processes, and every process carrying one of our tags (what the file could
+        not record: a full disk, a tree grown after its last record), each with all it started."""
+        roots = {p.pid: (child, p) for child, p in self._recorded()}
+        for child, p in tagged(self.owner) if self.owner else []:
+            roots.setdefault(p.pid, (child, p))
+        killed = _kill_trees(list(roots.values()))
+        self._data = {}
+        self._write()
+        return killed
+
+    def _recorded(self) -> list[tuple[str, psutil.Process]]:
         try:
             data = json.loads(self.path.read_text())
             children = data["children"]
@@ -367,10 +383,25 @@ class Records:
                     roots.append((child, p))
                 except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, TypeError, ValueError):
                     continue
-        killed = _kill_trees(roots)
-        self._data = {}
-        self._write()
-        return killed
+        return roots
+
+
+def owner_id(state_dir: Path) -> str:
+    """The tag prefix of the trees one daemon starts: the same for every run on this STATE_DIR (at
+    most one daemon runs on it), so a restart knows its predecessor's processes with no file."""
+    return "wd" + hashlib.sha256(os.fsencode(state_dir.resolve())).hexdigest()[:16]
+
+
+def tagged(owner: str) -> list[tuple[str, psutil.Process]]:
+    """Processes whose inherited tag says this owner started them: (child name, process). Their
+    environment is readable only by their user (or root), so this finds our own processes only."""
+    me = os.getpid()
+    found = []
+    for p in psutil.process_iter():
+        tag = _tag_of(p) if p.pid != me else None
+        if tag and tag.startswith(owner + "."):
+            found.append((tag[len(owner) + 1 :].rsplit("-", 1)[0], p))
+    return found
 
 
 def _kill_trees(roots: list[tuple[str, psutil.Process]]) -> list[Leftover]:
