@@ -474,3 +474,16 @@ def test_a_full_disk_loses_no_process(daemons, daemon_env, tmp_path) -> None:
         for d in daemons:
             d.cleanup()
         subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def test_a_vllm_without_uds_is_told_how_to_go_on(daemons, daemon_env, tmp_path) -> None:
+    old = tmp_path / "old-vllm"
+    # What argparse prints for a flag it does not know, as a vLLM older than --uds would.
+    old.write_text(
+        "#!/bin/sh\necho 'usage: vllm serve [-h] [--host HOST] [--port PORT] ...' >&2\n"
+        'echo "vllm serve: error: unrecognized arguments: $3 $4" >&2\nexit 2\n'
+    )
+    old.chmod(0o755)
+    d = start(daemons, env_with(daemon_env, LLM_BIN=str(old), RESTART_LIMIT="1"))
+    st = d.wait_state("failed")
+    assert "no --uds" in st["reason"] and "SERVER_SOCKET=off" in st["reason"], st["reason"]

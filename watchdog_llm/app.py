@@ -822,6 +822,9 @@ class Daemon:
             case ChildExited(code=code, run=run, why=why, tail=tail):
                 if tail:
                     log.warning("last lines of the model's output:\n  %s", "\n  ".join(tail))
+                if any("unrecognized arguments" in line and "--uds" in line for line in tail):
+                    why += " (this vLLM has no --uds: upgrade it, or set SERVER_SOCKET=off)"
+                    log.error("model: %s", why)
                 self._handle(ModelExited(code, run, why))
             case ChildHung(run=run, why=why):
                 self._handle(ModelHung(run, why))

@@ -86,7 +86,7 @@ def _model(r: Report, s: Settings) -> Catalog | None:
         _catalog(r, s, catalog, llm)
     sock = s.model_socket
     if sock is not None:
-        r.ok(f"SERVER_SOCKET {sock}: vLLM listens there (vllm serve --uds, vLLM 0.10.2 or later); no TCP port")
+        r.ok(f"SERVER_SOCKET {sock}: vLLM listens there (vllm serve --uds); no TCP port")
     elif port_in_use(s.server_host, s.server_port):
         r.warn(f"SERVER_PORT {s.server_port} is in use now (by us if the daemon runs; else the model takes another)")
     else:

@@ -57,7 +57,7 @@ Dev endpoints (POST /sleep, POST /wake_up, GET /is_sleeping, POST /collective_rp
 POST /reset_prefix_cache) exist, as in real vLLM, only with VLLM_SERVER_DEV_MODE=1, and answer
 without authentication. A gateway must never publish them.
 
---uds PATH listens on a unix socket instead of --host/--port (vLLM 0.10.2+): bound as vLLM binds it,
+--uds PATH listens on a unix socket instead of --host/--port (vLLM since mid-2025): bound as vLLM binds it,
 so a file left at PATH makes the start fail with "Address already in use".
 """
 
