@@ -67,10 +67,17 @@ def run(settings: dict[str, str], repeats: int, rng: random.Random) -> dict[str,
     waits: list[float] = []
     statuses: list[Any] = []
     try:
+        last = 0
         for _ in range(repeats):
-            st = wait_until(lambda: (s := read_status(state)).get("state") == "serving" and s, 60)
-            run_no = st["model_run"]
-            time.sleep(rng.uniform(0.5, 0.5 + float(settings.get("LIVENESS_INTERVAL", "5"))))
+            # A new run each round (the last one was hung, then restarted): never the old pids.
+            def fresh(last: int = last) -> dict[str, Any] | None:
+                s = read_status(state)
+                return s if s.get("state") == "serving" and s.get("model_run", 0) > last else None
+
+            wait_until(fresh, 60)
+            time.sleep(rng.uniform(0.5, 0.5 + float(settings.get("LIVENESS_INTERVAL", "5") or 5)))
+            st = wait_until(fresh, 10)
+            run_no = last = st["model_run"]
             api = leader(st["model_pids"])
             t0 = time.monotonic()
             os.kill(api, signal.SIGSTOP)
