@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
+from watchdog_llm.coordination.schedule import printable
 from watchdog_llm.coordination.store import JsonStore
 
 HOLDER_MAX = 64
@@ -37,7 +38,10 @@ FREE: Mapping[str, Any] = MappingProxyType(
 
 
 class LockError(Exception):
-    """`status` is the HTTP status to answer (400 bad input, 423 held by someone else); `info` the lock as it is."""
+    """`status` is the HTTP status to answer (400 bad input, 423 held by someone else); `info` the lock as it is.
+
+    The admin API checks its input before it gets here (holder_problem, reason_problem, ttl_s within max_ttl)
+    and answers 422 like for any other invalid request; 400 is for embedders calling this directly."""
 
     def __init__(self, status: int, code: str, message: str, info: LockInfo | None = None) -> None:
         super().__init__(message)
@@ -242,20 +246,29 @@ def _parse_held(lock: Any) -> _Held:
     return _Held(LockInfo(holder=holder, reason=reason, acquired_at=times[0], expires_at=times[1]), digest)
 
 
+def holder_problem(holder: object) -> str | None:
+    """What is wrong with this holder, for "holder: ..." (None: nothing). The HTTP layer reads it too."""
+    if not isinstance(holder, str) or not 1 <= len(holder) <= HOLDER_MAX or not printable(holder) or not holder.strip():
+        return f"must be 1-{HOLDER_MAX} printable characters, not blank"
+    return None
+
+
+def reason_problem(reason: object) -> str | None:
+    """What is wrong with this reason (None: nothing)."""
+    # Printable only: the reason goes into logs, notifications and dashboards, where a newline could forge lines.
+    if not isinstance(reason, str) or len(reason) > REASON_MAX or not printable(reason):
+        return f"must be at most {REASON_MAX} printable characters"
+    return None
+
+
 def _check_holder(holder: object) -> None:
-    if (
-        not isinstance(holder, str)
-        or not 1 <= len(holder) <= HOLDER_MAX
-        or not holder.isprintable()
-        or not holder.strip()
-    ):
-        raise LockError(400, "invalid_request", f"holder: must be 1-{HOLDER_MAX} printable characters, not blank")
+    if (problem := holder_problem(holder)) is not None:
+        raise LockError(400, "invalid_request", f"holder: {problem}")
 
 
 def _check_reason(reason: object) -> None:
-    # Printable only: the reason goes into logs, notifications and dashboards, where a newline could forge lines.
-    if not isinstance(reason, str) or len(reason) > REASON_MAX or not reason.isprintable():
-        raise LockError(400, "invalid_request", f"reason: must be at most {REASON_MAX} printable characters")
+    if (problem := reason_problem(reason)) is not None:
+        raise LockError(400, "invalid_request", f"reason: {problem}")
 
 
 def _digest(token: str) -> bytes:

@@ -1,9 +1,15 @@
 """The schedule registry: external schedulers (cron jobs, agents, a second dashboard) record what they will
 do and when, so people can see it. Stored and shown, never executed: running anything is the scheduler's job.
 
-Times: `next_run` must carry a timezone (`...Z` or `+02:00`); a naive time is rejected, because a scheduler
-running in local time would otherwise show up hours off. Aware times are stored and shown in UTC.
-`created_at`/`updated_at` are server-set epoch seconds.
+Times: `next_run` is an RFC 3339 date-time string with an offset (`...Z` or `+02:00`) in the years 2000-2999.
+A naive time is rejected, because a scheduler running in local time would otherwise show up hours off; a number
+(epoch seconds: `0` would be 1970) and the years outside are mistakes (Go's zero time 0001-01-01, a 9999 "never"),
+not schedules. A time in the past is accepted: the entry is overdue, which is for people to see; the registry
+judges no clock. Aware times are stored and shown in UTC. `created_at`/`updated_at` are server-set epoch seconds.
+
+Text fields are printable (`printable()`: no control, format or separator character but the space, nothing that
+forges or hides text in a log), and the JSON Schema says so with the rule's own pattern, as it does for cron
+expressions (`CRON_PATTERN`, made from the tables check_cron reads): schema-valid input is accepted.
 """
 
 from __future__ import annotations
@@ -23,6 +29,15 @@ from watchdog_llm.coordination.store import JsonStore
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 STATE_VERSION = 1
+
+# RFC 3339 `date-time` with an offset, in the years 2000-2999 ([0-9], not \d: the same in every regex engine).
+NEXT_RUN_PATTERN = (
+    r"^2[0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]+)?"
+    r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
+)
+_NEXT_RUN = re.compile(NEXT_RUN_PATTERN, re.ASCII)
+_RFC3339 = re.compile(NEXT_RUN_PATTERN.replace("^2[0-9]{3}-", "^[0-9]{4}-"), re.ASCII)  # any year
+_NEXT_RUN_EXAMPLE = "e.g. 2030-01-31T03:00:00Z or 2030-01-31T03:00:00+02:00"
 
 # Vixie-cron syntax, conservatively: `*`, numbers, names, ranges, lists, steps. No seconds field and no
 # Quartz extensions (?, L, W, #): a dashboard must be able to read back what a scheduler registered.
@@ -70,23 +85,112 @@ def check_cron(expr: str) -> str:
     return " ".join(fields)
 
 
+def _digits(lo: int, hi: int) -> str:
+    """A regex for the decimal numbers lo..hi (0 <= lo <= hi <= 99), leading zeros allowed as int() allows them."""
+    alts = [f"[{lo}-{min(hi, 9)}]"] if lo <= 9 else []
+    whole: list[int] = []  # tens whose every unit is in range: one [a-b][0-9] for them all
+    for tens in range(max(lo // 10, 1), hi // 10 + 1):
+        first, last = (lo % 10 if tens == lo // 10 else 0), (hi % 10 if tens == hi // 10 else 9)
+        if (first, last) == (0, 9):
+            whole.append(tens)
+        else:
+            alts.append(f"{tens}[{first}-{last}]")
+    if whole:
+        alts.append(f"[{whole[0]}-{whole[-1]}][0-9]")
+    return f"0*({'|'.join(alts)})"
+
+
+def _any_case(word: str) -> str:
+    return "".join(f"[{c}{c.upper()}]" for c in word)
+
+
+def _cron_pattern() -> str:
+    # str.split() separates on these (str.isspace), and strip() drops them around a macro.
+    ws = r"[\t-\r\x1c- \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+    fields = []
+    for _, lo, hi, names in _FIELDS:
+        value = "|".join([_digits(lo, hi), *(_any_case(n) for n in names)])
+        item = f"(\\*|({value})(-({value}))?)(/{_digits(1, hi + 1)})?"
+        fields.append(f"{item}(,{item})*")
+    macros = "|".join(_any_case(m[1:]) for m in sorted(_MACROS))
+    return f"^{ws}*(@({macros})|{f'{ws}+'.join(fields)}){ws}*$"
+
+
+# check_cron's rules as a JSON Schema pattern (tested against check_cron itself).
+CRON_PATTERN = _cron_pattern()
+
+
+# Text that goes into logs, notifications and dashboards holds no character that forges lines there, or hides or
+# reorders text: no C0 or C1 control or DEL, none of the BMP's format characters (soft hyphen, zero-width and
+# bidirectional controls, BOM, ...) and no separator but the space (no-break and other spaces, line and
+# paragraph separators); Unicode 14's. Spelled in escapes that Python's, Rust's and ECMA-262's regex engines read
+# alike, so the JSON Schema's pattern is the rule itself: text the schema allows is accepted, and no other.
+_BARRED = (
+    r"\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u1680\u180e\u2000-\u200f\u2028-\u202f"
+    r"\u205f-\u2064\u2066-\u206f\u3000\ufeff\ufff9-\ufffb"
+)
+_UNPRINTABLE = rf"\x00-\x1f{_BARRED}"
+_UNPRINTABLE_TEXT = rf"\x00-\x08\x0b\x0c\x0e-\x1f{_BARRED}"  # newlines and tabs allowed
+PRINTABLE_PATTERN = f"^[^{_UNPRINTABLE}]*$"
+PRINTABLE_NOT_BLANK_PATTERN = f"^ *[^ {_UNPRINTABLE}][^{_UNPRINTABLE}]*$"  # the space is its one whitespace
+PRINTABLE_TEXT_PATTERN = f"^[^{_UNPRINTABLE_TEXT}]*$"
+# Lone surrogates too: JSON can spell them ("\\ud800"), no JSON Schema validator sees one, and UTF-8 has none.
+_BAD = re.compile(rf"[{_UNPRINTABLE}\ud800-\udfff]")
+_BAD_TEXT = re.compile(rf"[{_UNPRINTABLE_TEXT}\ud800-\udfff]")
+
+
+def printable(value: str, *, newlines: bool = False) -> bool:
+    """The rule above (newlines: and newlines and tabs); what the swap lock and the schedule call printable."""
+    return (_BAD_TEXT if newlines else _BAD).search(value) is None
+
+
 def _printable(value: str, field: str) -> str:
-    if not value.isprintable() or not value.strip():
+    if not printable(value) or not value.strip():
         raise ValueError(f"{field} must be printable characters, not blank")
     return value
+
+
+# "At least one of cron and next_run", as a schema: a null is as good as leaving the field out.
+_WHEN: list[Any] = [{"required": [f], "properties": {f: {"type": "string"}}} for f in ("cron", "next_run")]
 
 
 class ScheduleIn(BaseModel):
     """What a scheduler sends (POST /api/schedule). At least one of `cron` and `next_run`."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={"anyOf": _WHEN})
 
     id: str = Field(pattern=ID_PATTERN, description="letters, digits, '_', '.', '-'; 1-64 characters")
-    owner: str = Field(min_length=1, max_length=64)
-    cron: str | None = Field(default=None, description="5-field cron expression or @daily-style macro")
-    next_run: datetime | None = Field(default=None, description="ISO 8601 with a timezone; stored in UTC")
-    action: str = Field(min_length=1, max_length=200, description='what will happen, e.g. "swap qwen-7b"')
-    description: str = Field(default="", max_length=1000)
+    owner: str = Field(
+        min_length=1,
+        max_length=64,
+        description="printable, not blank",
+        json_schema_extra={"pattern": PRINTABLE_NOT_BLANK_PATTERN},
+    )
+    cron: str | None = Field(
+        default=None,
+        max_length=CRON_MAX,
+        description="5-field cron expression (minute hour day-of-month month day-of-week: *, N, N-M, names, "
+        "lists, /steps) or @daily-style macro",
+        json_schema_extra={"pattern": CRON_PATTERN},
+    )
+    next_run: datetime | None = Field(
+        default=None,
+        description="RFC 3339 date-time with an offset (Z or +02:00), in the years 2000-2999; stored in UTC. "
+        "Not epoch seconds. A time in the past is accepted (the entry is overdue)",
+        json_schema_extra={"pattern": NEXT_RUN_PATTERN},
+    )
+    action: str = Field(
+        min_length=1,
+        max_length=200,
+        description='what will happen, e.g. "swap qwen-7b"; printable, not blank',
+        json_schema_extra={"pattern": PRINTABLE_NOT_BLANK_PATTERN},
+    )
+    description: str = Field(
+        default="",
+        max_length=1000,
+        description="printable; newlines and tabs allowed",
+        json_schema_extra={"pattern": PRINTABLE_TEXT_PATTERN},
+    )
 
     @field_validator("owner")
     @classmethod
@@ -102,7 +206,7 @@ class ScheduleIn(BaseModel):
     @classmethod
     def _description(cls, v: str) -> str:
         # Newlines and tabs are fine in a description; other control characters would garble logs and terminals.
-        if not v.replace("\n", " ").replace("\t", " ").replace("\r", " ").isprintable():
+        if not printable(v, newlines=True):
             raise ValueError("description must not contain control characters")
         return v
 
@@ -110,6 +214,25 @@ class ScheduleIn(BaseModel):
     @classmethod
     def _cron(cls, v: str | None) -> str | None:
         return None if v is None else check_cron(v)
+
+    @field_validator("next_run", mode="before")
+    @classmethod
+    def _next_run_text(cls, v: Any) -> Any:
+        """A string in the schema's shape, before pydantic reads it: it would take 0, "0", a date alone."""
+        if v is None or isinstance(v, datetime):  # an embedder's own datetime: checked below
+            return v
+        if not isinstance(v, str):
+            raise ValueError(f"must be an RFC 3339 date-time string, not a {type(v).__name__}; {_NEXT_RUN_EXAMPLE}")
+        if _NEXT_RUN.fullmatch(v) is None:
+            if _RFC3339.fullmatch(v):
+                raise ValueError(f"{_shown(v)} is outside the years 2000-2999: a placeholder, not a time to run")
+            if re.fullmatch(r"[^TZ+]*T[0-9:.]*", v, re.ASCII):
+                raise ValueError(f"needs a timezone, {_NEXT_RUN_EXAMPLE}")
+            raise ValueError(f"{_shown(v)} is not an RFC 3339 date-time with an offset; {_NEXT_RUN_EXAMPLE}")
+        try:
+            return datetime.fromisoformat(v)
+        except ValueError:  # the right shape, but no such day (2030-02-30)
+            raise ValueError(f"{_shown(v)} is not a date-time that exists; {_NEXT_RUN_EXAMPLE}") from None
 
     @field_validator("next_run")
     @classmethod
@@ -137,6 +260,12 @@ class ScheduleEntry(ScheduleIn):
 
     created_at: float
     updated_at: float
+
+    @field_validator("next_run", mode="before")
+    @classmethod
+    def _next_run_text(cls, v: Any) -> Any:
+        # Checked on the way in; stored in UTC, where 2000-01-01T00:30+01:00 became 1999: read it back as it is.
+        return v
 
 
 class ScheduleError(Exception):
@@ -247,6 +376,10 @@ class Schedule:
             # Keep the original for a human, and carry on with the entries that are sound.
             self._store.quarantine(f"{len(bad)} invalid schedule entries: " + "; ".join(bad[:3]))
         return entries, bool(bad)
+
+
+def _shown(text: str) -> str:
+    return repr("".join(c if c.isprintable() else "?" for c in text[:40]) + ("..." if len(text) > 40 else ""))
 
 
 def _label(item: Any) -> str:

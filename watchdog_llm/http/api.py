@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from watchdog_llm import __version__
-from watchdog_llm.http.errors import api_body, encode, headers
+from watchdog_llm.http.errors import allowed_methods, api_body, encode, headers
 
 
 class ApiError(BaseModel):
@@ -54,6 +54,8 @@ class Status(BaseModel):
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ApiError, "description": "missing or wrong admin token (TCP listener only)"},
     404: {"model": ApiError, "description": "no such endpoint"},
+    # Every invalid request, in this shape (not FastAPI's `detail` list): one line that names the field.
+    422: {"model": ApiError, "description": "invalid request: the message names the field"},
 }
 
 
@@ -92,14 +94,27 @@ def build_admin(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
-        return JSONResponse(api_body(code, f"{request.method} {request.url.path}: {exc.detail}"), exc.status_code)
+        path = _printable(request.url.path)
+        if exc.status_code == 400:
+            # FastAPI's one 400: a body it could not read at all (not UTF-8, say). That is an invalid
+            # request like any other (invalid JSON is already 422): one status for one kind of error.
+            return JSONResponse(api_body("invalid_request", "body: could not be read as JSON"), 422)
+        if exc.status_code == 405:
+            allow = allowed_methods(request.app.router.routes, request.scope)
+            text = f"{request.method} is not allowed on {path} (allowed: {allow})"
+            return JSONResponse(api_body("method_not_allowed", text), 405, headers={"Allow": allow})
+        code = {404: "not_found"}.get(exc.status_code, "bad_request")
+        return JSONResponse(api_body(code, f"{request.method} {path}: {exc.detail}"), exc.status_code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # its loc is ("body", offset)
+            why = (first.get("ctx") or {}).get("error", "JSON decode error")
+            return JSONResponse(api_body("invalid_request", _printable(f"body: not valid JSON: {why}")), 422)
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-        return JSONResponse(api_body("invalid_request", f"{where}: {first.get('msg', 'invalid')}"), 422)
+        msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        return JSONResponse(api_body("invalid_request", _printable(f"{where}: {msg}")), 422)
 
     @app.get("/api/status", response_model=Status, summary="The daemon's state, live")
     async def get_status() -> dict[str, Any]:
@@ -120,3 +135,8 @@ def build_admin(
         return Response(metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return _TokenGate(app, token) if token else app
+
+
+def _printable(text: str) -> str:
+    """One line for people: a path or a field name may hold any character a client sent."""
+    return "".join(c if c.isprintable() else "?" for c in text)[:300]

@@ -9,18 +9,27 @@ are `{"error", "message", "consumer", "retryable"}` plus, where useful, the lock
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from watchdog_llm.coordination import health
 from watchdog_llm.coordination.core import CoordError, Coordinator
-from watchdog_llm.coordination.health import HealthEventIn
+from watchdog_llm.coordination.lock import HOLDER_MAX, REASON_MAX, holder_problem, reason_problem
 from watchdog_llm.coordination.lock import public as lock_public
-from watchdog_llm.coordination.schedule import ID_PATTERN, ScheduleError, ScheduleIn
+from watchdog_llm.coordination.schedule import (
+    ID_PATTERN,
+    PRINTABLE_NOT_BLANK_PATTERN,
+    PRINTABLE_PATTERN,
+    ScheduleError,
+    ScheduleIn,
+)
 from watchdog_llm.http.errors import api_body
 
 LockToken = Annotated[str | None, Header(alias="X-Swap-Lock-Token", max_length=1024)]
@@ -39,11 +48,71 @@ class SwapIn(BaseModel):
     model: str = Field(min_length=1, max_length=200, description="catalog name or alias")
 
 
-class LockIn(BaseModel):
+_TTL = "seconds; at most SWAP_LOCK_MAX_TTL"
+
+
+class _LockBody(BaseModel):
+    """POST /api/swap/lock, but `ttl_s`: its maximum is this daemon's SWAP_LOCK_MAX_TTL (coordination_router)."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    holder: str = Field(min_length=1, max_length=64)
-    ttl_s: float = Field(gt=0, description="seconds; at most SWAP_LOCK_MAX_TTL")
-    reason: str = Field("", max_length=500)
+    holder: str = Field(
+        min_length=1,
+        max_length=HOLDER_MAX,
+        description="printable, not blank",
+        json_schema_extra={"pattern": PRINTABLE_NOT_BLANK_PATTERN},
+    )
+    reason: str = Field(
+        "", max_length=REASON_MAX, description="printable", json_schema_extra={"pattern": PRINTABLE_PATTERN}
+    )
+    # strict: a number, not "60", nor true (a 1-second lock)
+    ttl_s: float = Field(gt=0, strict=True, description=_TTL)
+
+    @field_validator("holder")
+    @classmethod
+    def _holder(cls, v: str) -> str:
+        if (problem := holder_problem(v)) is not None:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("reason")
+    @classmethod
+    def _reason(cls, v: str) -> str:
+        if (problem := reason_problem(v)) is not None:
+            raise ValueError(problem)
+        return v
+
+
+class HealthEventIn(health.HealthEventIn):
+    """One report: could `source` reach `service`, and how long did it take (`ms`)."""
+
+    # As the API reads it: JSON's own types (strict: no "yes" for true, no "5" for 5), and a schema that says
+    # which names are accepted: the model's own validator wants str.isprintable() (unassigned and private-use
+    # characters out too), which no short pattern spells; this one is that rule, character by character.
+    model_config = ConfigDict(strict=True, json_schema_extra=lambda s: _isprintable_fields(s, "service", "source"))
+
+
+def _isprintable_fields(schema: dict[str, Any], *names: str) -> None:
+    for name in names:
+        schema["properties"][name]["pattern"] = f"^[{_isprintable_class()}]*$"
+
+
+@functools.cache
+def _isprintable_class() -> str:
+    """str.isprintable() as a regex character class: ranges of literal characters, which Python's, Rust's and
+    ECMA-262's engines read alike. Made with the schema (about 0.2 s, once), not at import."""
+    ranges: list[tuple[int, int]] = []
+    for code in range(sys.maxunicode + 1):
+        # No surrogates: not characters of a JSON string, and no regex class takes them.
+        if chr(code).isprintable() and not 0xD800 <= code <= 0xDFFF:
+            if ranges and ranges[-1][1] == code - 1:
+                ranges[-1] = (ranges[-1][0], code)
+            else:
+                ranges.append((code, code))
+
+    def lit(code: int) -> str:
+        return "\\" + chr(code) if chr(code) in "\\[]^-" else chr(code)
+
+    return "".join(lit(a) if a == b else f"{lit(a)}-{lit(b)}" for a, b in ranges)
 
 
 class LockOut(BaseModel):
@@ -91,6 +160,11 @@ def coordination_router(
 ) -> APIRouter:
     r = APIRouter(prefix="/api")
 
+    class LockIn(_LockBody):
+        # The schema's maximum is the one the lock applies: a ttl_s the schema allows is taken, and one above
+        # it is a 422 like any other invalid field.
+        ttl_s: float = Field(gt=0, le=coord.lock.max_ttl, strict=True, description=_TTL)
+
     @r.get("/models", summary="The model catalog, and which model is active")
     async def models() -> dict[str, Any]:
         active = coord.active()
@@ -106,21 +180,22 @@ def coordination_router(
     def lock_status() -> dict[str, Any]:
         return lock_public(coord.lock.status())
 
-    @r.post(
-        "/swap/lock",
-        response_model=LockTaken,
-        summary="Take the swap lock (token returned once), or extend it with X-Swap-Lock-Token",
-        responses={
-            400: _err(400, "ttl_s above SWAP_LOCK_MAX_TTL, or a holder or reason that is not printable"),
-            423: _err(423, "held by someone else"),
-        },
-    )
-    def lock_acquire(body: LockIn, token: LockToken = None) -> Any:
+    def lock_acquire(body: _LockBody, token: LockToken = None) -> Any:
         try:
             new, info = coord.acquire_lock(body.holder, body.ttl_s, body.reason, token)
         except CoordError as e:
             return error_response(e)
         return {**info.to_public(), "token": new}
+
+    # FastAPI reads the body's model from the annotation, resolving a postponed one in the module's globals,
+    # where this daemon's LockIn (made above) is not: hand it the class itself.
+    lock_acquire.__annotations__["body"] = LockIn
+    r.post(
+        "/swap/lock",
+        response_model=LockTaken,
+        summary="Take the swap lock (token returned once), or extend it with X-Swap-Lock-Token",
+        responses={423: _err(423, "held by someone else")},
+    )(lock_acquire)
 
     @r.delete(
         "/swap/lock",

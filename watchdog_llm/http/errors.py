@@ -2,12 +2,17 @@
 
 `/api/*`: {"error": code, "message": text, "consumer": name|null, "retryable": bool}.
 `/v1/*`: the same fields inside OpenAI's envelope, so SDKs show the message; Retry-After on 503/429.
+A 405 carries `Allow`: every method the path serves (RFC 9110), whichever listener answers it.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
+
+from starlette.routing import BaseRoute, Match
+from starlette.types import Scope
 
 # OpenAI's error types, by status: what its SDKs map to exception classes.
 _OPENAI_TYPES = {
@@ -52,3 +57,20 @@ def headers(content: bytes, retry_after: int | None = None) -> list[tuple[bytes,
     if retry_after is not None:
         out.append((b"retry-after", str(retry_after).encode()))
     return out
+
+
+# The methods RFC 9110 and 5789 define: what a 405's Allow may name.
+_METHODS = ("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE")
+
+
+def allowed_methods(routes: Iterable[BaseRoute], scope: Scope) -> str:
+    """The `Allow` header of a 405: every method some route serves at this path, sorted.
+
+    Starlette's own names only the first route that matched the path, and a path several routes serve
+    (GET, POST and DELETE /api/swap/lock are three) needs them all. Each method is asked of the routes as
+    routing asks (FastAPI's included routers answer for their own routes), so nothing here knows their kinds."""
+    return ", ".join(
+        method
+        for method in _METHODS
+        if any(route.matches({**scope, "method": method})[0] is Match.FULL for route in routes)
+    )

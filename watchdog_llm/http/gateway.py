@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from watchdog_llm.availability import Availability
-from watchdog_llm.http.errors import encode, headers, openai_body
+from watchdog_llm.http.errors import allowed_methods, encode, headers, openai_body
 from watchdog_llm.http.keys import KeyRing, Limiter
 from watchdog_llm.http.upstream import Lanes
 from watchdog_llm.metrics import Metrics, route_label
@@ -464,9 +464,12 @@ def _site(gw: Gateway) -> FastAPI:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
         text = f"{request.method} {_printable(request.url.path)} is not served here"
+        allow = None
         if exc.status_code == 405:
-            text = f"{request.method} is not allowed on {_printable(request.url.path)}"
-        return JSONResponse(openai_body(exc.status_code, code, text), status_code=exc.status_code)
+            methods = allowed_methods(request.app.router.routes, request.scope)
+            text = f"{request.method} is not allowed on {_printable(request.url.path)} (allowed: {methods})"
+            allow = {"Allow": methods}
+        return JSONResponse(openai_body(exc.status_code, code, text), status_code=exc.status_code, headers=allow)
 
     @app.get("/health")
     async def health() -> JSONResponse:
