@@ -432,12 +432,16 @@ def test_dev_mode_in_our_environment_never_reaches_the_model(daemons, daemon_env
 def test_a_socket_left_by_an_earlier_run_is_replaced(daemons, daemon_env) -> None:
     state = Path(daemon_env["STATE_DIR"])
     state.mkdir(mode=0o700)
-    left = socket.socket(socket.AF_UNIX)
-    left.bind(str(state / "model.sock"))  # bound, never listened on: what a killed vLLM leaves
-    left.close()
+    engine_ipc = state / "0dc9dc0e-c634-4140-a661-fbf106e7aedf"  # a ZMQ ipc socket vLLM 0.32 left behind
+    for path in (state / "model.sock", engine_ipc):
+        left = socket.socket(socket.AF_UNIX)
+        left.bind(str(path))  # bound, never listened on: what a killed vLLM leaves
+        left.close()
+    (state / "notes.txt").write_text("not ours to remove")
     d = start(daemons, daemon_env)
     st = d.wait_state("serving")
     assert st["model_run"] == 1 and _chat(_client(d)) == "[stand-in] hello there"
+    assert not engine_ipc.exists() and (state / "notes.txt").exists()
 
 
 def test_a_port_squatter_moves_the_model_to_another_port_and_never_fails_it(daemons, daemon_env, ntfy) -> None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from watchdog_llm.config import SECRET_SETTINGS, Settings, local_url
+from watchdog_llm.config import MAX_UNIX_PATH, SECRET_SETTINGS, Settings, local_url
 from watchdog_llm.coordination import catalog
 from watchdog_llm.coordination.catalog import Catalog, ModelEntry
 from watchdog_llm.supervise.child import ChildSpec
@@ -85,13 +87,20 @@ def model_spec(
     env = {**_base_env(_NOT_INHERITED), **e.env}
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # Slurm's GPU indices are in PCI bus order
     # vLLM's API server and engine talk over ZMQ ipc sockets made in VLLM_RPC_BASE_PATH (default
-    # /tmp, with the process umask): in our 0700 STATE_DIR no other user can reach them.
-    env.setdefault("VLLM_RPC_BASE_PATH", str(s.state_dir))
+    # /tmp, with the process umask): in our 0700 STATE_DIR no other user can reach them. Each is
+    # <dir>/<uuid4>, and must fit a unix socket path; vLLM leaves them behind, so each start clears
+    # what the last one left.
+    rpc_dir = None
+    if "VLLM_RPC_BASE_PATH" not in env and len(os.fsencode(s.state_dir)) + 1 + _UUID_LEN <= MAX_UNIX_PATH:
+        rpc_dir = s.state_dir
+        env["VLLM_RPC_BASE_PATH"] = str(rpc_dir)
     if s.gpu_standin is not None:  # the stand-in model announces its GPU contexts to the stand-in NVML
         env["WATCHDOG_LLM_GPU_STANDIN"] = str(s.gpu_standin)
     base = a.base_url
 
     def preflight() -> str | None:
+        if rpc_dir is not None:
+            _clear_rpc_sockets(rpc_dir)
         if a.uds:
             return _clear_socket(Path(a.uds))
         port = int(base.rsplit(":", 1)[1])
@@ -109,6 +118,19 @@ def model_spec(
         live = Liveness(base + e.health_path, s.liveness_interval, s.liveness_timeout, s.liveness_failures)
     argv = tuple(model_argv(s, llm_bin, e, a))
     return ChildSpec("model", argv, env, probe, preflight, liveness=live, uds=a.uds)
+
+
+_UUID_LEN = 36
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _clear_rpc_sockets(directory: Path) -> None:
+    """The ZMQ ipc sockets (named by a uuid4) an earlier vLLM left in `directory`: nothing else."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            if _UUID.fullmatch(entry.name) and stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def _clear_socket(path: Path) -> str | None:
