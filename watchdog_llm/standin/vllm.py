@@ -1205,20 +1205,16 @@ def _bind(host: str, port: int, listen: bool) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-        if listen:
-            sock.listen(2048)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    return _bound(sock, (host, port), listen)
 
 
 def _bind_unix(path: str, listen: bool) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # no unlink first: vLLM does none
+    return _bound(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), path, listen)  # no unlink first: vLLM does none
+
+
+def _bound(sock: socket.socket, addr: str | tuple[str, int], listen: bool) -> socket.socket:
     try:
-        sock.bind(path)
+        sock.bind(addr)
         if listen:
             sock.listen(2048)
     except OSError:
