@@ -4,7 +4,10 @@ environment is not installed; one start of real vLLM takes about 100 s on 2 core
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import openai
 import psutil
 import pytest
 from daemon_harness import DaemonProc, env_with, gone, start
-from helpers import TEST_KEY, wait_for
+from helpers import TEST_KEY, bin_path, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIM = ROOT / "scripts" / "vllm-cpu"
@@ -35,7 +38,7 @@ def _installed() -> None:
         pytest.fail(MISSING)
 
 
-def test_real_vllm_serves_through_the_gateway_and_yields_its_whole_tree(daemons, daemon_env) -> None:
+def test_real_vllm_serves_through_the_gateway_and_yields_its_whole_tree(daemons, daemon_env, tmp_path) -> None:
     env = env_with(
         daemon_env,
         LLM_BIN=str(SHIM),
@@ -66,6 +69,14 @@ def test_real_vllm_serves_through_the_gateway_and_yields_its_whole_tree(daemons,
         )
         assert vllm.post("http://localhost/sleep").status_code == 404  # no dev mode
     assert f"Starting vLLM server on unix:{sock}" in (d.state_dir / "logs" / "model.log").read_text()
+
+    # What the stand-in claims about vLLM, against vLLM itself: the same requests to both, directly.
+    api = next(p for p in st["model_pids"] if psutil.Process(p).ppid() not in st["model_pids"])
+    key = next(e[13:] for e in Path(f"/proc/{api}/environ").read_text().split("\0") if e.startswith("VLLM_API_KEY="))
+    real = _observe(sock, key, str(TINY))
+    standin = _standin_observations(tmp_path, str(TINY))
+    for what in real:
+        assert standin[what] == real[what], (what, standin[what], real[what])
 
     tree = [psutil.Process(p) for p in st["model_pids"]]
     names = sorted(p.name() for p in tree)
@@ -101,3 +112,58 @@ def test_real_vllm_stopped_while_loading_leaves_nothing(daemons, daemon_env) -> 
     assert d2.terminate(timeout=60) == 0
     gone(second, timeout=5)
     print(f"SIGTERM during the real load: daemon and {len(second)} processes gone in {time.monotonic() - t0:.2f} s")
+
+
+def _observe(sock: str, key: str, model: str) -> dict[str, object]:
+    """What a client sees of a vLLM-like server on `sock`, reduced to what must not differ."""
+    auth = {"Authorization": f"Bearer {key}"}
+    chat = "/v1/chat/completions"
+    hi = [{"role": "user", "content": "hi"}]
+    out: dict[str, object] = {}
+    with httpx.Client(transport=httpx.HTTPTransport(uds=sock), base_url="http://localhost", timeout=60) as c:
+        r = c.get("/v1/models")
+        out["401"] = (r.status_code, r.json())
+        models = c.get("/v1/models", headers=auth).json()
+        out["models"] = (sorted(models), sorted(models["data"][0]), models["data"][0]["owned_by"])
+        for name, body in (
+            ("unknown model", {"model": "nope", "messages": hi}),
+            ("max_tokens -1", {"model": model, "messages": hi, "max_tokens": -1}),
+            ("no messages", {"model": model}),
+        ):
+            r = c.post(chat, headers=auth, json=body)
+            out[name] = (r.status_code, r.json())
+        r = c.get("/no/such/route")
+        out["unknown route"] = (r.status_code, r.json())
+        out["/sleep"] = c.post("/sleep").status_code
+        r = c.post(chat, headers=auth, json={"model": model, "messages": hi, "max_tokens": 2, "stream": True})
+        events = r.text.split("\n\n")
+        assert events[-1] == "" and events[-2] == "data: [DONE]" and all(e.startswith("data: ") for e in events[:-1])
+        chunks = [json.loads(e[6:]) for e in events[:-2]]
+        out["stream framing"] = r.headers["content-type"]
+        out["first chunk"] = (sorted(chunks[0]), sorted(chunks[0]["choices"][0]))
+        out["middle chunk"] = (sorted(chunks[1]), sorted(chunks[1]["choices"][0]))
+        out["last chunk choice"] = sorted(chunks[-1]["choices"][0])
+    return out
+
+
+def _standin_observations(tmp: Path, model: str) -> dict[str, object]:
+    sock = tmp / "standin.sock"
+    env = {**os.environ, "VLLM_API_KEY": "standin-key-0123456789", "STANDIN_STARTUP_S": "0.1"}
+    env.pop("VLLM_SERVER_DEV_MODE", None)
+    argv = [bin_path("vllm-standin"), "serve", model, "--uds", str(sock), "--max-model-len", "256"]
+    with open(tmp / "standin.log", "wb") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: sock.exists() and _healthy(str(sock)), 30, what="the stand-in")
+        return _observe(str(sock), "standin-key-0123456789", model)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+
+
+def _healthy(sock: str) -> bool:
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=sock), timeout=1) as c:
+            return c.get("http://localhost/health").status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -357,8 +357,19 @@ class BodyInvalid(Exception):
         self.errors = errors
 
 
-def _invalid(name: str, kind: str, msg: str, value: Any) -> BodyInvalid:
-    return BodyInvalid([{"type": kind, "loc": ("body", name), "msg": msg, "input": value}])
+def _invalid(name: str, kind: str, msg: str, value: Any, body: dict[str, Any] | None = None) -> BodyInvalid:
+    # pydantic: a missing field's input is the object it is missing from.
+    shown = body if kind == "missing" and body is not None else value
+    return BodyInvalid([{"type": kind, "loc": ("body", name), "msg": msg, "input": shown}])
+
+
+def _shown_error(e: Any) -> dict[str, Any]:
+    """One validation error as vLLM 0.32 renders it."""
+    out = dict(e)
+    out["loc"] = ".".join(str(part) for part in e.get("loc", ()))
+    if isinstance(e.get("input"), dict):
+        out["input"] = f"<dict of {len(e['input'])} items>"
+    return out
 
 
 def _opt_int(body: dict[str, Any], name: str, minimum: int) -> int | None:
@@ -368,7 +379,9 @@ def _opt_int(body: dict[str, Any], name: str, minimum: int) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _invalid(name, "int_type", "Input should be a valid integer", value)
     if value < minimum:
-        raise ApiError(400, "BadRequestError", f"{name} must be at least {minimum}, got {value}.", name)
+        # vLLM 0.32 names the parameter and value at the end of its validation messages.
+        msg = f"{name} must be at least {minimum}, got {value}. (parameter={name}, value={value})"
+        raise ApiError(400, "BadRequestError", msg, name)
     return value
 
 
@@ -474,7 +487,8 @@ def _check_model(cfg: ServerConfig, body: dict[str, Any]) -> str:
     if not isinstance(model, str):
         raise _invalid("model", "string_type", "Input should be a valid string", model)
     if model not in cfg.served_names:
-        raise ApiError(404, "NotFoundError", f"The model `{model}` does not exist.", "model")
+        names = ", ".join(cfg.served_names)
+        raise ApiError(404, "NotFoundError", f"The model `{model}` does not exist. Valid aliases: {names}.", "model")
     return model
 
 
@@ -514,7 +528,7 @@ def plan_chat(cfg: ServerConfig, body: dict[str, Any]) -> Plan:
     model = _check_model(cfg, body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise _invalid("messages", "missing" if messages is None else "list_type", "Field required", messages)
+        raise _invalid("messages", "missing" if messages is None else "list_type", "Field required", messages, body)
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise _invalid("messages", "model_type", "Each message needs a string `role`", m)
@@ -540,7 +554,7 @@ def plan_completion(cfg: ServerConfig, body: dict[str, Any]) -> Plan:
     elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
         prompts = [" ".join(f"<{t}>" for t in prompt)]  # token ids: each id is one word
     else:
-        raise _invalid("prompt", "missing" if prompt is None else "union_tag_invalid", "Field required", prompt)
+        raise _invalid("prompt", "missing" if prompt is None else "union_tag_invalid", "Field required", prompt, body)
     max_tokens = _opt_int(body, "max_tokens", 1)
     if max_tokens is None:
         max_tokens = 16  # the OpenAI completions default, which vLLM keeps
@@ -626,6 +640,8 @@ def stream_chunks(plan: Plan) -> Iterator[dict[str, Any] | None]:
                 {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 for i in range(len(plan.gens))
             ],
+            "prompt_token_ids": None,  # vLLM 0.32's first chat chunk carries these (null unless asked for)
+            "prompt_text": None,
         }
     for step in range(max(len(g.tokens) for g in plan.gens)):
         yield None
@@ -634,11 +650,13 @@ def stream_chunks(plan: Plan) -> Iterator[dict[str, Any] | None]:
                 continue
             finish = g.finish_reason if step == len(g.tokens) - 1 else None
             choice: dict[str, Any]
-            if chat:
-                choice = {"index": i, "delta": {"content": g.tokens[step]}, "logprobs": None}
+            if chat:  # vLLM 0.32: stop_reason on the last chunk only, token_ids on every one
+                choice = {"index": i, "delta": {"content": g.tokens[step]}, "logprobs": None, "finish_reason": finish}
+                choice.update({"stop_reason": None} if finish else {})
+                choice["token_ids"] = None
             else:
                 choice = {"index": i, "text": g.tokens[step], "logprobs": None}
-            choice.update(finish_reason=finish, stop_reason=None)
+                choice.update(finish_reason=finish, stop_reason=None)
             yield {**head, "choices": [choice]}
     if plan.include_usage:
         yield {**head, "choices": [], "usage": plan.usage()}
@@ -697,10 +715,13 @@ def build_app(cfg: ServerConfig, state: ServerState, log: Log) -> "FastAPI":
         return JSONResponse(exc.body(), status_code=exc.status)
 
     def bad_request(exc: RequestValidationError) -> Response:
-        # vLLM turns FastAPI's 422 into 400 "Bad Request" with both renderings of the errors.
-        exc_str, errors_str = str(exc), str(exc.errors())
-        message = f"{exc_str} {errors_str}" if exc.errors() and errors_str != exc_str else exc_str
-        return JSONResponse(error_body(400, "Bad Request", message), status_code=400)
+        # vLLM 0.32 turns FastAPI's 422 into 400 "Bad Request": "N validation error(s):" and one line
+        # per error, its loc dotted ("body.messages", also the param), a dict input as "<dict of N items>".
+        errors = [_shown_error(e) for e in exc.errors()]
+        head = f"{len(errors)} validation error{'s' if len(errors) != 1 else ''}:"
+        message = head + "".join(f"\n  {e}" for e in errors)
+        param = errors[0]["loc"] if errors else None
+        return JSONResponse(error_body(400, "Bad Request", message, param), status_code=400)
 
     @app.exception_handler(BodyInvalid)
     async def _body_invalid(_: Request, exc: BodyInvalid) -> Response:
@@ -714,6 +735,8 @@ def build_app(cfg: ServerConfig, state: ServerState, log: Log) -> "FastAPI":
     async def _http_error(_: Request, exc: HTTPException) -> Response:
         from http import HTTPStatus
 
+        if exc.status_code == 404:  # an unknown route: Starlette's own body, as vLLM 0.32 answers it
+            return JSONResponse({"detail": exc.detail}, status_code=404, headers=exc.headers)
         body = error_body(exc.status_code, HTTPStatus(exc.status_code).phrase, str(exc.detail))
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
@@ -848,7 +871,7 @@ def build_app(cfg: ServerConfig, state: ServerState, log: Log) -> "FastAPI":
         elif isinstance(raw, list) and raw and all(isinstance(x, list) for x in raw):
             texts = [" ".join(map(str, x)) for x in raw]
         else:
-            raise _invalid("input", "missing" if raw is None else "union_tag_invalid", "Field required", raw)
+            raise _invalid("input", "missing" if raw is None else "union_tag_invalid", "Field required", raw, body)
         fmt = body.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
             raise _invalid("encoding_format", "literal_error", "Input should be 'float' or 'base64'", fmt)
