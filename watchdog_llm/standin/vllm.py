@@ -69,6 +69,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -344,9 +345,21 @@ class ApiError(Exception):
         return error_body(self.status, self.err_type, self.message, self.param)
 
 
+# vLLM 0.32 hides server paths in error messages: an absolute path below one of these top-level
+# directories, or any path naming a file with an extension, reads "<path>" (so a model under /tmp is
+# "Valid aliases: <path>" in its 404).
+_PATH_ROOTS = ("home", "usr", "opt", "var", "tmp", "root", "lib", "mnt", "srv")
+_ROOTED_PATH = re.compile(rf"/(?:{'|'.join(_PATH_ROOTS)})(?:/[\w.\-]+)+")
+_FILE_PATH = re.compile(r"(?:/[\w\-]+)+/[\w\-]+\.\w+")
+
+
+def _hide_paths(message: str) -> str:
+    return _FILE_PATH.sub("<path>", _ROOTED_PATH.sub("<path>", message)).strip()
+
+
 def error_body(code: int, err_type: str, message: str, param: str | None = None) -> dict[str, Any]:
     # vLLM >= 0.10: {"error": {...}} (older versions put the fields at the top level, with "object": "error").
-    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+    return {"error": {"message": _hide_paths(message), "type": err_type, "param": param, "code": code}}
 
 
 class BodyInvalid(Exception):
