@@ -232,11 +232,7 @@ class Child:
             self.post(ChildExited(spec.name, run, None, why))
             return
         self._set(DOWN, ChildState.STARTING)
-        tag = (
-            f"{self.owner}.{spec.name}-{uuid.uuid4().hex[:16]}"
-            if self.owner
-            else f"{spec.name}-{uuid.uuid4().hex[:16]}"
-        )
+        tag = f"{self.owner}.{spec.name}-{uuid.uuid4().hex[:16]}".lstrip(".")
         self._hurry.clear()
         try:
             # Popen, not asyncio's subprocess: asyncio's wait() only returns once every pipe is

@@ -20,6 +20,7 @@ class Address:
 
     base_url: str
     uds: str | None = None
+    port: int | None = None  # over TCP: the port of base_url
 
     @property
     def shown(self) -> str:

@@ -36,7 +36,8 @@ def model_address(s: Settings, port: int | None = None) -> Address:
     sock = s.model_socket
     if sock is not None:
         return Address("http://localhost", str(sock))
-    return Address(local_url(s.server_host, port or s.server_port))
+    port = port or s.server_port
+    return Address(local_url(s.server_host, port), port=port)
 
 
 def resolve_bin(name: str) -> str | None:
@@ -61,12 +62,8 @@ def settings_entry(s: Settings) -> ModelEntry:
 
 def model_argv(s: Settings, llm_bin: str, entry: ModelEntry | None = None, addr: Address | None = None) -> list[str]:
     e = entry or settings_entry(s)
-    a = addr or model_address(s)
-    if a.uds:
-        where = ["--uds", a.uds]
-    else:
-        port = a.base_url.rsplit(":", 1)[1]
-        where = ["--host", s.server_host, "--port", port]
+    at = addr or model_address(s)
+    where = ["--uds", at.uds] if at.uds else ["--host", s.server_host, "--port", str(at.port)]
     argv = [llm_bin, "serve", e.model, *e.args, *where]
     if e.gpus > 1 and not any(a.split("=", 1)[0] in ("--tensor-parallel-size", "-tp") for a in e.args):
         argv[3:3] = ["--tensor-parallel-size", str(e.gpus)]
@@ -103,9 +100,8 @@ def model_spec(
             _clear_rpc_sockets(rpc_dir)
         if a.uds:
             return _clear_socket(Path(a.uds))
-        port = int(base.rsplit(":", 1)[1])
-        if port_in_use(s.server_host, port):
-            return f"SERVER_PORT {port} is already in use by another process"
+        if a.port is not None and port_in_use(s.server_host, a.port):
+            return f"SERVER_PORT {a.port} is already in use by another process"
         return None
 
     probe = HttpProbe(
