@@ -112,6 +112,7 @@ from watchdog_llm.supervise.child import (
     ChildReady,
     ChildStopped,
 )
+from watchdog_llm.supervise.output import cause
 from watchdog_llm.supervise.probes import free_port, port_in_use
 from watchdog_llm.supervise.specs import (
     load_catalog,
@@ -480,6 +481,24 @@ class Daemon:
         log.warning("%s", body)
         self.announce.submit(Notify(NotifyKind.PORT_TAKEN, "model port taken", body, "default"))
 
+    def _exit_why(self, why: str, code: int | None, tail: tuple[str, ...]) -> str:
+        """How the model ended, with the line of its own output that says why and the setting to
+        look at: it goes into status, the notification and the swap's result, not only the log."""
+        e = self.entry(self.state.model.name)
+        src = self.catalog.source if self.catalog is not None else "MODEL_NAME"
+        model, args = ("MODEL_NAME", "VLLM_ARGS") if src == "MODEL_NAME" else (f"{e.name!r} in {src}",) * 2
+        if (path := e.local_path) is not None and not path.is_dir():
+            return f"{why}: model directory {path} does not exist (check {model})"
+        # After a signal its output says nothing about the signal, at best about what followed it.
+        c = cause(tail) if code is not None and code > 0 else None
+        if c is None:
+            return why
+        if c.usage and "--uds" in c.line:
+            return f"{why}: {c.line} (this vLLM has no --uds: upgrade it, or set SERVER_SOCKET=off)"
+        if c.usage:
+            return f"{why}: vLLM refused its arguments: {c.line} (check {args})"
+        return f"{why}: {c.line}"
+
     def _public_model_name(self) -> str:
         """What the public page and /health call the model: its hub id, or its catalog name when it
         is a local path (a path names a user's directory; the page is on the internet)."""
@@ -821,11 +840,8 @@ class Daemon:
                 self._handle(ModelReady())
             case ChildExited(code=code, run=run, why=why, tail=tail):
                 if tail:
-                    log.warning("last lines of the model's output:\n  %s", "\n  ".join(tail))
-                if any("unrecognized arguments" in line and "--uds" in line for line in tail):
-                    why += " (this vLLM has no --uds: upgrade it, or set SERVER_SOCKET=off)"
-                    log.error("model: %s", why)
-                self._handle(ModelExited(code, run, why))
+                    log.warning("last lines of the model's output:\n  %s", "\n  ".join(tail[-8:]))
+                self._handle(ModelExited(code, run, self._exit_why(why, code, tail)))
             case ChildHung(run=run, why=why):
                 self._handle(ModelHung(run, why))
             case ChildStopped(result=r):

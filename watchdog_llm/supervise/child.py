@@ -33,6 +33,7 @@ from watchdog_llm.supervise.tree import TAG_ENV, Member, Records, Tree, wait_gon
 
 Probe = Callable[[httpx.AsyncClient], Awaitable[bool]]
 LOG_TAIL_LINES = 200
+EXIT_TAIL_LINES = 60  # sent with an exit: enough to reach a root cause printed above vLLM's wrapper error
 PROBE_INTERVAL = 0.5
 STARTING_SCAN_INTERVAL = 0.5
 KILL_WAIT = 2.0  # after SIGKILL: only an uninterruptible (D-state) process takes longer
@@ -293,7 +294,7 @@ class Child:
         self._set(SIGNALLABLE, ChildState.STOPPING)
         result = await self._kill_tree(cur)
         self._set(frozenset({ChildState.STOPPING}), ChildState.EXITED)
-        tail = tuple(list(self.tail)[-8:])
+        tail = tuple(list(self.tail)[-EXIT_TAIL_LINES:])
         self.post(ChildExited(self.spec.name, run, code, describe_exit(code), tail, result))
 
     async def _stop(self, *, post: bool) -> None:
