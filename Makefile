@@ -12,7 +12,7 @@ LOCK   := requirements.lock
 # Static checks run before the tests, so `make test` fails on a type or layer error too.
 STATIC := lint typecheck layers
 
-.PHONY: demo test pytest lint typecheck layers check bench clean slurm test-slurm bench-slurm lock test-latest real-vllm test-real-vllm
+.PHONY: demo demo-real test pytest lint typecheck layers check bench clean slurm test-slurm bench-slurm lock test-latest real-vllm test-real-vllm
 
 $(BIN)/watchdog-llm: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -85,6 +85,10 @@ TINY      := build/tiny-llama
 
 real-vllm: $(VLLM_VENV)/bin/python $(TINY)/config.json
 	@echo "real vLLM ready: LLM_BIN=$(CURDIR)/scripts/vllm-cpu MODEL_NAME=$(CURDIR)/$(TINY)"
+
+# `make demo`'s timeline with the real vLLM instead of the stand-in (about 2 minutes on 2 cores).
+demo-real: $(BIN)/watchdog-llm real-vllm
+	$(BIN)/watchdog-llm demo --real
 
 # The tests against it (tests/test_real_vllm.py; `make test` runs them too where it is installed).
 test-real-vllm: $(BIN)/watchdog-llm real-vllm

@@ -290,3 +290,17 @@ def test_doctor_reports_every_catalog_problem_at_once(daemon_env: dict[str, str]
     assert "model 'a': gpus" in fails[0] and "model 'b': unknown field 'colour'" in fails[1]
     assert "model 'd': alias 'c' is already used by model 'c'" in fails[2]
     assert r.returncode == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["--real", "--vllm", "/nonexistent/vllm"], "--vllm /nonexistent/vllm: not an executable"),
+        (["--model", "/"], "--model / has no config.json"),  # --model alone means --real
+    ],
+)
+def test_demo_real_without_vllm_says_how_to_get_it(tmp_path: Path, args: list[str], why: str) -> None:
+    r = subprocess.run([*CLI, "demo", *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+    assert "make real-vllm" in r.stderr and "pip install vllm" in r.stderr and why in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

@@ -208,6 +208,20 @@ def test_real_vllm_port_taken_while_it_starts(daemons, daemon_env, ntfy) -> None
     assert d.terminate() == 0
 
 
+def test_real_demo_runs_and_leaves_nothing() -> None:
+    """`make demo-real`: the demo's timeline with the real vLLM (start, chat, a job on other GPUs, a
+    yield, the return, a swap with its log streamed, SIGTERM) and nothing of ours left at the end."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STANDIN_", "SLURM_"))}
+    r = subprocess.run(
+        [bin_path("watchdog-llm"), "demo", "--real"], env=env, capture_output=True, text=True, timeout=500
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    for needle in ("REAL vLLM", "VLLM::EngineCore", "still serving on GPUs 2,3", "yielded to job_4242",
+                   "a request to the gateway now: 503", "serving again", "stopping -> starting -> ready",
+                   "now serving small-chat", "exited with code 0", "processes of ours left running: 0"):  # fmt: skip
+        assert needle in r.stdout, f"{needle!r} missing from the demo's output:\n{r.stdout}"
+
+
 def _observe(sock: str, key: str, model: str) -> dict[str, object]:
     """What a client sees of a vLLM-like server on `sock`, reduced to what must not differ."""
     auth = {"Authorization": f"Bearer {key}"}

