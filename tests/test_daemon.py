@@ -487,3 +487,20 @@ def test_a_vllm_without_uds_is_told_how_to_go_on(daemons, daemon_env, tmp_path) 
     d = start(daemons, env_with(daemon_env, LLM_BIN=str(old), RESTART_LIMIT="1"))
     st = d.wait_state("failed")
     assert "no --uds" in st["reason"] and "SERVER_SOCKET=off" in st["reason"], st["reason"]
+
+
+def test_a_catalog_models_refusal_names_the_entry_and_its_file(daemons, daemon_env, ntfy, tmp_path) -> None:
+    refusing = tmp_path / "refusing-vllm"
+    # argparse's last words, as vLLM prints them for a flag it does not know
+    refusing.write_text(
+        '#!/bin/sh\necho "usage: api_server.py [-h] ..." >&2\necho "api_server.py: error: unrecognized arguments: --bogus" >&2\nexit 2\n'
+    )
+    refusing.chmod(0o755)
+    models = tmp_path / "models.yaml"
+    models.write_text("models:\n  - {name: chat, model: org/chat, args: [--bogus]}\n")
+    d = start(daemons, env_with(daemon_env, LLM_BIN=str(refusing), MODELS=str(models), RESTART_LIMIT="1"))
+    st = d.wait_state("failed")
+    said = f"vLLM refused its arguments: unrecognized arguments: --bogus (check 'chat' in {models})"
+    assert said in st["reason"], st["reason"]
+    failed = wait_for(lambda: [m for m in ntfy.received if str(m.get("title")).endswith("model failed")], 10)
+    assert said in failed[0]["message"]
