@@ -493,7 +493,8 @@ def test_a_catalog_models_refusal_names_the_entry_and_its_file(daemons, daemon_e
     refusing = tmp_path / "refusing-vllm"
     # argparse's last words, as vLLM prints them for a flag it does not know
     refusing.write_text(
-        '#!/bin/sh\necho "usage: api_server.py [-h] ..." >&2\necho "api_server.py: error: unrecognized arguments: --bogus" >&2\nexit 2\n'
+        '#!/bin/sh\necho "usage: api_server.py [-h] ..." >&2\n'
+        'echo "api_server.py: error: unrecognized arguments: --bogus" >&2\nexit 2\n'
     )
     refusing.chmod(0o755)
     models = tmp_path / "models.yaml"

@@ -1245,25 +1245,36 @@ def test_health(gw: GatewayServer) -> None:
     assert r.json() == {"status": "model_yielded", "message": YIELDED.message, "model": MODEL}
 
 
-def test_home_page(gw: GatewayServer, standin: StandIn) -> None:
+@pytest.mark.parametrize("chat_page", [True, False], ids=["chat-page", "CHAT_PAGE=off"])
+def test_home_page(make_gw: Any, standin: StandIn, chat_page: bool) -> None:
+    g = make_gw(standin.url, cfg=GatewayConfig(chat_page=chat_page))
     secrets_ = [KEY_A, KEY_B, INTERNAL_KEY, standin.url, f":{standin.port}", "alice", "bob"]
-    r = get(gw.url + "/")
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-    assert MODEL in r.text and "<strong>online</strong>" in r.text and "<strong>offline" not in r.text
-    for s in secrets_:
-        assert s not in r.text
-    gw.set(YIELDED)
-    r = get(gw.url + "/")
-    assert r.status_code == 200
-    assert MODEL in r.text and "<strong>offline</strong>" in r.text and YIELDED.message in r.text
-    for s in secrets_:
-        assert s not in r.text
-
-
-def test_home_page_escapes_the_model_name(make_gw: Any) -> None:
-    g = make_gw(f"http://127.0.0.1:{free_port()}", model="<script>alert(1)</script>")
     r = get(g.url + "/")
-    assert "<script>" not in r.text and "&lt;script&gt;alert(1)&lt;/script&gt;" in r.text
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert MODEL in r.text and "class='online'>online<" in r.text.replace('"', "'") and YIELDED.message not in r.text
+    assert ('aria-label="Conversation"' in r.text) is chat_page and ("/_chat/chat.js" in r.text) is chat_page
+    # No inline script or style, nothing from another host: the page runs only its own files.
+    csp = r.headers["content-security-policy"]
+    assert "script-src 'self';" in csp and "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+    assert "<script>" not in r.text and "style=" not in r.text and "://" not in r.text.replace("http://", "")
+    for s in secrets_:
+        assert s not in r.text
+    g.set(YIELDED)
+    r = get(g.url + "/")
+    assert r.status_code == 200
+    assert MODEL in r.text and "class='offline'>offline<" in r.text.replace('"', "'") and YIELDED.message in r.text
+    for s in secrets_:
+        assert s not in r.text
+
+
+def test_chat_page_files_are_ours_and_nothing_else_is_served(gw: GatewayServer) -> None:
+    for name, kind in (("chat.js", "text/javascript"), ("markdown.js", "text/javascript"), ("chat.css", "text/css")):
+        r = get(f"{gw.url}/_chat/{name}")
+        assert r.status_code == 200 and r.headers["content-type"].startswith(kind) and len(r.content) > 1000, name
+        assert r.headers["x-content-type-options"] == "nosniff"
+    for bad in ("chat.html", "..%2Fgateway.py", "%2e%2e/pages.py", "nope.js"):
+        r = get(f"{gw.url}/_chat/{bad}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", bad
 
 
 def test_metrics_count_what_was_refused(make_gw: Any, make_upstream: Any) -> None:

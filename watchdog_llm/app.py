@@ -529,6 +529,7 @@ class Daemon:
             body_timeout=s.body_timeout,
             read_timeout=s.upstream_timeout,
             upstream_uds=self.model_addr.uds,
+            chat_page=s.chat_page,
         )
         self.gateway = Gateway(
             cfg,

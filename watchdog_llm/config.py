@@ -122,6 +122,7 @@ class Settings(BaseSettings):
         SecretStr(""), description="client keys, `name:key` or `key`, separated by commas or spaces"
     )
     public_api_keys_file: str = Field("", description="file of client keys, one `name:key` per line")
+    chat_page: bool = Field(True, description="a chat page at / of the public listener (off: a status page only)")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body (413 above)")
     max_concurrent_per_key: int = Field(64, ge=0, description="requests in flight per key (429 above; 0: no limit)")
     upstream_timeout: float = Field(600.0, gt=0, description="longest silence from the model before 504")

@@ -12,7 +12,6 @@ SSE error event and `data: [DONE]`; a client that disconnects cancels its upstre
 from __future__ import annotations
 
 import asyncio
-import html
 import json
 import logging
 import re
@@ -23,12 +22,13 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from watchdog_llm.availability import Availability
+from watchdog_llm.http import pages
 from watchdog_llm.http.errors import allowed_methods, encode, headers, openai_body
 from watchdog_llm.http.keys import KeyRing, Limiter
 from watchdog_llm.http.upstream import Lanes
@@ -94,6 +94,7 @@ class GatewayConfig:
     connect_timeout: float = 5.0
     read_timeout: float = 600.0  # longest silence from the model (a long non-streamed answer)
     upstream_uds: str | None = None  # the model's unix socket (SERVER_SOCKET); None: TCP
+    chat_page: bool = True  # CHAT_PAGE: `/` is the chat page, else a status page
 
 
 class _Aborted(Exception):
@@ -485,26 +486,17 @@ def _site(gw: Gateway) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     async def home() -> HTMLResponse:
-        return HTMLResponse(_page(gw.page(), gw.availability()))
+        render = pages.chat_page if gw.cfg.chat_page else pages.status_page
+        return HTMLResponse(render(gw.page(), gw.availability()), headers=pages.SECURITY_HEADERS)
+
+    @app.get("/_chat/{name}")
+    async def chat_asset(name: str) -> Response:
+        kind = pages.ASSETS.get(name)
+        if kind is None:
+            raise StarletteHTTPException(404)
+        return Response(pages.asset(name), media_type=kind, headers=pages.SECURITY_HEADERS)
 
     return app
-
-
-def _page(info: dict[str, Any], a: Availability) -> str:
-    e = html.escape
-    since = info.get("since")
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(since)) if since else "unknown"
-    state = "online" if a.serving else "offline"
-    why = "" if a.serving else f"<p>{e(a.message)}.</p>"
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>watchdog-llm</title>"
-        "<meta name='viewport' content='width=device-width'>"
-        "<style>body{font-family:system-ui,sans-serif;max-width:36em;margin:3em auto;padding:0 1em}"
-        ".online{color:#197a35}.offline{color:#a33}</style></head><body>"
-        f"<h1>{e(str(info.get('model') or 'model'))}</h1>"
-        f"<p class='{state}'><strong>{state}</strong> since {e(when)}</p>{why}"
-        "<p>OpenAI-compatible API at <code>/v1</code> (an API key is needed).</p></body></html>"
-    )
 
 
 def _relative_redirects(scope: Scope, send: Send) -> Send:
