@@ -25,10 +25,14 @@ vLLM (V1 engine, 0.11-era) that a supervisor depends on, and nothing else:
 - logs on stdout in vLLM's format, `(APIServer pid=N) INFO mm-dd HH:MM:SS [file.py:line] message`.
 
 Replies are deterministic: "[stand-in]" followed by the words of the last user message (or prompt),
-one token per word, cut at max_tokens. Embeddings are a fixed 16-float unit vector per input.
+one token per word, cut at max_tokens. With `--reasoning-parser NAME` (any name) a chat reply first
+"thinks" one fixed sentence, streamed as `delta.reasoning` and returned as `message.reasoning`, as vLLM
+0.32 does for reasoning models (the stand-in does not count those tokens against max_tokens).
+Embeddings are a fixed 16-float unit vector per input.
 
 CLI:  vllm-standin serve MODEL [--host H] [--port P | --uds PATH] [--api-key K ...] [--served-model-name N ...]
-      [--tensor-parallel-size|-tp N] [--max-model-len N] [--disable-uvicorn-access-log] [any vLLM flag]
+      [--tensor-parallel-size|-tp N] [--max-model-len N] [--disable-uvicorn-access-log]
+      [--reasoning-parser NAME] [any vLLM flag]
 Unknown flags are accepted and logged as `non-default args` (real vLLM would reject a misspelt one).
 
 Environment (faults and timing):
@@ -80,7 +84,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -425,6 +429,7 @@ class Generation:
     tokens: list[str]  # each with its leading space, so "".join(tokens) is the text
     prompt_tokens: int
     finish_reason: str  # "stop" | "length"
+    reasoning: tuple[str, ...] = ()  # with --reasoning-parser: streamed first, as `delta.reasoning`
 
     @property
     def text(self) -> str:
@@ -478,6 +483,7 @@ class ServerConfig:
     fail_health: bool
     uds: str | None = None
     dev_mode: bool = False
+    reasoning: bool = False  # --reasoning-parser given: replies think first (vLLM 0.32's `reasoning` field)
     started: float = field(default_factory=time.time)
 
     @property
@@ -528,7 +534,7 @@ class Plan:
     include_usage: bool
 
     def usage(self) -> dict[str, Any]:
-        completion = sum(len(g.tokens) for g in self.gens)
+        completion = sum(len(g.tokens) + len(g.reasoning) for g in self.gens)
         return {
             "prompt_tokens": self.prompt_tokens,
             "total_tokens": self.prompt_tokens + completion,
@@ -553,6 +559,9 @@ def plan_chat(cfg: ServerConfig, body: dict[str, Any]) -> Plan:
     stream = _opt_bool(body, "stream")
     include_usage = _stream_options(body, stream)
     gen = generate(source, prompt_tokens, max_tokens, cfg.max_model_len)
+    if cfg.reasoning:  # deterministic "thoughts" about the question, before the answer
+        thought = f"The user wrote {len(_words(source))} words; I will repeat them."
+        gen = replace(gen, reasoning=tuple(w if i == 0 else " " + w for i, w in enumerate(thought.split())))
     return Plan("chat", model, [gen] * n, prompt_tokens, stream, include_usage)
 
 
@@ -593,7 +602,7 @@ def full_response(plan: Plan) -> dict[str, Any]:
                     "audio": None,
                     "function_call": None,
                     "tool_calls": [],
-                    "reasoning_content": None,
+                    "reasoning": "".join(g.reasoning) or None,
                 },
                 "logprobs": None,
                 "finish_reason": g.finish_reason,
@@ -656,6 +665,12 @@ def stream_chunks(plan: Plan) -> Iterator[dict[str, Any] | None]:
             "prompt_token_ids": None,  # vLLM 0.32's first chat chunk carries these (null unless asked for)
             "prompt_text": None,
         }
+    for step in range(max(len(g.reasoning) for g in plan.gens)):
+        yield None
+        for i, g in enumerate(plan.gens):
+            if step < len(g.reasoning):
+                delta = {"reasoning": g.reasoning[step]}
+                yield {**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
     for step in range(max(len(g.tokens) for g in plan.gens)):
         yield None
         for i, g in enumerate(plan.gens):
@@ -1203,6 +1218,7 @@ def make_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     s.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
     s.add_argument("--max-model-len", type=_model_len, default=4096)
     s.add_argument("--disable-uvicorn-access-log", action="store_true")
+    s.add_argument("--reasoning-parser", default=None)  # any name: replies then think first
     return p, s
 
 
@@ -1307,6 +1323,7 @@ def _serve_main(argv: list[str]) -> int:
         port=0 if args.uds else sock.getsockname()[1],
         uds=args.uds,
         dev_mode=os.environ.get("VLLM_SERVER_DEV_MODE", "0").strip() not in ("", "0"),
+        reasoning=bool(args.reasoning_parser),
         access_log=not args.disable_uvicorn_access_log,
         token_delay=max(0.0, env_float("STANDIN_TOKEN_DELAY_MS", 5.0)) / 1000.0,
         fail_health=env_flag("STANDIN_FAIL_HEALTH"),

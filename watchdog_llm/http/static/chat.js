@@ -368,8 +368,9 @@
         } catch (e) {
           continue;
         }
-        if (obj.error) {
+        if (obj.error) {  // our event when the model went away mid-answer (a yield, a crash)
           m.error = obj.error.message || "The answer ended with an error.";
+          refreshHealth();
           continue;
         }
         if (obj.usage) usage = obj.usage;

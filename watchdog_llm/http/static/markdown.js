@@ -21,15 +21,14 @@
 
   function inline(parent, text) {
     let last = 0;
-    INLINE.lastIndex = 0;
-    let m;
-    while ((m = INLINE.exec(text)) !== null) {
+    // matchAll scans with its own copy of the pattern: the recursion below cannot disturb it.
+    for (const m of text.matchAll(INLINE)) {
       if (m.index > last) parent.appendChild(document.createTextNode(text.slice(last, m.index)));
       if (m[1]) parent.appendChild(el("code", null, m[2]));
       else if (m[3] || m[4]) inline(parent.appendChild(el("strong")), m[3] || m[4]);
       else if (m[5] || m[6]) inline(parent.appendChild(el("em")), m[5] || m[6]);
       else if (m[7]) parent.appendChild(link(m[7], m[8]));
-      last = INLINE.lastIndex;
+      last = m.index + m[0].length;
     }
     if (last < text.length) parent.appendChild(document.createTextNode(text.slice(last)));
   }
