@@ -12,7 +12,7 @@ LOCK   := requirements.lock
 # Static checks run before the tests, so `make test` fails on a type or layer error too.
 STATIC := lint typecheck layers
 
-.PHONY: demo demo-real test pytest lint typecheck layers check bench clean slurm test-slurm bench-slurm lock test-latest real-vllm test-real-vllm
+.PHONY: demo demo-real screenshots test pytest lint typecheck layers check bench clean slurm test-slurm bench-slurm lock test-latest real-vllm test-real-vllm
 
 $(BIN)/watchdog-llm: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STATIC) pytest
 
 pytest: $(BIN)/watchdog-llm
 	$(BIN)/pytest -q
+
+# README's pictures of the chat page (docs/images), taken by the browser tests.
+screenshots: $(BIN)/watchdog-llm
+	WATCHDOG_LLM_SCREENSHOTS=1 $(BIN)/pytest -q tests/test_chat_page.py -k "streams or phone"
 
 lint: $(BIN)/watchdog-llm
 	$(BIN)/ruff check watchdog_llm tests bench

@@ -66,6 +66,13 @@ def open_chat(browser: Browser, d: DaemonProc, key: str | None = TEST_KEY, **kw:
     return page
 
 
+def screenshot(page: Page, name: str) -> None:
+    """README's pictures: `make screenshots` runs these tests with WATCHDOG_LLM_SCREENSHOTS=1."""
+    if os.environ.get("WATCHDOG_LLM_SCREENSHOTS") == "1":
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / name))
+
+
 def ask(page: Page, text: str) -> None:
     page.get_by_role("textbox", name="Message").fill(text)
     page.get_by_role("button", name="Send").click()
@@ -77,7 +84,8 @@ def answers(page: Page) -> list[str]:
 
 def test_a_chat_streams_and_stop_stops_it(browser: Browser, daemon: DaemonProc) -> None:
     page = open_chat(browser, daemon)
-    expect(page.get_by_role("combobox", name="Model")).to_have_value("standin/test")
+    expect(page.locator("#model")).to_have_value("standin/test")  # the settings closed once the key worked
+    expect(page.get_by_role("region", name="Settings")).to_be_hidden()
     ask(page, "hello there")
     log = page.get_by_role("log")
     expect(log).to_contain_text("[stand-in] hello there")
@@ -99,6 +107,7 @@ def test_a_chat_streams_and_stop_stops_it(browser: Browser, daemon: DaemonProc) 
     expect(page.locator(".msg.assistant").last).to_contain_text("word79", timeout=10_000)
     assert len(answers(page)) == 2
     assert not page.errors, page.errors  # type: ignore[attr-defined]
+    screenshot(page, "chat.png")
 
 
 def test_model_output_is_shown_as_text_never_run(browser: Browser, daemon: DaemonProc) -> None:
@@ -271,9 +280,7 @@ def test_on_a_phone_screen(browser: Browser, daemon: DaemonProc) -> None:
     assert box is not None and box["x"] + box["width"] <= 390 and box["y"] + box["height"] <= 844, box
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, f"the page scrolls sideways on a phone ({width} px)"
-    if os.environ.get("WATCHDOG_LLM_SCREENSHOTS") == "1":  # docs/images for README (make screenshots)
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SHOTS / "chat-phone.png"))
+    screenshot(page, "chat-phone.png")
 
 
 def test_chat_page_off_leaves_a_status_page(browser: Browser, daemons, daemon_env) -> None:

@@ -204,16 +204,19 @@
 
   async function loadModels() {
     try {
+      const used = key();
       const r = await fetch("/v1/models", { headers: auth(), cache: "no-store" });
+      if (used !== key()) return false; // the key changed meanwhile: its own request answers
       if (r.status === 401) return explain401();
-      if (!r.ok) return;
+      if (!r.ok) return false;
       const data = (await r.json()).data || [];
       const prefs = load(KEYS.prefs, {});
       ui.model.replaceChildren(...data.map((m) => el("option", null, m.id)));
       if (prefs.model && data.some((m) => m.id === prefs.model)) ui.model.value = prefs.model;
       if (!ui.notice.dataset.kind || ui.notice.dataset.kind === "401") notice("");
+      return true;
     } catch (e) {
-      /* the header says when the gateway is unreachable */
+      return false; // the header says when the gateway is unreachable
     }
   }
 
@@ -482,9 +485,9 @@
       renderAll();
       ui.message.focus();
     });
-    ui.key.addEventListener("change", () => {
+    ui.key.addEventListener("change", async () => {
       save(KEYS.key, key());
-      loadModels();
+      if (await loadModels()) openSettings(false); // the key works: make room for the conversation
     });
     for (const input of [ui.model, ui.system, ui.temperature, ui.maxTokens]) input.addEventListener("change", savePrefs);
     ui.settingsToggle.addEventListener("click", () => openSettings(ui.settings.hidden));
@@ -494,7 +497,7 @@
     });
     renderAll();
     refreshHealth();
-    loadModels();
+    if (key()) loadModels(); // without one, the settings are open at the key field already
   }
 
   init();
