@@ -155,10 +155,20 @@
     if (c) c.messages.forEach((m, i) => ui.log.appendChild(renderMessage(m, i, i === c.messages.length - 1)));
     if (atEnd) ui.log.scrollTop = ui.log.scrollHeight;
   }
+  // While an answer streams only its own box is rebuilt, once per frame: a long conversation costs
+  // nothing per token.
   let frame = 0;
   const renderSoon = () => {
-    if (!frame) frame = requestAnimationFrame(() => ((frame = 0), renderLog()));
+    if (!frame) frame = requestAnimationFrame(() => ((frame = 0), renderLast()));
   };
+  function renderLast() {
+    const c = chat();
+    if (!c || !c.messages.length || ui.log.childElementCount !== c.messages.length) return renderLog();
+    const atEnd = ui.log.scrollHeight - ui.log.scrollTop - ui.log.clientHeight < 40;
+    const i = c.messages.length - 1;
+    ui.log.lastElementChild.replaceWith(renderMessage(c.messages[i], i, true));
+    if (atEnd) ui.log.scrollTop = ui.log.scrollHeight;
+  }
   function renderAll() {
     renderChatList();
     renderLog();
