@@ -4,6 +4,7 @@ against the real daemon with the stand-in model: what a person with the link and
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -156,15 +157,9 @@ def test_a_reasoning_model_shows_its_thinking_apart(browser: Browser, daemons, d
     page = open_chat(browser, d)
     ask(page, "why is the sky blue")
     thinking = page.locator("details.thinking")
-    expect(thinking.locator("summary")).to_have_text(_thinking_summary())
+    expect(thinking.locator("summary")).to_have_text(re.compile(r"^Thinking \(\d+\.\d s\)$"))
     expect(thinking.locator(".text")).to_have_text("The user wrote 5 words; I will repeat them.")
     expect(page.locator(".msg.assistant .body").last).to_contain_text("[stand-in] why is the sky blue")
-
-
-def _thinking_summary() -> Any:
-    import re
-
-    return re.compile(r"^Thinking \(\d+\.\d s\)$")
 
 
 def test_the_key_field_and_what_a_401_says(browser: Browser, daemon: DaemonProc) -> None:
