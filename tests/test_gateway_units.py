@@ -8,6 +8,7 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from watchdog_llm.http.keys import ANONYMOUS, KeyConfigError, KeyRing, Limiter, 
 from watchdog_llm.http.server import ListenError, bind_tcp, bind_unix
 from watchdog_llm.http.upstream import AsyncioBackend, AsyncioStream, Lanes
 from watchdog_llm.policy import Phase, State, YieldRecord
+from watchdog_llm.supervise.probes import Liveness, probe_client
 
 KEY_A = "alice-key-0123456789"
 KEY_B = "bob-key-0123456789abc"
@@ -240,10 +242,15 @@ def test_accepted_connections_have_nagle_off() -> None:
 class _KeepAliveServer:
     """HTTP/1.1 with keep-alive: answers `ok` to each request (head + Content-Length body); counts
     connections. `close_idle_after`: closes a connection that long after each answer. `stall_first`:
-    the first request gets a response head and then nothing, until its client closes (`eof_seen`)."""
+    the first request gets a response head and then nothing, until its client closes (`eof_seen`).
+    `drop_second`: the second request on a connection is read and the connection closed unanswered,
+    as a server does whose keep-alive timer ran out just as the request came."""
 
-    def __init__(self, close_idle_after: float | None = None, stall_first: bool = False) -> None:
+    def __init__(
+        self, close_idle_after: float | None = None, stall_first: bool = False, drop_second: bool = False
+    ) -> None:
         self.connections = 0
+        self.drop_second = drop_second
         self.requests: list[bytes] = []
         self.first_reads: list[bytes] = []
         self.close_idle_after = close_idle_after
@@ -261,6 +268,7 @@ class _KeepAliveServer:
     async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         self.connections += 1
         first = True
+        answered = 0
         try:
             while True:
                 if first:
@@ -274,6 +282,9 @@ class _KeepAliveServer:
                     read = r.readuntil(b"\r\n\r\n")
                     head = await (asyncio.wait_for(read, self.close_idle_after) if self.close_idle_after else read)
                 self.requests.append(head)
+                if self.drop_second and answered == 1:
+                    break
+                answered += 1
                 if self.stall_first and len(self.requests) == 1:
                     w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")  # the head, and then nothing
                     await w.drain()
@@ -358,6 +369,46 @@ async def test_a_connection_the_upstream_closed_while_idle_is_replaced_not_an_er
         assert await _ask(lanes, up.url) == b"ok"
         assert up.connections == 2
         await lanes.aclose()
+
+
+@run_async
+async def test_a_kept_connection_closed_as_the_request_went_out_is_retried_once_on_a_new_one() -> None:
+    async with _KeepAliveServer(drop_second=True) as up:
+        lanes = Lanes(keep=8, keepalive_expiry=30.0)
+        assert await _ask(lanes, up.url) == b"ok"
+        assert await _ask(lanes, up.url) == b"ok"  # dropped on the kept connection, answered on a new one
+        assert up.connections == 2 and len(up.requests) == 3 and lanes.lent == 0
+        await lanes.aclose()
+
+
+@run_async
+async def test_a_streamed_body_on_a_dropped_connection_is_not_sent_twice() -> None:
+    async with _KeepAliveServer(drop_second=True) as up:
+        lanes = Lanes(keep=8, keepalive_expiry=30.0)
+        assert await _ask(lanes, up.url) == b"ok"
+
+        # A streamed body cannot be sent twice: the failure is the caller's, as it is on a new connection.
+        async def body() -> AsyncIterator[bytes]:
+            yield b"{}"
+
+        req = httpx.Request(
+            "POST", up.url + "/v1/x", content=body(), extensions={"timeout": httpx.Timeout(5.0).as_dict()}
+        )
+        with pytest.raises(httpx.RemoteProtocolError):
+            await lanes.handle_async_request(req)
+        assert up.connections == 1 and lanes.lent == 0
+        await lanes.aclose()
+
+
+@run_async
+async def test_liveness_checks_on_a_new_connection_each_time() -> None:
+    """vLLM closes an idle connection after 5 s, the order of the check interval: a check on a
+    kept connection would now and then fail on a healthy server."""
+    async with _KeepAliveServer(drop_second=True) as up:
+        live = Liveness(up.url + "/health", interval=5.0, timeout=2.0, failures=3)
+        async with probe_client(2.0) as client:
+            assert [await live.check(client) for _ in range(3)] == [None, None, None]
+        assert up.connections == 3
 
 
 @run_async

@@ -31,7 +31,7 @@ from watchdog_llm.availability import Availability
 from watchdog_llm.http import pages
 from watchdog_llm.http.errors import allowed_methods, encode, headers, openai_body
 from watchdog_llm.http.keys import KeyRing, Limiter
-from watchdog_llm.http.upstream import Lanes
+from watchdog_llm.http.upstream import UPSTREAM_KEEPALIVE_EXPIRY, Lanes
 from watchdog_llm.metrics import Metrics, route_label
 
 log = logging.getLogger("watchdog_llm.gateway")
@@ -161,7 +161,7 @@ class Gateway:
         # the environment (it must not carry our internal key elsewhere), no cookie jar (a cookie one
         # user's answer set would go upstream with everyone's requests), no default headers; and
         # none of the client's per-request work for features we do not use.
-        self.upstream_client = Lanes(keep=256, keepalive_expiry=30.0, uds=cfg.upstream_uds)
+        self.upstream_client = Lanes(keep=256, keepalive_expiry=UPSTREAM_KEEPALIVE_EXPIRY, uds=cfg.upstream_uds)
         self._timeout = httpx.Timeout(
             cfg.read_timeout, connect=cfg.connect_timeout, write=30.0, pool=cfg.connect_timeout
         ).as_dict()

@@ -237,6 +237,13 @@ _BACKEND = AsyncioBackend()
 _UNUSED_TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies against no CA: could never connect
 
 
+# How a kept connection fails when the model closed it just as a request went out on it.
+_STALE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+# Below the model server's own keep-alive timeout (uvicorn's and so vLLM's default: 5 s), so that
+# the gateway, not the model, is the side that ends an idle connection.
+UPSTREAM_KEEPALIVE_EXPIRY = 4.0
+
+
 class Lanes(httpx.AsyncBaseTransport):
     """The upstream transport: connections to the model, each lent to one request at a time. No
     limit on lanes in use (the per-key limiter bounds concurrency); `keep` bounds the idle ones."""
@@ -273,10 +280,24 @@ class Lanes(httpx.AsyncBaseTransport):
                     limits=httpx.Limits(max_keepalive_connections=self._keep, keepalive_expiry=self._expiry),
                 )
             return await self._https.handle_async_request(request)
-        lane = self._idle.pop()[1] if self._idle else self._new_lane()
+        reused = bool(self._idle)
+        lane = self._idle.pop()[1] if reused else self._new_lane()
         self._lent.add(lane)
         try:
             resp = await lane.handle_async_request(request)
+        except _STALE:
+            # A kept connection the model closed as we sent (its keep-alive timer ran out at that
+            # moment): it read nothing of this request, so the request goes again, once, on a new one.
+            await self._give(lane)
+            if not reused or not isinstance(request.stream, httpx.ByteStream):
+                raise
+            lane = self._new_lane()
+            self._lent.add(lane)
+            try:
+                resp = await lane.handle_async_request(request)
+            except BaseException:
+                await self._give(lane)
+                raise
         except BaseException:
             await self._give(lane)
             raise

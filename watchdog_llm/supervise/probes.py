@@ -30,8 +30,12 @@ class Address:
 
 def probe_client(timeout: float | None = None, uds: str | None = None) -> httpx.AsyncClient:
     # trust_env=False: cluster nodes often set HTTP(S)_PROXY, which must never see loopback probes.
+    # A new connection per check: vLLM closes an idle one after 5 s, the liveness interval's order,
+    # so a kept one would fail now and then as "Server disconnected" on a healthy server. A fresh
+    # connection also proves the server still accepts them.
     t = PROBE_TIMEOUT if timeout is None else httpx.Timeout(timeout, connect=min(timeout, 1.0))
-    transport = httpx.AsyncHTTPTransport(uds=uds, trust_env=False) if uds else None
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    transport = httpx.AsyncHTTPTransport(uds=uds, trust_env=False, limits=fresh)
     return httpx.AsyncClient(timeout=t, trust_env=False, transport=transport)
 
 
