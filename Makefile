@@ -29,9 +29,10 @@ test: $(STATIC) pytest
 pytest: $(BIN)/watchdog-llm
 	$(BIN)/pytest -q
 
-# README's pictures of the chat page (docs/images), taken by the browser tests.
+# README's pictures of the chat page and the dashboard (docs/images), taken by the browser tests.
 screenshots: $(BIN)/watchdog-llm
 	WATCHDOG_LLM_SCREENSHOTS=1 $(BIN)/pytest -q tests/test_chat_page.py -k "streams or phone"
+	WATCHDOG_LLM_SCREENSHOTS=1 $(BIN)/pytest -q tests/test_dashboard.py -k "dashboard_shows"
 
 lint: $(BIN)/watchdog-llm
 	$(BIN)/ruff check watchdog_llm tests bench

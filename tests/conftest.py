@@ -194,3 +194,17 @@ def slurm_v1() -> Iterator[Path]:
         with contextlib.suppress(OSError):
             d.rmdir()
     top.rmdir()
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """Debian's Chromium (tests/browser_harness.py), one per test: closing it ends every process it started."""
+    from browser_harness import launch
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = launch(p)
+        try:
+            yield b
+        finally:
+            b.close()

@@ -3,45 +3,19 @@ against the real daemon with the stand-in model: what a person with the link and
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from browser_harness import needs_browser, screenshot
 from daemon_harness import DaemonProc, env_with, start
 from helpers import TEST_KEY
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
-# Debian's: headless-shell (no GTK, half the memory, what Playwright itself runs headless), else the full one.
-CHROMIUM = shutil.which("chromium-headless-shell") or shutil.which("chromium") or "/usr/bin/chromium-headless-shell"
-REQUIRED = os.environ.get("WATCHDOG_LLM_REQUIRE_BROWSER") == "1"  # CI: a missing browser fails, never skips
-SHOTS = Path(__file__).resolve().parent.parent / "docs" / "images"
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(CHROMIUM) and not REQUIRED, reason="no Chromium: apt-get install chromium-headless-shell"
-)
+pytestmark = needs_browser
 LONG = " ".join(f"word{i}" for i in range(80))  # 80 tokens at 40 ms: a 3 s stream to stop or cut
-
-
-@pytest.fixture(autouse=True)
-def _browser_installed() -> None:
-    if not os.path.exists(CHROMIUM):
-        pytest.fail("no Chromium: apt-get install chromium-headless-shell (.ci/run does)")
-
-
-@pytest.fixture
-def browser() -> Iterator[Browser]:
-    """A browser per test: closing it ends every process Chromium started (the leftover check)."""
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM)  # Playwright adds --no-sandbox (we are root)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture
@@ -65,13 +39,6 @@ def open_chat(browser: Browser, d: DaemonProc, key: str | None = TEST_KEY, **kw:
         page.get_by_label("API key").fill(key)
         page.get_by_label("API key").dispatch_event("change")
     return page
-
-
-def screenshot(page: Page, name: str) -> None:
-    """README's pictures: `make screenshots` runs these tests with WATCHDOG_LLM_SCREENSHOTS=1."""
-    if os.environ.get("WATCHDOG_LLM_SCREENSHOTS") == "1":
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SHOTS / name))
 
 
 def ask(page: Page, text: str) -> None:

@@ -108,8 +108,10 @@ class Announcer:
         self.publish_status()
 
     def submit(self, n: Notify) -> None:
-        """A notice to the webhooks (where it is an event) and to the notifier."""
+        """A notice to the webhooks (where it is an event), the live stream and the notifier."""
         self._webhook(n)
+        if self.coord is not None and self.coord.bus is not None:
+            self.coord.bus.publish("notice", {"kind": n.kind.value, "title": n.title, "body": n.body})
         if self.notifier is None:
             return
         body = n.body
@@ -139,8 +141,11 @@ class Announcer:
         self.coord.event(event, data)
 
     def publish_status(self) -> None:
+        doc = self.status()
+        if self.coord is not None and self.coord.bus is not None:
+            self.coord.bus.publish("status", doc)
         try:
-            write_atomic(self.status_file, self.status())
+            write_atomic(self.status_file, doc)
         except OSError as e:
             self._status_failures.failed(e)
         else:

@@ -39,6 +39,7 @@ from watchdog_llm.base.vocab import NotifyKind, YieldOn
 from watchdog_llm.config import Settings, TunnelOnYield
 from watchdog_llm.coordination.catalog import Catalog, CatalogError, ModelEntry
 from watchdog_llm.coordination.core import Coordinator
+from watchdog_llm.coordination.events import EventBus
 from watchdog_llm.coordination.health import HealthLog
 from watchdog_llm.coordination.lock import SwapLock
 from watchdog_llm.coordination.schedule import Schedule
@@ -53,6 +54,7 @@ from watchdog_llm.gpus import GpuPlan, GpuSetupError
 from watchdog_llm.gpus import plan as plan_gpus
 from watchdog_llm.http.api import build_admin
 from watchdog_llm.http.coord_api import coordination_router
+from watchdog_llm.http.dashboard import Gate, dashboard_router
 from watchdog_llm.http.gateway import Gateway, GatewayConfig
 from watchdog_llm.http.keys import KeyConfigError, KeyRing, Limiter
 from watchdog_llm.http.server import (
@@ -65,6 +67,7 @@ from watchdog_llm.http.server import (
     raise_fd_limit,
     rate_limit_resource_errors,
 )
+from watchdog_llm.http.session import Sessions
 from watchdog_llm.metrics import Metrics
 from watchdog_llm.notify import Notifier, NotifyConfigError
 from watchdog_llm.policy import (
@@ -239,6 +242,8 @@ class Daemon:
         self.catalog: Catalog | None = None
         self.coord: Coordinator | None = None
         self.webhooks: Webhooks | None = None
+        self.events = EventBus()  # GET /api/events
+        self.sessions = Sessions()  # dashboard sign-ins
         self.llm_bin = ""
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -419,6 +424,7 @@ class Daemon:
                 pending = (rec, target)
         self.state = replace(self.state, model=self._choice(entry))
         loop = asyncio.get_running_loop()  # the lock's endpoints run in threads: notices hop back here
+        self.events.bind(loop)
         urls = parse_urls(s.webhook_urls)
         if urls:
             self.webhooks = Webhooks(
@@ -443,6 +449,7 @@ class Daemon:
             active=lambda: self.state.model.name,
             refuse=self._refuse_swap,
             unfit=self._unfit,
+            bus=self.events,
             notify=lambda kind, title, body: _discard(
                 loop.call_soon_threadsafe(self.announce.submit, Notify(NotifyKind(kind), title, body, "high"))
             ),
@@ -542,13 +549,21 @@ class Daemon:
         )
         self._stack.push_async_callback(self.gateway.aclose)  # after its listener: it answered until then
         assert self.coord is not None
+        status = functools.partial(views.status, self)
         admin = build_admin(
-            lambda: views.status(self),
+            status,
             self._health,
             self.metrics.render,
-            s.admin_token.get_secret_value(),
-            [coordination_router(self.coord, lambda: views.endpoints(self), lambda key: views.validate(self, key))],
+            [
+                coordination_router(self.coord, lambda: views.endpoints(self), lambda key: views.validate(self, key)),
+                dashboard_router(
+                    self.sessions, self.events, status, lambda: views.gpu_table(self), s.state_dir / "logs", log
+                ),
+            ],
         )
+        # Where others can connect (TCP, or the dashboard's socket that `watchdog-llm dashboard`
+        # forwards a local port to), the gate wants the admin token or a signed-in session.
+        gated = Gate(admin, s.admin_token.get_secret_value(), self.sessions, log)
         socks = []
         try:
             socks.append(bind_tcp(s.public_host, s.public_port, "PUBLIC_HOST/PUBLIC_PORT"))
@@ -556,6 +571,7 @@ class Daemon:
                 socks.append(bind_tcp(s.admin_host, s.admin_port, "ADMIN_HOST/ADMIN_PORT"))
             else:
                 socks.append(bind_unix(s.admin_socket, "admin socket"))
+                socks.append(bind_unix(s.dashboard_socket, "dashboard socket"))
         except ListenError as e:
             for sock in socks:
                 sock.close()
@@ -563,15 +579,18 @@ class Daemon:
         limits = self._conn_limits()
         self.listeners = [
             Listener("public", self.gateway, socks[0], log, limits),
-            Listener("admin", admin, socks[1], log, limits),
+            Listener("admin", gated if s.admin_host else admin, socks[1], log, limits),
         ]
         if not s.admin_host:
+            self.listeners.append(Listener("dashboard", gated, socks[2], log, limits))
             self._stack.callback(_unlink, s.admin_socket)
+            self._stack.callback(_unlink, s.dashboard_socket)
         for listener in self.listeners:
             self._stack.push_async_callback(listener.stop)
             await listener.start()
-        # Live swap streams end first, so that the admin listener can close at once.
+        # Live streams end first, so that the admin listener can close at once.
         self._stack.callback(self.coord.swaps.close)
+        self._stack.callback(self.events.close)
         where = f"{s.admin_host}:{s.admin_port} (token required)" if s.admin_host else str(s.admin_socket)
         log.info("gateway on %s (%d key(s)); admin API on %s", s.public_base_url, len(keys), where)
 

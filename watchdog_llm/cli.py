@@ -75,6 +75,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--real", action="store_true", help="the same with the real vLLM (see `make real-vllm`)")
     demo.add_argument("--vllm", metavar="PATH", help="the vllm command for --real (default: make real-vllm's)")
     demo.add_argument("--model", metavar="DIR", help="a local model directory for --real (default: the tiny one)")
+    dash = _command(
+        sub,
+        "dashboard",
+        help="print a one-time sign-in link to the operator dashboard (and forward a local port to it)",
+        description="Print a sign-in link for the dashboard on the admin listener; it works once, for 5 "
+        "minutes, and signs a browser in for 12 hours. With the admin API on its unix socket (no ADMIN_HOST), "
+        "this command also forwards 127.0.0.1:PORT to the dashboard until Ctrl-C.",
+    )
+    dash.add_argument("--port", type=int, default=0, metavar="PORT", help="local port to forward (default: a free one)")
     _coordination_parsers(sub)
     return p
 
@@ -189,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "swap": _swap,
         "lock": _lock,
         "schedule": _schedule,
+        "dashboard": _dashboard,
     }[args.command]
     if args.command == "run":
         return handler(settings, args)
@@ -753,3 +763,39 @@ def _schedule(s: config.Settings, args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
+
+
+def _dashboard(s: config.Settings, args: argparse.Namespace) -> int:
+    from watchdog_llm.admin_client import AdminError
+
+    if not 0 <= args.port <= 65535:
+        _err(f"--port {args.port}: must be 0-65535")
+        return EXIT_CONFIG
+    try:
+        link = _client(s).request("POST", "/api/dashboard/login")
+    except AdminError as e:
+        return _refused(e, args)
+    node = s.node_name
+    if s.admin_host:
+        base = config.local_url(s.admin_host, s.admin_port)
+        host = base.removeprefix("http://").rsplit(":", 1)[0]  # as the node reaches it ([::1] kept whole)
+        print(f"Dashboard: {base}{link['path']}")
+        print("  (the link works once, for 5 minutes, and signs one browser in for 12 hours)")
+        print(f"From a laptop: ssh -N -L {s.admin_port}:{host}:{s.admin_port} {node}   then open the link there.")
+        return EXIT_OK
+
+    from watchdog_llm.forward import forward
+
+    def ready(port: int) -> None:
+        print(f"Dashboard: http://127.0.0.1:{port}{link['path']}")
+        print("  (the link works once, for 5 minutes, and signs one browser in for 12 hours)")
+        print(f"From a laptop: ssh -N -L {port}:127.0.0.1:{port} {node}   then open the link there.")
+        print(f"Forwarding 127.0.0.1:{port} to {s.dashboard_socket}; Ctrl-C stops.", flush=True)
+
+    try:
+        asyncio.run(forward("127.0.0.1", args.port, s.dashboard_socket, ready))
+    except OSError as e:
+        _err(f"--port {args.port}: cannot listen on 127.0.0.1:{args.port}: {e.strerror or e}")
+        return EXIT_FAIL
+    print("dashboard forward stopped", file=sys.stderr)
+    return EXIT_OK

@@ -333,6 +333,11 @@ class Settings(BaseSettings):
         return self.state_dir / "admin.sock"
 
     @property
+    def dashboard_socket(self) -> Path:
+        """The admin app again, gated (token or dashboard session): what `watchdog-llm dashboard` forwards to."""
+        return self.state_dir / "dashboard.sock"
+
+    @property
     def model_socket(self) -> Path | None:
         """The unix socket vLLM listens on; None: TCP (SERVER_SOCKET=off)."""
         if self.server_socket == "off":

@@ -16,6 +16,7 @@ import psutil
 from watchdog_llm import __version__
 from watchdog_llm.base.ids import format_ids as _ids
 from watchdog_llm.coordination.lock import public as lock_public
+from watchdog_llm.detect.gpu import GpuError
 from watchdog_llm.policy import served
 from watchdog_llm.supervise.specs import model_argv
 
@@ -153,3 +154,33 @@ def _webhooks(d: Daemon) -> dict[str, int] | None:
     if w is None:
         return None
     return {"delivered": w.delivered, "failed": w.failed, "dropped": w.dropped, "queued": w.queued}
+
+
+def gpu_table(d: Daemon) -> dict[str, Any]:
+    """GET /api/gpus: each GPU with its memory and whose processes hold it (NVML, asked now; this
+    blocks up to the NVML timeout, so the API runs it in a thread). GPU numbers are minors, as in status."""
+    view = d.gpu
+    if view is None:
+        return {"view": None, "gpus": [], "error": "no GPU view (DETECTION_MODE uses cgroups only)"}
+    try:
+        gpus, procs = view.gpus(), view.processes()
+    except GpuError as e:
+        return {"view": view.name, "gpus": [], "error": str(e)}
+    ours = set(d.model.pids if d.model else [])
+    st = d.state
+    rows = []
+    for g in sorted(gpus, key=lambda g: g.minor):
+        on = [p for p in procs if p.minor == g.minor]
+        rows.append(
+            {
+                "minor": g.minor,
+                "index": g.index,
+                "name": g.name,
+                "memory_total": g.memory_total,
+                "memory_used": sum(p.used_memory or 0 for p in on),
+                "ours": g.minor in st.gpus,
+                "busy": g.minor in st.busy,
+                "processes": [{"pid": p.pid, "used_memory": p.used_memory, "ours": p.pid in ours} for p in on],
+            }
+        )
+    return {"view": view.name, "gpus": rows, "error": None}

@@ -16,6 +16,7 @@ from typing import Any
 
 from watchdog_llm.base.vocab import SwapStage
 from watchdog_llm.coordination.catalog import Catalog, ModelEntry
+from watchdog_llm.coordination.events import EventBus
 from watchdog_llm.coordination.health import HealthLog
 from watchdog_llm.coordination.lock import LockError, LockInfo, SwapLock
 from watchdog_llm.coordination.schedule import Schedule
@@ -50,6 +51,7 @@ class Coordinator:
     refuse: Callable[[], str | None] = lambda: None  # why no swap can start now (e.g. shutting down)
     unfit: Callable[[ModelEntry], str | None] = lambda e: None  # why this model can never run here
     notify: Callable[[str, str, str], None] = lambda kind, title, body: None  # phone alerts
+    bus: EventBus | None = None  # the live stream (GET /api/events): every event, and swap progress
     _mu: threading.Lock = field(default_factory=threading.Lock)
 
     # ---- swaps ---------------------------------------------------------------------------------
@@ -87,12 +89,19 @@ class Coordinator:
         self.log.info(
             "swap %s to %s requested%s", rec.id, entry.name, f" by {rec.requested_by}" if rec.requested_by else ""
         )
+        self._progress(rec)
         self.start_swap(rec, entry)
         return rec
+
+    def _progress(self, rec: SwapRecord) -> None:
+        if self.bus is not None:
+            self.bus.publish("swap", {k: v for k, v in rec.public().items() if k != "log_tail"})
 
     def swap_update(self, swap_id: str, stage: str, detail: str) -> None:
         """Progress from the owner; a swap that ends sends its webhook."""
         rec = self.swaps.update(swap_id, stage, detail)
+        if rec is not None:
+            self._progress(rec)
         if rec is None or rec.state not in (SwapStage.READY, SwapStage.FAILED):
             if rec is not None:
                 self.log.info("swap %s: %s (%s)", rec.id, rec.state, detail)
@@ -152,8 +161,11 @@ class Coordinator:
         self._emit(name, data)
 
     def _emit(self, name: str, data: dict[str, Any]) -> None:
+        full = {"model": self.active() or None, **data}
         if self.webhooks is not None:
-            self.webhooks.emit(name, {"model": self.active() or None, **data})
+            self.webhooks.emit(name, full)
+        if self.bus is not None:
+            self.bus.publish(name, full)
 
 
 def _lock_error(e: LockError) -> CoordError:

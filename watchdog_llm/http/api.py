@@ -1,14 +1,12 @@
 """The admin API: local control and observation, never reachable through the tunnel.
 
 It listens on a unix socket in STATE_DIR (mode 0600: only our user can connect), or on
-ADMIN_HOST:ADMIN_PORT, where every request needs `Authorization: Bearer <ADMIN_TOKEN>`. The next
-issue's coordination endpoints (swap, lock, schedule) mount here too.
+ADMIN_HOST:ADMIN_PORT, where every request needs `Authorization: Bearer <ADMIN_TOKEN>` or a signed-in
+dashboard session (see `watchdog_llm.http.dashboard`). The coordination endpoints mount here too.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,10 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from watchdog_llm import __version__
-from watchdog_llm.http.errors import allowed_methods, api_body, encode, headers
+from watchdog_llm.http.errors import allowed_methods, api_body
 
 
 class ApiError(BaseModel):
@@ -59,36 +56,15 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-class _TokenGate:
-    """ASGI middleware: every request carries the admin token (constant-time check)."""
-
-    def __init__(self, app: ASGIApp, token: str) -> None:
-        self.app = app
-        self.digest = hashlib.sha256(token.encode()).digest()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = auth.partition(" ")
-        presented = hashlib.sha256(token.strip().encode()).digest()
-        if scheme.lower() == "bearer" and hmac.compare_digest(presented, self.digest):
-            await self.app(scope, receive, send)
-            return
-        body = encode(api_body("unauthorized", "admin API: send 'Authorization: Bearer <ADMIN_TOKEN>'"))
-        await send({"type": "http.response.start", "status": 401, "headers": headers(body)})
-        await send({"type": "http.response.body", "body": body})
-
-
 def build_admin(
     status: Callable[[], dict[str, Any]],
     health: Callable[[], tuple[str, bool]],
     metrics: Callable[[], bytes],
-    token: str = "",
     routers: Sequence[APIRouter] = (),
-) -> ASGIApp:
-    app = FastAPI(title="watchdog-llm admin API", version=__version__, responses=_ERRORS)
+) -> FastAPI:
+    """The admin app, ungated: the daemon puts `dashboard.Gate` in front of it where others can connect.
+    No Swagger UI (it loads its scripts from a CDN): /docs is our own page, from /openapi.json."""
+    app = FastAPI(title="watchdog-llm admin API", version=__version__, responses=_ERRORS, docs_url=None, redoc_url=None)
     for router in routers:
         app.include_router(router)
 
@@ -134,7 +110,7 @@ def build_admin(
     async def get_metrics() -> Response:
         return Response(metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return _TokenGate(app, token) if token else app
+    return app
 
 
 def _printable(text: str) -> str:
