@@ -191,7 +191,7 @@ def test_status_cli_asks_the_running_daemon(daemons, daemon_env) -> None:
     human = subprocess.run(cmd[:-1], env=daemon_env, capture_output=True, text=True, timeout=30)
     assert human.returncode == 0 and "serving since" in human.stdout and data["public_url"] in human.stdout
     assert d.terminate() == 0
-    assert not (d.state_dir / "admin.sock").exists()
+    assert not (d.state_dir / "admin.sock").exists() and not (d.state_dir / "dashboard.sock").exists()
     after = subprocess.run(cmd, env=daemon_env, capture_output=True, text=True, timeout=30)
     assert after.returncode == 3 and json.loads(after.stdout)["state"] == "stopped"  # from the file
 
