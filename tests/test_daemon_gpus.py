@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from daemon_harness import env_with, gone, start
 from helpers import TEST_KEY, wait_for
@@ -110,6 +111,17 @@ def test_overlap_yields_only_to_jobs_on_our_gpus(daemons, daemon_env, gpus, fake
     # The workers really got GPUs 2 and 3 (CUDA_VISIBLE_DEVICES=2,3): one context each.
     held = wait_for(lambda: on_gpus(gpus, pids) if len(on_gpus(gpus, pids)) == 2 else None, 10, what="contexts")
     assert sorted(m for ms in held.values() for m in ms) == [2, 3]
+    # The dashboard's GPU table (GET /api/gpus): each GPU's memory and whose processes hold it.
+    transport = httpx.HTTPTransport(uds=str(d.state_dir / "admin.sock"))
+    with httpx.Client(transport=transport, base_url="http://admin", timeout=10) as admin:
+        table = admin.get("/api/gpus").json()
+    assert table["error"] is None and table["view"].startswith("standin:")
+    rows = {g["minor"]: g for g in table["gpus"]}
+    assert sorted(rows) == [0, 1, 2, 3] and rows[0]["memory_total"] == 85520809984
+    assert [m for m, g in rows.items() if g["ours"]] == [2, 3]
+    for m in (2, 3):
+        assert rows[m]["memory_used"] > 0 and all(p["ours"] for p in rows[m]["processes"]), rows[m]
+    assert rows[0]["processes"] == [] and rows[0]["memory_used"] == 0
 
     fake_slurm.job(11, "0")  # a job on GPU 0: no conflict
     d.start_job("job_11")

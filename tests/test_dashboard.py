@@ -19,7 +19,7 @@ import httpx
 import pytest
 from browser_harness import needs_browser, screenshot
 from daemon_harness import DaemonProc, env_with, start
-from helpers import free_port, wait_for
+from helpers import TEST_KEY, free_port, wait_for
 from playwright.sync_api import Browser, expect
 
 CATALOG = """\
@@ -195,9 +195,17 @@ def test_the_event_stream_tells_a_yield_as_it_happens_and_replays_after_a_reconn
         assert [e["id"] for e in replay] == [e["id"] for e in before[:3]]
 
 
-def test_logs_gpus_and_the_api_reference_from_the_admin_socket(daemon: DaemonProc) -> None:
+def test_logs_gpus_requests_and_the_api_reference_from_the_admin_socket(daemon: DaemonProc) -> None:
+    public = daemon.status()["public_url"]
+    body = {"model": "standin/alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    for key in (TEST_KEY, TEST_KEY, "not-a-key"):
+        httpx.post(public + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=body)
     transport = httpx.HTTPTransport(uds=str(daemon.state_dir / "admin.sock"))
     with httpx.Client(transport=transport, base_url="http://admin", timeout=10, trust_env=False) as c:
+        by = c.get("/api/requests").json()["consumers"]
+        assert by["test"]["requests"] == 2 and by["test"]["by_class"] == {"2xx": 2}, by
+        assert by["test"]["latency_count"] == 2 and by["test"]["latency_mean_ms"] > 0, by
+        assert by[""]["by_class"] == {"4xx": 1} and by[""]["latency_count"] == 0, by  # refused: never sent on
         lines = c.get("/api/logs/daemon", params={"lines": 5}).json()["lines"]
         assert 1 <= len(lines) <= 5
         model = c.get("/api/logs/model").json()["lines"]
@@ -267,13 +275,35 @@ def test_the_dashboard_shows_the_daemon_live_and_swaps_with_its_log(
     daemon.end_job("job_77")
     expect(phase).to_have_text("serving", timeout=20_000)
 
-    # Swap, with the model's log until ready.
+    # A request through the gateway shows in the table by key.
+    r = httpx.post(
+        daemon.status()["public_url"] + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {TEST_KEY}"},
+        json={"model": "standin/alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+    )
+    assert r.status_code == 200, r.text
+    page.reload()  # the table is read on load and every 10 s
+    expect(page.get_by_role("table", name="Requests by key")).to_contain_text("test")
+
+    # The dry run of a model, then the swap with the model's log until ready.
+    page.get_by_role("button", name="Check beta").click()
+    expect(page.locator("#check-title")).to_have_text("Check beta: can start")
+    expect(page.get_by_label("Command")).to_contain_text("standin/beta")
     page.get_by_role("button", name="Swap to beta").click()
     log = page.get_by_role("log", name="Swap log")
     expect(page.locator("#swap-title")).to_contain_text("ready", timeout=20_000)
     expect(log).not_to_be_empty()
     expect(page.get_by_role("table", name="Models").locator("tr", has_text="beta")).to_contain_text("active")
     assert daemon.status()["model"] == "beta"
+    chat = browser.new_context().new_page()  # the chat page now offers the new model
+    chat.goto(daemon.status()["public_url"] + "/")
+    chat.get_by_label("API key").fill(TEST_KEY)
+    chat.get_by_label("API key").dispatch_event("change")
+    expect(chat.locator("#model")).to_have_value("standin/beta")
+    # From the page itself, a request without the CSRF token is refused: the cookie alone changes nothing.
+    status = page.evaluate("fetch('/api/swap/lock', {method: 'POST', headers: {'Content-Type': 'application/json'}, "
+                           "body: JSON.stringify({holder: 'x', ttl_s: 60})}).then(r => r.status)")  # fmt: skip
+    assert status == 403
 
     # Someone holds the swap lock: the banner says who; force release, after a confirmation.
     transport = httpx.HTTPTransport(uds=str(daemon.state_dir / "admin.sock"))

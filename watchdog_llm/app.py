@@ -557,7 +557,13 @@ class Daemon:
             [
                 coordination_router(self.coord, lambda: views.endpoints(self), lambda key: views.validate(self, key)),
                 dashboard_router(
-                    self.sessions, self.events, status, lambda: views.gpu_table(self), s.state_dir / "logs", log
+                    self.sessions,
+                    self.events,
+                    status,
+                    lambda: views.gpu_table(self),
+                    self.metrics.by_consumer,
+                    s.state_dir / "logs",
+                    log,
                 ),
             ],
         )

@@ -6,6 +6,7 @@ One registry per daemon (not the process-global one): tests run several daemons'
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import Enum as EnumMetric
@@ -46,8 +47,8 @@ class Metrics:
         )
         self.upstream_latency = Histogram(
             p + "upstream_latency_seconds",
-            "Request sent to the model -> its response headers",
-            ["route"],
+            "Request sent to the model -> its response headers, by route and consumer",
+            ["route", "consumer"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
@@ -69,3 +70,38 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def by_consumer(self) -> dict[str, dict[str, Any]]:
+        """The dashboard's table (GET /api/requests): per consumer, requests by status class and the
+        model's latency (mean, and the histogram bucket that holds the 95th percentile)."""
+        out: dict[str, dict[str, Any]] = {}
+
+        def row(consumer: str) -> dict[str, Any]:
+            return out.setdefault(consumer, {"requests": 0, "by_class": {}, "latency_count": 0, "latency_sum_s": 0.0})
+
+        for metric in self.requests.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    r = row(sample.labels["consumer"])
+                    r["requests"] += int(sample.value)
+                    cls = sample.labels["code"][:1] + "xx"
+                    r["by_class"][cls] = r["by_class"].get(cls, 0) + int(sample.value)
+        buckets: dict[str, dict[float, float]] = {}
+        for metric in self.upstream_latency.collect():
+            for sample in metric.samples:
+                consumer = sample.labels["consumer"]
+                if sample.name.endswith("_count"):
+                    row(consumer)["latency_count"] += int(sample.value)
+                elif sample.name.endswith("_sum"):
+                    row(consumer)["latency_sum_s"] += sample.value
+                elif sample.name.endswith("_bucket"):
+                    le = float(sample.labels["le"])
+                    per = buckets.setdefault(consumer, {})
+                    per[le] = per.get(le, 0.0) + sample.value  # summed over routes
+        for consumer, r in out.items():
+            n = r["latency_count"]
+            r["latency_mean_ms"] = round(1000 * r["latency_sum_s"] / n, 1) if n else None
+            per = buckets.get(consumer, {})
+            p95 = next((le for le, c in sorted(per.items()) if n and c >= 0.95 * n), None)
+            r["latency_p95_le_ms"] = None if p95 is None or p95 == float("inf") else 1000 * p95
+        return out

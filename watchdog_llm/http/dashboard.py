@@ -144,6 +144,7 @@ def dashboard_router(
     events: EventBus,
     status: Callable[[], dict[str, Any]],
     gpus: Callable[[], dict[str, Any]],
+    requests: Callable[[], dict[str, Any]],
     logs_dir: Path,
     log: logging.Logger,
 ) -> APIRouter:
@@ -208,6 +209,10 @@ def dashboard_router(
         return StreamingResponse(
             stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
+
+    @r.get("/api/requests", summary="Public requests by consumer: counts by status class, the model's latency")
+    def get_requests() -> dict[str, Any]:
+        return {"consumers": requests()}
 
     @r.get("/api/gpus", summary="Each GPU with its memory and its processes (NVML, asked now)")
     def get_gpus() -> dict[str, Any]:

@@ -168,7 +168,7 @@ class Gateway:
         # Per-request work that repeats: the upstream URL of a path, a metric's child of a label set.
         self._urls: dict[tuple[str, str, bytes], httpx.URL] = {}
         self._counted: dict[tuple[str, int, str], Counter] = {}
-        self._latency: dict[str, Histogram] = {}
+        self._latency: dict[tuple[str, str], Histogram] = {}
         self.site = _site(self)
 
     async def aclose(self) -> None:
@@ -303,9 +303,11 @@ class Gateway:
             return await self._refuse(send, 504, "upstream_timeout", msg, consumer, True, 5, reason="timeout")
         except httpx.HTTPError as e:
             return await self._upstream_failed(send, consumer, e)
-        latency = self._latency.get(route)
+        latency = self._latency.get((route, consumer))
         if latency is None:
-            latency = self._latency[route] = self.metrics.upstream_latency.labels(route)
+            if len(self._latency) >= 4096:  # routes x keys: bounded by the config, but kept bounded anyway
+                self._latency.clear()
+            latency = self._latency[(route, consumer)] = self.metrics.upstream_latency.labels(route, consumer)
         latency.observe(time.perf_counter() - t0)
         try:
             out = _response_headers(resp, req.url)

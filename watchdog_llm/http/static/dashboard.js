@@ -181,8 +181,32 @@
       }
       const name = el("span", m.name);
       if (m.description) name.title = m.description;
-      rows.append(row([name, m.model, m.gpus ?? "default", action]));
+      const check = el("button", "Check");
+      check.type = "button";
+      check.setAttribute("aria-label", `Check ${m.name}`);
+      check.addEventListener("click", () => validate(m.name));
+      const actions = el("span", null, "actions");
+      actions.append(action, " ", check);
+      rows.append(row([name, m.model, m.gpus ?? "default", actions]));
     }
+  }
+
+  async function validate(name) {
+    const box = $("check-box");
+    box.hidden = false;
+    $("check-title").textContent = `Check ${name}: …`;
+    $("check-list").replaceChildren();
+    $("check-command").textContent = "";
+    let d;
+    try {
+      d = await api("POST", `/api/swap/${encodeURIComponent(name)}/validate`);
+    } catch (e) {
+      $("check-title").textContent = `Check ${name}: ${e.message}`;
+      return;
+    }
+    $("check-title").textContent = `Check ${name}: ${d.ok ? "can start" : "cannot start"}`;
+    for (const c of d.checks) $("check-list").append(el("li", `${c.ok ? "ok" : "FAILED"} ${c.check}: ${c.detail}`, c.ok ? "" : "bad"));
+    $("check-command").textContent = d.command.join(" ");
   }
 
   let swapSource = null;
@@ -308,6 +332,28 @@
     $("gpu-note").textContent = d.error ? d.error : d.view ? `from ${d.view}` : "";
   }
 
+  let lastCounts = null;
+
+  async function loadRequests() {
+    const d = await api("GET", "/api/requests");
+    const now = Date.now() / 1000;
+    const rows = $("request-rows");
+    rows.replaceChildren();
+    const names = Object.keys(d.consumers).sort();
+    for (const name of names) {
+      const c = d.consumers[name];
+      let rate = "—";
+      if (lastCounts && lastCounts.counts[name] !== undefined && now > lastCounts.at) {
+        rate = (((c.requests - lastCounts.counts[name]) * 60) / (now - lastCounts.at)).toFixed(1);
+      }
+      const k = c.by_class;
+      const lat = c.latency_mean_ms === null ? "—" : `${c.latency_mean_ms} ms${c.latency_p95_le_ms ? ", ≤ " + c.latency_p95_le_ms + " ms" : ""}`;
+      rows.append(row([name || "(no valid key)", c.requests, rate, `${k["2xx"] || 0} / ${k["4xx"] || 0} / ${k["5xx"] || 0}`, lat]));
+    }
+    if (!names.length) rows.append(row(["no requests yet", "", "", "", ""]));
+    lastCounts = { at: now, counts: Object.fromEntries(names.map((n) => [n, d.consumers[n].requests])) };
+  }
+
   async function loadSchedule() {
     const d = await api("GET", "/api/schedule");
     const rows = $("schedule-rows");
@@ -350,7 +396,7 @@
   });
 
   async function slow() {
-    for (const f of [loadGpus, loadSchedule, loadConnectivity]) {
+    for (const f of [loadGpus, loadRequests, loadSchedule, loadConnectivity]) {
       try {
         await f();
       } catch (_) {
