@@ -193,6 +193,11 @@ def test_the_event_stream_tells_a_yield_as_it_happens_and_replays_after_a_reconn
         before = [e for e in seen if "id" in e and int(e["id"]) > last - 3]
         replay = events(c, "/api/events", 3, {"Last-Event-ID": str(last - 3)})
         assert [e["id"] for e in replay] == [e["id"] for e in before[:3]]
+        # A new reader may ask for what happened lately first (the dashboard's timeline): no status among it.
+        fresh = events(c, "/api/events?history=2", 3)
+        assert [e["event"] for e in fresh][-1] == "status" and "status" not in [e["event"] for e in fresh[:-1]]
+        assert any(e["event"] == "notice" and e["data"]["kind"] == "yielded" for e in fresh[:-1]), fresh
+        assert c.get("/api/events?history=201").status_code == 422
 
 
 def test_logs_gpus_requests_and_the_api_reference_from_the_admin_socket(daemon: DaemonProc) -> None:
@@ -284,6 +289,7 @@ def test_the_dashboard_shows_the_daemon_live_and_swaps_with_its_log(
     assert r.status_code == 200, r.text
     page.reload()  # the table is read on load and every 10 s
     expect(page.get_by_role("table", name="Requests by key")).to_contain_text("test")
+    expect(page.get_by_role("list", name="Recent events")).to_contain_text("job job_77")  # history, on load
 
     # The dry run of a model, then the swap with the model's log until ready.
     page.get_by_role("button", name="Check beta").click()

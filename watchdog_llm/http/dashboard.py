@@ -23,7 +23,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from watchdog_llm.coordination.events import EventBus
+from watchdog_llm.coordination.events import KEPT, EventBus
 from watchdog_llm.http.errors import api_body, encode, headers
 from watchdog_llm.http.pages import SECURITY_HEADERS, asset
 from watchdog_llm.http.session import COOKIE, SESSION_TTL, Sessions, csrf_ok
@@ -196,12 +196,18 @@ def dashboard_router(
         response_class=StreamingResponse,
         responses={200: {"content": {"text/event-stream": {}}}},
     )
-    async def get_events(last_event_id: Annotated[str | None, Header(max_length=20)] = None) -> Response:
+    async def get_events(
+        last_event_id: Annotated[str | None, Header(max_length=20)] = None,
+        history: Annotated[int, Query(ge=0, le=KEPT, description="first, up to N recent events but status")] = 0,
+    ) -> Response:
         after = int(last_event_id) if last_event_id and last_event_id.isdigit() else None
 
         async def stream() -> Any:
             yield b"retry: 2000\n\n"
-            if after is None:  # a new reader starts from the whole picture
+            if after is None:  # a new reader: what happened lately, if asked, then the whole picture
+                if history:
+                    for ev in [e for e in events.recent() if e.name != "status"][-history:]:
+                        yield ev.sse()
                 yield f"event: status\ndata: {_dumps(status())}\n\n".encode()
             async for ev in events.stream(after):
                 yield ev.sse()

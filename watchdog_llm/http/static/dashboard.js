@@ -271,8 +271,19 @@
     swap_failed: null,
   };
 
+  // An event told twice (history again after a reconnect that had no id to send) is shown once.
+  // Ids start again when the daemon restarts: the time goes with them.
+  const shown = new Set();
+  function seen(ev, d) {
+    const key = `${ev.lastEventId}@${d.at}`;
+    if (shown.has(key)) return true;
+    shown.add(key);
+    return false;
+  }
+
   function connect() {
-    const src = new EventSource("/api/events");
+    // History once: a reconnect sends Last-Event-ID, and the server then replays only what was missed.
+    const src = new EventSource(`/api/events?history=${TIMELINE_MAX}`);
     src.onopen = () => {
       $("live").textContent = "live";
       $("live").className = "on";
@@ -294,6 +305,7 @@
       if (name === "notice") continue;
       src.addEventListener(name, (ev) => {
         const d = JSON.parse(ev.data);
+        if (seen(ev, d)) return;
         if (name === "swap") {
           // Progress: the swap log shows it. A swap someone else started is followed here too.
           const ended = d.state === "ready" || d.state === "failed";
@@ -307,6 +319,7 @@
     }
     src.addEventListener("notice", (ev) => {
       const d = JSON.parse(ev.data);
+      if (seen(ev, d)) return;
       addEvent(d.kind, DESCRIBE.notice(d), d.at);
     });
   }
