@@ -10,6 +10,7 @@ import pytest
 
 from watchdog_llm.config import Settings
 from watchdog_llm.coordination.catalog import CatalogError, Defaults, load
+from watchdog_llm.placement import Group
 from watchdog_llm.supervise.specs import load_catalog, model_argv, model_spec
 
 D = Defaults(gpus=1, health_path="/health", startup_timeout=900.0)
@@ -106,6 +107,22 @@ def test_without_models_the_config_model_is_a_one_model_catalog() -> None:
         ("models: [{name: a, model: x}]\nextra: 1", "unknown top-level key 'extra'"),
         ("default: zz\nmodels: [{name: a, model: x}]", "default 'zz' is not one of its models"),
         ("models: []", "the catalog is empty"),
+        ("models: [{name: a, model: x, kind: [chat, video]}]", "model 'a': kind: expected one or more of chat,"),
+        ("models: [{name: a, model: x, gpu_memory: 0}]", "model 'a': gpu_memory: expected MiB per GPU"),
+        ("models: [{name: a, model: x, gpu_memory: 1.5}]", "model 'a': gpu_memory:"),
+        ("models: [{name: a, model: x, gpu_memory: lots}]", "model 'a': gpu_memory:"),
+        ("models: [{name: a, model: x, ttl: 0}]", "model 'a': ttl: expected idle seconds"),
+        ("models: [{name: a, model: x, sleep: 3}]", "model 'a': sleep: expected 0 (stop when evicted), 1 or 2"),
+        ("models: [{name: a, model: x, priority: high}]", "model 'a': priority:"),
+        ("models: [{name: a, model: x, max_concurrency: 0}]", "model 'a': max_concurrency:"),
+        ("models: [{name: a, model: x, group: 'a b'}]", "model 'a': group:"),
+        (
+            "models: [{name: a, model: x, group: g}]\ngroups: {g: {swap: yes-please}}",
+            "group 'g': swap: expected true or false",
+        ),
+        ("models: [{name: a, model: x, group: g}]\ngroups: {g: {members: [a]}}", "group 'g': unknown field 'members'"),
+        ("models: [{name: a, model: x, group: g}]\ngroups: {h: {swap: false}}", "group 'h': no model names it"),
+        ("models: [{name: a, model: x}]\ngroups: [g]", "groups: expected a mapping"),
     ],
 )
 def test_bad_catalogs_name_the_file_the_model_and_the_field(tmp_path: Path, text: str, where: str) -> None:
@@ -177,3 +194,52 @@ def test_the_coordination_core_imports_nothing_of_the_daemon_or_the_http_layer()
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_arbiters_fields_and_groups(tmp_path: Path) -> None:
+    f = tmp_path / "models.yaml"
+    f.write_text(
+        """\
+models:
+  - name: chat
+    model: Qwen/Qwen2.5-7B-Instruct
+    gpu_memory: 0.45
+    ttl: 600
+    group: llms
+    sleep: 1
+    priority: 2
+  - name: coder
+    model: Qwen/Qwen2.5-Coder-7B-Instruct
+    gpu_memory: 36000
+    group: llms
+    max_concurrency: 8
+  - name: embed
+    model: BAAI/bge-m3
+    kind: embeddings
+    gpu_memory: 10%
+    group: always
+  - name: whisper
+    model: openai/whisper-large-v3
+    kind: [transcription]
+groups:
+  always: {persistent: true, swap: false}
+"""
+    )
+    cat = load(str(f), "", D)
+    chat, coder, embed, whisper = cat.entries
+    assert (chat.gpu_memory, chat.ttl, chat.group, chat.sleep, chat.priority) == (0.45, 600.0, "llms", 1, 2)
+    assert chat.memory_mib(81559) == 36701 and coder.memory_mib(81559) == 36000 and whisper.memory_mib(81559) is None
+    assert chat.kind == ("chat", "completions") and embed.kind == ("embeddings",) and whisper.kind == ("transcription",)
+    assert embed.gpu_memory == 0.1 and coder.max_concurrency == 8 and coder.sleep == 0
+    # A group no `groups:` entry describes gets llama-swap's defaults: one member at a time.
+    assert cat.groups["llms"] == Group("llms", swap=True, exclusive=False, persistent=False)
+    assert cat.groups["always"] == Group("always", swap=False, exclusive=False, persistent=True)
+    assert embed.public()["kind"] == ["embeddings"] and chat.public()["gpu_memory"] == 0.45
+
+
+def test_env_profiles_carry_the_arbiters_fields(tmp_path: Path) -> None:
+    (tmp_path / "chat.env").write_text(
+        "MODEL_NAME=org/chat\nGPU_MEMORY=40000\nTTL=300\nSLEEP=2\nGROUP=llms\nKIND=chat\n"
+    )
+    e = load(str(tmp_path), "", D).entries[0]
+    assert (e.gpu_memory, e.ttl, e.sleep, e.group, e.kind, dict(e.env)) == (40000, 300.0, 2, "llms", ("chat",), {})

@@ -22,6 +22,8 @@ from typing import Any
 import yaml
 from dotenv import dotenv_values
 
+from watchdog_llm.placement import Group
+
 # Flags the daemon sets itself: the same option in two places is a bug waiting to happen, and a key
 # on a command line is readable by every user of the node.
 RESERVED_VLLM_FLAGS = {
@@ -34,7 +36,22 @@ RESERVED_VLLM_FLAGS = {
 RESERVED_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "VLLM_API_KEY", "CUDA_DEVICE_ORDER", "WATCHDOG_LLM_RUN_TAG"})
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,63}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_FIELDS = ("name", "aliases", "model", "args", "env", "gpus", "health_path", "startup_timeout", "description")
+_FIELDS = (
+    "name", "aliases", "model", "args", "env", "gpus", "health_path", "startup_timeout", "description",
+    "kind", "gpu_memory", "ttl", "group", "priority", "max_concurrency", "sleep",
+)  # fmt: skip
+# What an entry serves (`kind`), and the OpenAI-style routes each kind answers.
+KINDS: Mapping[str, tuple[str, ...]] = {
+    "chat": ("/v1/chat/completions", "/v1/responses"),
+    "completions": ("/v1/completions",),
+    "embeddings": ("/v1/embeddings",),
+    "rerank": ("/v1/rerank", "/v2/rerank", "/rerank"),
+    "speech": ("/v1/audio/speech",),
+    "transcription": ("/v1/audio/transcriptions", "/v1/audio/translations"),
+    "images": ("/v1/images/generations",),
+}
+DEFAULT_KIND = ("chat", "completions")
+_GROUP_FIELDS = ("swap", "exclusive", "persistent")
 # Profile keys that are fields, not environment.
 _PROFILE_KEYS = {
     "MODEL_NAME": "model",
@@ -44,6 +61,13 @@ _PROFILE_KEYS = {
     "STARTUP_TIMEOUT": "startup_timeout",
     "DESCRIPTION": "description",
     "ALIASES": "aliases",
+    "KIND": "kind",
+    "GPU_MEMORY": "gpu_memory",
+    "TTL": "ttl",
+    "GROUP": "group",
+    "PRIORITY": "priority",
+    "MAX_CONCURRENCY": "max_concurrency",
+    "SLEEP": "sleep",
 }
 
 
@@ -95,6 +119,22 @@ class ModelEntry:
     health_path: str = "/health"
     startup_timeout: float = 900.0
     description: str = ""
+    # The arbiter's fields (several entries resident at once; see watchdog_llm/placement.py):
+    kind: tuple[str, ...] = DEFAULT_KIND
+    gpu_memory: int | float | None = None  # MiB per GPU (int), a share of each GPU (0 < float <= 1), or all of it
+    ttl: float | None = None  # idle seconds before it is unloaded; None: never
+    group: str | None = None
+    priority: int = 0
+    max_concurrency: int | None = None
+    sleep: int = 0  # 0: evicted by a stop; 1 or 2: vLLM sleep mode at that level
+
+    def memory_mib(self, gpu_total_mib: int) -> int | None:
+        """MiB per GPU on a GPU of `gpu_total_mib`; None: the whole GPU."""
+        if self.gpu_memory is None:
+            return None
+        if isinstance(self.gpu_memory, float):
+            return int(self.gpu_memory * gpu_total_mib)
+        return self.gpu_memory
 
     @property
     def local_path(self) -> Path | None:
@@ -115,6 +155,13 @@ class ModelEntry:
             "health_path": self.health_path,
             "startup_timeout": self.startup_timeout,
             "description": self.description,
+            "kind": list(self.kind),
+            "gpu_memory": self.gpu_memory,
+            "ttl": self.ttl,
+            "group": self.group,
+            "priority": self.priority,
+            "max_concurrency": self.max_concurrency,
+            "sleep": self.sleep,
         }
 
 
@@ -123,6 +170,8 @@ class Catalog:
     entries: tuple[ModelEntry, ...]
     default: str  # the name of the model served when no swap chose another
     source: str  # where it came from, for people: a file, a directory, or "MODEL_NAME"
+    # Every group an entry names, with its rules (llama-swap's defaults for one `groups:` leaves out).
+    groups: Mapping[str, Group] = field(default_factory=dict)
 
     def resolve(self, key: str) -> ModelEntry | None:
         """An entry by name or alias (exact, then case-insensitive)."""
@@ -170,7 +219,7 @@ def load(models: str, default_model: str, defaults: Defaults, *, model_name: str
         if e is None:
             names = ", ".join(x.name for x in cat.entries)
             raise CatalogError(f"DEFAULT_MODEL={default_model!r} is not in the catalog ({names})")
-        cat = Catalog(cat.entries, e.name, cat.source)
+        cat = Catalog(cat.entries, e.name, cat.source, cat.groups)
     return cat
 
 
@@ -184,12 +233,16 @@ def _from_yaml(path: Path, defaults: Defaults) -> Catalog:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise CatalogError(f"MODELS {path}: not valid YAML{where}: {problem}") from None
+    groups_doc: Any = None
     if isinstance(doc, dict) and "models" in doc:
         default = doc.get("default")
-        unknown = sorted(set(doc) - {"models", "default"})
+        unknown = sorted(set(doc) - {"models", "default", "groups"})
         if unknown:
-            raise CatalogError(f"MODELS {path}: unknown top-level key {unknown[0]!r} (expected models, default)")
+            raise CatalogError(
+                f"MODELS {path}: unknown top-level key {unknown[0]!r} (expected models, default, groups)"
+            )
         items = doc["models"]
+        groups_doc = doc.get("groups")
     else:
         default, items = None, doc
     if isinstance(items, dict):  # name: {fields}
@@ -218,7 +271,37 @@ def _from_yaml(path: Path, defaults: Defaults) -> Catalog:
     if default is not None and not isinstance(default, str):
         problems.append(f"MODELS {path}: default: expected a model name")
         default = None
-    return _catalog(entries, default, str(path), problems)
+    groups = _groups(groups_doc, f"MODELS {path}", problems)
+    return _catalog(entries, default, str(path), problems, groups)
+
+
+def _groups(doc: Any, where: str, problems: list[str]) -> dict[str, Group]:
+    """`groups: {name: {swap, exclusive, persistent}}`; a group left out gets llama-swap's defaults."""
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        problems.append(f"{where}: groups: expected a mapping of group names to their rules")
+        return {}
+    out: dict[str, Group] = {}
+    for name, body in doc.items():
+        at = f"{where}: group {name!r}"
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            problems.append(f"{at}: expected a name of letters, digits or _.:+-")
+            continue
+        body = body or {}
+        if not isinstance(body, dict):
+            problems.append(f"{at}: expected a mapping of {', '.join(_GROUP_FIELDS)}")
+            continue
+        unknown = sorted(set(body) - set(_GROUP_FIELDS))
+        if unknown:
+            problems.append(f"{at}: unknown field {unknown[0]!r} (expected one of {', '.join(_GROUP_FIELDS)})")
+            continue
+        bad = [k for k, v in body.items() if not isinstance(v, bool)]
+        if bad:
+            problems.append(f"{at}: {bad[0]}: expected true or false")
+            continue
+        out[name] = Group(name, **body)
+    return out
 
 
 def _from_dir(path: Path, defaults: Defaults) -> Catalog:
@@ -259,7 +342,13 @@ def _profile(f: Path, defaults: Defaults) -> ModelEntry:
     return _entry(item, where, defaults)
 
 
-def _catalog(entries: list[ModelEntry], default: str | None, source: str, problems: list[str]) -> Catalog:
+def _catalog(
+    entries: list[ModelEntry],
+    default: str | None,
+    source: str,
+    problems: list[str],
+    groups: Mapping[str, Group] | None = None,
+) -> Catalog:
     """The catalog from its good entries, or every problem found: the entries' own, then clashes."""
     owner: dict[str, str] = {}
     for e in entries:
@@ -277,9 +366,15 @@ def _catalog(entries: list[ModelEntry], default: str | None, source: str, proble
         hit = next((e for e in entries if default in (e.name, *e.aliases)), None)
         if hit is None and default.lower() not in _bad_names(problems):
             problems.append(f"MODELS {source}: default {default!r} is not one of its models")
+    rules = dict(groups or {})
+    for e in entries:
+        if e.group is not None and e.group not in rules:
+            rules[e.group] = Group(e.group)  # llama-swap's defaults: swap within the group
+    for name in sorted(set(rules) - {e.group for e in entries}):
+        problems.append(f"MODELS {source}: group {name!r}: no model names it (a typo in a model's group?)")
     if problems or hit is None:
         raise CatalogError(*problems)
-    return Catalog(tuple(entries), hit.name, source)
+    return Catalog(tuple(entries), hit.name, source, rules)
 
 
 def _bad_names(problems: list[str]) -> set[str]:
@@ -344,6 +439,33 @@ def _entry(item: Mapping[str, Any], where: str, defaults: Defaults) -> ModelEntr
     desc = item.get("description", "")
     if not isinstance(desc, str) or len(desc) > 500:
         raise bad("description", "expected text of at most 500 characters")
+    kind = item.get("kind", list(DEFAULT_KIND))
+    if isinstance(kind, str):
+        kind = kind.replace(",", " ").split()
+    if not isinstance(kind, list) or not kind or not all(isinstance(k, str) and k in KINDS for k in kind):
+        raise bad("kind", f"expected one or more of {', '.join(KINDS)}")
+    memory = item.get("gpu_memory")
+    if memory is not None:
+        memory = _memory(memory)
+        if memory is None:
+            raise bad("gpu_memory", "expected MiB per GPU (a whole number, e.g. 24000) or a share of each GPU (0.5)")
+    ttl = item.get("ttl")
+    if ttl is not None and (ttl := _number(ttl, float, 1, 7 * 86400)) is None:
+        raise bad("ttl", "expected idle seconds before unloading, from 1 to 604800")
+    group = item.get("group")
+    if group is not None and (not isinstance(group, str) or not NAME.fullmatch(group)):
+        raise bad("group", "expected a group name (letters, digits, _.:+-)")
+    priority = _number(item.get("priority", 0), int, -100, 100)
+    if priority is None:
+        raise bad("priority", "expected a whole number from -100 to 100")
+    conc = item.get("max_concurrency")
+    if conc is not None and (conc := _number(conc, int, 1, 100_000)) is None:
+        raise bad("max_concurrency", "expected a whole number of requests at once, at least 1")
+    sleep = item.get("sleep", 0)
+    sleep = {False: 0, True: 1}.get(sleep, sleep) if isinstance(sleep, bool) else sleep
+    sleep = int(sleep) if isinstance(sleep, str) and sleep.strip() in ("0", "1", "2") else sleep
+    if sleep not in (0, 1, 2):
+        raise bad("sleep", "expected 0 (stop when evicted), 1 or 2 (vLLM sleep mode level)")
     return ModelEntry(
         name=name,
         model=model.strip(),
@@ -354,7 +476,34 @@ def _entry(item: Mapping[str, Any], where: str, defaults: Defaults) -> ModelEntr
         health_path=health,
         startup_timeout=float(timeout),
         description=desc,
+        kind=tuple(dict.fromkeys(kind)),
+        gpu_memory=memory,
+        ttl=None if ttl is None else float(ttl),
+        group=group,
+        priority=int(priority),
+        max_concurrency=None if conc is None else int(conc),
+        sleep=int(sleep),
     )
+
+
+def _memory(value: Any) -> int | float | None:
+    """MiB (a whole number above 1) or a share (0 < x <= 1), as written; None when it is neither."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower().removesuffix("mib").strip()
+        if text.endswith("%"):
+            n = _number(text[:-1], float, 0, 100)
+            return None if n is None or n == 0 else float(n) / 100
+        try:
+            value = float(text) if "." in text else int(text)
+        except ValueError:
+            return None
+    if isinstance(value, float) and 0 < value <= 1:
+        return float(value)
+    if isinstance(value, int | float) and value == int(value) and 1 < value <= 16 * 1024 * 1024:
+        return int(value)
+    return None
 
 
 def _number(value: Any, kind: type[int] | type[float], lo: float, hi: float) -> float | None:
