@@ -384,3 +384,33 @@ def test_a_deferred_swap_replaced_by_one_that_fails_brings_back_what_served_befo
     d2 = start(daemons, env)
     assert d2.wait_state("serving")["model"] == "alpha"
     assert served_model(d2) == "standin/alpha"
+
+
+def test_the_gateway_routes_by_the_requests_model_catalog_names_included(daemons, env) -> None:
+    """The served model by its id or its catalog name (or alias, any case); another catalog model is
+    409 model_not_loaded; a name nobody has is 404 listing what there is, in our envelope."""
+    d = start(daemons, env)
+    d.wait_state("serving")
+    c = openai.OpenAI(base_url=d.status()["public_url"] + "/v1", api_key=TEST_KEY, max_retries=0, timeout=10)
+    hi = [{"role": "user", "content": "hi"}]
+    for name in ("standin/alpha", "alpha", "A", "ALPHA"):
+        r = c.chat.completions.create(model=name, messages=hi, max_tokens=2)
+        assert r.model == "standin/alpha" and r.usage is not None and r.usage.completion_tokens == 2, name
+    with pytest.raises(openai.ConflictError) as conflict:
+        c.chat.completions.create(model="beta", messages=hi, max_tokens=2)
+    body = conflict.value.body
+    assert isinstance(body, dict) and body["code"] == "model_not_loaded", body
+    assert "'beta' (beta) is not loaded: this endpoint serves standin/alpha now" in body["message"]
+    with pytest.raises(openai.ConflictError):
+        c.completions.create(model="standin/slow", prompt="x", max_tokens=2)  # another entry by its model id
+    with pytest.raises(openai.NotFoundError) as missing:
+        c.chat.completions.create(model="gpt-5", messages=hi, max_tokens=2)
+    body = missing.value.body
+    assert isinstance(body, dict) and body["code"] == "model_not_found", body
+    assert body["message"] == "model 'gpt-5' is not served here (models: beta, broken, slow, standin/alpha)"
+    # After a swap the other way round: beta serves, alpha is the one not loaded.
+    with admin(d) as a:
+        wait_swap(a, a.post("/api/swap", json={"model": "beta"}).json()["id"], "ready")
+    assert c.chat.completions.create(model="beta", messages=hi, max_tokens=2).model == "standin/beta"
+    with pytest.raises(openai.ConflictError):
+        c.chat.completions.create(model="alpha", messages=hi, max_tokens=2)

@@ -55,7 +55,7 @@ from watchdog_llm.gpus import plan as plan_gpus
 from watchdog_llm.http.api import build_admin
 from watchdog_llm.http.coord_api import coordination_router
 from watchdog_llm.http.dashboard import Gate, dashboard_router
-from watchdog_llm.http.gateway import Gateway, GatewayConfig
+from watchdog_llm.http.gateway import Gateway, GatewayConfig, ModelNames, model_names
 from watchdog_llm.http.keys import KeyConfigError, KeyRing, Limiter
 from watchdog_llm.http.server import (
     ConnLimits,
@@ -244,6 +244,7 @@ class Daemon:
         self.webhooks: Webhooks | None = None
         self.events = EventBus()  # GET /api/events
         self.sessions = Sessions()  # dashboard sign-ins
+        self._names: tuple[str, ModelNames] | None = None  # the gateway's model names, for one model
         self.llm_bin = ""
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -512,6 +513,15 @@ class Daemon:
         e = self.entry(self.state.model.name)
         return e.model if e.local_path is None else e.name
 
+    def _model_names(self) -> ModelNames | None:
+        """The gateway's view of the catalog while the current model serves (built once per model)."""
+        if self.catalog is None:
+            return None
+        name = self.state.model.name
+        if self._names is None or self._names[0] != name:
+            self._names = (name, model_names(self.catalog.entries, self.entry(name), self._public_model_name()))
+        return self._names[1]
+
     def our_gpus(self) -> frozenset[int] | None:
         """Every GPU that can be ours (given, or to choose from); None: unknown (no NVML)."""
         return self.limits.fixed_gpus if self.limits.fixed_gpus is not None else self.limits.all_gpus
@@ -546,6 +556,7 @@ class Daemon:
             self.availability,
             lambda: (self.model_addr.base_url, self._internal_key),
             lambda: {"model": self._public_model_name(), "since": self._wall(self.state.since)},
+            self._model_names,
         )
         self._stack.push_async_callback(self.gateway.aclose)  # after its listener: it answered until then
         assert self.coord is not None

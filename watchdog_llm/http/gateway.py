@@ -16,7 +16,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from watchdog_llm.availability import Availability
+from watchdog_llm.coordination.catalog import ModelEntry
 from watchdog_llm.http import pages
 from watchdog_llm.http.errors import allowed_methods, encode, headers, openai_body
 from watchdog_llm.http.keys import KeyRing, Limiter
@@ -97,6 +98,57 @@ class GatewayConfig:
     chat_page: bool = True  # CHAT_PAGE: `/` is the chat page, else a status page
 
 
+@dataclass(frozen=True, slots=True)
+class ModelNames:
+    """Which `model` a request may name: the catalog's view, rebuilt when the served model changes."""
+
+    served: frozenset[str]  # what the running model answers to, as it is
+    rename: Mapping[str, str]  # the running entry's catalog name and aliases -> its served name
+    others: Mapping[str, str]  # names, aliases and model ids of the other entries -> their catalog name
+    shown: str  # the running model, in messages
+
+    def known(self) -> str:
+        return ", ".join(sorted({self.shown, *self.others.values()}))
+
+
+def model_names(entries: Sequence[ModelEntry], active: ModelEntry, shown: str) -> ModelNames:
+    """The names a request may use while `active` runs; catalog names and aliases case-insensitively,
+    as the admin API resolves them (vLLM itself matches its served names exactly)."""
+    served = frozenset(served_names(active))
+    target = next(iter(sorted(served)))
+    rename = {}
+    for n in (active.name, *active.aliases):
+        for k in (n, n.lower()):
+            if k not in served:
+                rename[k] = target
+    others = {}
+    for e in entries:
+        if e.name == active.name:
+            continue
+        for n in (e.name, *e.aliases, *served_names(e)):
+            for k in (n, n.lower()):
+                if k not in served and k not in rename:
+                    others[k] = e.name
+    return ModelNames(served, rename, others, shown)
+
+
+def served_names(e: ModelEntry) -> list[str]:
+    """What vLLM answers to for this entry: --served-model-name's names, else the model as given."""
+    args = list(e.args)
+    for i, a in enumerate(args):
+        if a.startswith("--served-model-name="):
+            return [a.split("=", 1)[1]]
+        if a == "--served-model-name":
+            names = []
+            for w in args[i + 1 :]:
+                if w.startswith("-"):
+                    break
+                names.append(w)
+            if names:
+                return names
+    return [e.model]
+
+
 class _Aborted(Exception):
     def __init__(self, why: str) -> None:
         self.why = why
@@ -148,6 +200,7 @@ class Gateway:
         availability: Callable[[], Availability],
         upstream: Callable[[], tuple[str, str]],
         page: Callable[[], dict[str, Any]],
+        models: Callable[[], ModelNames | None] = lambda: None,  # None: the body's `model` is not checked
     ) -> None:
         self.cfg = cfg
         self.keys = keys
@@ -156,6 +209,7 @@ class Gateway:
         self.availability = availability
         self.upstream = upstream
         self.page = page
+        self.models = models
         self._inflight: set[_Exchange] = set()
         # httpx's transport without an AsyncClient around it: no redirects followed, no proxy from
         # the environment (it must not carry our internal key elsewhere), no cookie jar (a cookie one
@@ -251,10 +305,15 @@ class Gateway:
             return await self._refuse(send, status, code, msg, consumer, reason=code)
         if body is None:
             return CLIENT_GONE
-        bad = _check_body(scope["method"], raw, body)
+        bad, doc = _check_body(scope["method"], raw, body)
         if bad is not None:
             status, code, msg = bad
             return await self._refuse(send, status, code, msg, consumer, reason=code)
+        if doc is not None:
+            body, wrong = self._by_model(doc, body)
+            if wrong is not None:
+                status, code, msg = wrong
+                return await self._refuse(send, status, code, msg, consumer, reason="model")
         base, key = self.upstream()
         fwd = [(k, v) for k, v in scope["headers"] if k not in _DROP_IN]
         fwd.append((b"authorization", b"Bearer " + key.encode()))
@@ -278,6 +337,27 @@ class Gateway:
         finally:
             watcher.cancel()
             self._inflight.discard(ex)
+
+    def _by_model(self, doc: dict[str, Any], body: bytes) -> tuple[bytes, tuple[int, str, str] | None]:
+        """The body to send (the running model's catalog name becomes the name vLLM knows), or why a
+        request for another model is refused: 409 for one of the catalog not loaded now, 404 else."""
+        asked = doc.get("model")
+        names = self.models()
+        if not isinstance(asked, str) or names is None or asked in names.served:
+            return body, None
+        target = names.rename.get(asked) or names.rename.get(asked.lower())
+        if target is not None:
+            doc["model"] = target
+            return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode(), None
+        other = names.others.get(asked) or names.others.get(asked.lower())
+        if other is not None:
+            msg = f"model {_printable(asked)!r} ({other}) is not loaded: this endpoint serves {names.shown} now"
+            return body, (409, "model_not_loaded", msg)
+        return body, (
+            404,
+            "model_not_found",
+            f"model {_printable(asked)!r} is not served here (models: {names.known()})",
+        )
 
     def _url(self, base: str, scope: Scope) -> httpx.URL:
         """The upstream URL of this path and query: parsed once (a parse costs ~15 us), kept while
@@ -606,23 +686,27 @@ def _safe(path: str) -> bool:
     return segments[0] == "v1" and all(_SEGMENT.fullmatch(s) and s not in (".", "..") for s in segments)
 
 
-def _check_body(method: str, raw: dict[bytes, bytes], body: bytes) -> tuple[int, str, str] | None:
+def _check_body(
+    method: str, raw: dict[bytes, bytes], body: bytes
+) -> tuple[tuple[int, str, str] | None, dict[str, Any] | None]:
+    """(why it is refused, or None; the JSON object it holds, or None)."""
     if not body or method not in ("POST", "PUT", "PATCH"):
-        return None
+        return None, None
     ctype = raw.get(b"content-type", b"").decode("latin-1").split(";", 1)[0].strip().lower()
     if ctype not in _BODY_TYPES:
         shown = _printable(ctype) or "none"
-        return (415, "unsupported_media_type", f"Content-Type {shown} is not accepted: send application/json")
-    if ctype == "application/json":
-        try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            return (400, "invalid_json", f"request body is not valid JSON: {e}")
-        except RecursionError:
-            return (400, "invalid_json", "request body is nested too deeply")
-        if not isinstance(doc, dict):
-            return (400, "invalid_json", "request body must be a JSON object")
-    return None
+        return (415, "unsupported_media_type", f"Content-Type {shown} is not accepted: send application/json"), None
+    if ctype != "application/json":
+        return None, None
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        return (400, "invalid_json", f"request body is not valid JSON: {e}"), None
+    except RecursionError:
+        return (400, "invalid_json", "request body is nested too deeply"), None
+    if not isinstance(doc, dict):
+        return (400, "invalid_json", "request body must be a JSON object"), None
+    return None, doc
 
 
 def _printable(text: str) -> str:
