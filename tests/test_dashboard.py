@@ -71,7 +71,7 @@ class Dashboard:
 
 @pytest.fixture
 def dashboard(daemon: DaemonProc) -> Iterator[Dashboard]:
-    dash = Dashboard(daemon.env)
+    dash = Dashboard(daemon.env, "--port", "0")
     yield dash
     dash.stop()
 
@@ -339,3 +339,22 @@ def test_a_used_link_in_the_browser_says_what_to_do(browser: Browser, dashboard:
     second.goto(dashboard.link)
     expect(second.get_by_role("heading")).to_have_text("This sign-in link does not work")
     expect(second.locator("body")).to_contain_text("watchdog-llm dashboard")
+
+
+def test_the_forward_takes_admin_port_by_default_else_a_free_one(daemon: DaemonProc) -> None:
+    port = free_port()
+    env = env_with(daemon.env, ADMIN_PORT=str(port))
+    first = Dashboard(env)
+    try:
+        assert first.base == f"http://127.0.0.1:{port}"
+        second = Dashboard(env)  # ADMIN_PORT is taken now (by the first): another port, said as it is
+        try:
+            assert second.base != first.base and second.base.startswith("http://127.0.0.1:")
+        finally:
+            assert second.stop() == 0
+    finally:
+        assert first.stop() == 0
+    r = subprocess.run(
+        [sys.executable, "-m", "watchdog_llm", "dashboard", "--port", "70000"], env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "--port 70000: must be 0-65535" in r.stderr

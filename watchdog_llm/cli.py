@@ -83,7 +83,13 @@ def _parser() -> argparse.ArgumentParser:
         "minutes, and signs a browser in for 12 hours. With the admin API on its unix socket (no ADMIN_HOST), "
         "this command also forwards 127.0.0.1:PORT to the dashboard until Ctrl-C.",
     )
-    dash.add_argument("--port", type=int, default=0, metavar="PORT", help="local port to forward (default: a free one)")
+    dash.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="local port to forward (default: ADMIN_PORT, or a free one when that is taken; 0: a free one)",
+    )
     _coordination_parsers(sub)
     return p
 
@@ -768,7 +774,7 @@ if __name__ == "__main__":  # pragma: no cover
 def _dashboard(s: config.Settings, args: argparse.Namespace) -> int:
     from watchdog_llm.admin_client import AdminError
 
-    if not 0 <= args.port <= 65535:
+    if args.port is not None and not 0 <= args.port <= 65535:
         _err(f"--port {args.port}: must be 0-65535")
         return EXIT_CONFIG
     try:
@@ -792,10 +798,15 @@ def _dashboard(s: config.Settings, args: argparse.Namespace) -> int:
         print(f"From a laptop: ssh -N -L {port}:127.0.0.1:{port} {node}   then open the link there.")
         print(f"Forwarding 127.0.0.1:{port} to {s.dashboard_socket}; Ctrl-C stops.", flush=True)
 
+    from watchdog_llm.supervise.probes import port_in_use
+
+    port = args.port
+    if port is None:  # the port people know from the docs, unless someone holds it
+        port = 0 if port_in_use("127.0.0.1", s.admin_port) else s.admin_port
     try:
-        asyncio.run(forward("127.0.0.1", args.port, s.dashboard_socket, ready))
+        asyncio.run(forward("127.0.0.1", port, s.dashboard_socket, ready))
     except OSError as e:
-        _err(f"--port {args.port}: cannot listen on 127.0.0.1:{args.port}: {e.strerror or e}")
+        _err(f"--port {port}: cannot listen on 127.0.0.1:{port}: {e.strerror or e}")
         return EXIT_FAIL
     print("dashboard forward stopped", file=sys.stderr)
     return EXIT_OK
