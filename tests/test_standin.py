@@ -698,3 +698,65 @@ def test_error_messages_hide_server_paths_as_vllm_does() -> None:
     assert shown["error"]["message"] == "The model `x` does not exist. Valid aliases: <path>"
     kept = "Valid aliases: /work/main/build/tiny-llama."  # not below a hidden root: vLLM shows it as it is
     assert standin_vllm.error_body(404, "NotFoundError", kept)["error"]["message"] == kept
+
+
+def test_sleep_mode_pauses_requests_aborts_streams_and_frees_gpu_memory(procs: Procs, tmp_path: Path) -> None:
+    """vLLM 0.32's dev endpoints as its source has them (its CPU build cannot sleep): requests wait
+    while asleep, mode=abort ends streams in flight, and the GPU contexts shrink for the stand-in NVML."""
+    import logging
+    import shutil
+
+    from watchdog_llm.detect.gpu import StandinView
+
+    gpus = tmp_path / "gpus.json"
+    shutil.copy(Path(__file__).parent / "data" / "gpu" / "h100x4.json", gpus)
+    port = free_port()
+    env = vllm_env(
+        VLLM_SERVER_DEV_MODE="1",
+        STANDIN_TOKEN_DELAY_MS="20",
+        CUDA_VISIBLE_DEVICES="2,3",
+        WATCHDOG_LLM_GPU_STANDIN=str(gpus),
+    )
+    s = procs.start(vllm_argv(port, "-tp", "2", "--enable-sleep-mode"), env, "sleepy")
+    wait_serving(s, port)
+    base = f"http://127.0.0.1:{port}"
+    view = StandinView(gpus, 5.0, logging.getLogger("test"))
+
+    def memory() -> dict[int, int | None]:
+        return {p.minor: p.used_memory for p in view.processes()}
+
+    try:
+        wait_until(lambda: len(memory()) == 2, 10, "two GPU contexts")
+        assert memory() == {2: standin_vllm.STANDIN_USED_MEMORY, 3: standin_vllm.STANDIN_USED_MEMORY}
+        c = client(port)
+        stream = c.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": " ".join(["w"] * 200)}], max_tokens=200, stream=True
+        )
+        first = next(iter(stream))
+        assert first.choices[0].finish_reason is None
+        assert HTTP.post(base + "/sleep", params={"level": 3}).status_code == 400  # vLLM answers invalid input 400
+        r = HTTP.post(base + "/sleep", params={"level": 1})
+        assert r.json() == {"status": "sleeping", "level": 1}
+        assert HTTP.get(base + "/is_sleeping").json() == {"is_sleeping": True}
+        rest = list(stream)
+        assert rest and rest[-1].choices[0].finish_reason == "abort", rest[-1]
+        assert memory() == {2: standin_vllm.STANDIN_SLEEP_MEMORY, 3: standin_vllm.STANDIN_SLEEP_MEMORY}
+        # A request while asleep waits for the wake-up, then is answered.
+        answers: list[Any] = []
+        t = threading.Thread(
+            target=lambda: answers.append(
+                c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+            )
+        )
+        t.start()
+        time.sleep(0.5)
+        assert answers == []
+        r = HTTP.post(base + "/wake_up")
+        assert r.json() == {"status": "awake", "tags": None}
+        t.join(10)
+        assert answers and answers[0].usage.completion_tokens >= 1
+        assert memory() == {2: standin_vllm.STANDIN_USED_MEMORY, 3: standin_vllm.STANDIN_USED_MEMORY}
+        assert HTTP.get(base + "/is_sleeping").json() == {"is_sleeping": False}
+        assert "sleep level=1 mode=abort" in s.text() and "wake up the engine with tags: None" in s.text()
+    finally:
+        view.close()

@@ -59,7 +59,12 @@ Environment (faults and timing):
 
 Dev endpoints (POST /sleep, POST /wake_up, GET /is_sleeping, POST /collective_rpc,
 POST /reset_prefix_cache) exist, as in real vLLM, only with VLLM_SERVER_DEV_MODE=1, and answer
-without authentication. A gateway must never publish them.
+without authentication. A gateway must never publish them. They follow vLLM 0.32's code (its CPU
+build refuses sleep mode, so the GPU behaviour is read from its source, not observed): /sleep?level=
+0-2&mode=abort|wait|keep answers {"status": "sleeping", "level"}; requests then wait until /wake_up
+({"status": "awake", "tags"}); mode=abort ends streams in flight with finish_reason "abort"; at level
+1 or 2 the stand-in NVML sees each GPU context shrink to 1.5 GiB, and /wake_up restores it. Whether
+--enable-sleep-mode was given is not checked.
 
 --uds PATH listens on a unix socket instead of --host/--port (vLLM since mid-2025): bound as vLLM binds it,
 so a file left at PATH makes the start fail with "Address already in use".
@@ -200,6 +205,31 @@ def _claim_gpu(rank: int, log: Log) -> Path | None:
         log("ERROR", "worker_base.py:620", f"cannot use GPU rank {rank} of CUDA_VISIBLE_DEVICES={visible!r}: {e!r}")
         raise SystemExit(1) from e
     return path
+
+
+STANDIN_SLEEP_MEMORY = 1536 * 1024 * 1024  # what a sleeping worker keeps: its CUDA context
+
+
+def _gpu_memory(used: int) -> None:
+    """Sleep and wake as the stand-in NVML sees them: every GPU context of this server's tree
+    (its EngineCore and workers) now holds `used` bytes."""
+    standin = os.environ.get(GPU_STANDIN_ENV, "").strip()
+    if not standin:
+        return
+    import psutil
+
+    ours = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
+    folder = Path(standin).with_name(Path(standin).name + ".d")
+    for path in folder.glob("*.json"):
+        try:
+            doc = json.loads(path.read_text())
+            if doc.get("pid") not in ours:
+                continue
+            tmp = folder / f".{doc['pid']}.tmp"
+            tmp.write_text(json.dumps({**doc, "used_memory": used}))
+            os.replace(tmp, path)
+        except (OSError, ValueError, KeyError):
+            continue  # a context that went meanwhile
 
 
 def _release_gpu(path: Path | None) -> None:
@@ -494,7 +524,9 @@ class ServerConfig:
 @dataclass
 class ServerState:
     engine_dead: bool = False
-    sleeping: bool = False
+    sleep_level: int | None = None  # None: awake
+    aborts: int = 0  # bumped by /sleep?mode=abort: the requests in flight end with finish_reason "abort"
+    awake: asyncio.Event = field(default_factory=asyncio.Event)  # set while awake: requests wait otherwise
     requests: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0})
     running: int = 0
 
@@ -695,6 +727,23 @@ def stream_chunks(plan: Plan) -> Iterator[dict[str, Any] | None]:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _aborted_chunk(plan: Plan) -> dict[str, Any]:
+    chat = plan.kind == "chat"
+    choices = [
+        {"index": i, "delta": {"content": ""}, "logprobs": None, "finish_reason": "abort"}
+        if chat
+        else {"index": i, "text": "", "logprobs": None, "finish_reason": "abort", "stop_reason": None}
+        for i in range(len(plan.gens))
+    ]
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": plan.model,
+        "choices": choices,
+    }
+
+
 def _sse(obj: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
@@ -793,6 +842,9 @@ def build_app(cfg: ServerConfig, state: ServerState, log: Log) -> "FastAPI":
         return body
 
     async def run_plan(plan: Plan) -> Response:
+        # A sleeping engine accepts requests and schedules none until it wakes (vLLM 0.32: sleep
+        # pauses the scheduler; wake_up resumes it).
+        await state.awake.wait()
         state.running += 1
         if not plan.stream:
             try:
@@ -804,10 +856,14 @@ def build_app(cfg: ServerConfig, state: ServerState, log: Log) -> "FastAPI":
             return JSONResponse(full_response(plan))
 
         async def events() -> AsyncIterator[bytes]:
+            aborts = state.aborts
             try:
                 for chunk in stream_chunks(plan):
                     if chunk is None:
                         await asyncio.sleep(cfg.token_delay)
+                        if state.aborts != aborts:  # put to sleep with mode=abort: ended where it stands
+                            yield _sse(_aborted_chunk(plan))
+                            break
                     else:
                         yield _sse(chunk)
                 yield b"data: [DONE]\n\n"
@@ -932,22 +988,39 @@ def _dev_routes(
     app: "FastAPI", cfg: ServerConfig, state: ServerState, log: Log, json_body: Callable[..., Awaitable[Any]]
 ) -> None:
     """vLLM's development endpoints (VLLM_SERVER_DEV_MODE=1): unauthenticated, never to be published."""
-    from fastapi import Request, Response
+    from typing import Annotated, Literal
+
+    from fastapi import Query, Request, Response
     from fastapi.responses import JSONResponse
 
     @app.post("/sleep")
-    async def sleep() -> Response:
-        state.sleeping = True
-        return Response(status_code=200)
+    async def sleep(
+        level: Annotated[int, Query(ge=0, le=2)] = 1,
+        mode: Annotated[Literal["abort", "wait", "keep"], Query()] = "abort",
+    ) -> dict[str, Any]:
+        # vLLM 0.32: level 0 pauses the scheduler only; 1 offloads the weights to CPU and drops
+        # the KV cache; 2 drops both. The process and its CUDA context stay on the GPU.
+        state.sleep_level = level
+        state.awake.clear()
+        if mode == "abort":
+            state.aborts += 1
+        if level >= 1:
+            _gpu_memory(STANDIN_SLEEP_MEMORY)
+        log("INFO", "api_server.py:1012", f"sleep level={level} mode={mode}")
+        return {"status": "sleeping", "level": level}
 
     @app.post("/wake_up")
-    async def wake_up() -> Response:
-        state.sleeping = False
-        return Response(status_code=200)
+    async def wake_up(request: Request) -> dict[str, Any]:
+        tags = request.query_params.getlist("tags") or None
+        log("INFO", "api_router.py:51", f"wake up the engine with tags: {tags}")
+        state.sleep_level = None
+        _gpu_memory(STANDIN_USED_MEMORY)
+        state.awake.set()
+        return {"status": "awake", "tags": tags}
 
     @app.get("/is_sleeping")
     async def is_sleeping() -> dict[str, bool]:
-        return {"is_sleeping": state.sleeping}
+        return {"is_sleeping": state.sleep_level is not None}
 
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache() -> Response:
@@ -1065,6 +1138,7 @@ async def serve_api(cfg: ServerConfig, sock: socket.socket, log: Log, ignore_sig
     os.close(w)
     link = EngineLink(r)
     state = ServerState()
+    state.awake.set()
     built = _in_thread(lambda: build_app(cfg, state, log))
 
     async def startup() -> bool:
