@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -387,9 +388,9 @@ def test_a_deferred_swap_replaced_by_one_that_fails_brings_back_what_served_befo
 
 
 def test_the_gateway_routes_by_the_requests_model_catalog_names_included(daemons, env) -> None:
-    """The served model by its id or its catalog name (or alias, any case); another catalog model is
-    409 model_not_loaded; a name nobody has is 404 listing what there is, in our envelope."""
-    d = start(daemons, env)
+    """The served model by its id or its catalog name (or alias, any case); with ON_DEMAND=off another
+    catalog model is 409 model_not_loaded; a name nobody has is 404 listing what there is, in our envelope."""
+    d = start(daemons, env_with(env, ON_DEMAND="off"))
     d.wait_state("serving")
     c = openai.OpenAI(base_url=d.status()["public_url"] + "/v1", api_key=TEST_KEY, max_retries=0, timeout=10)
     hi = [{"role": "user", "content": "hi"}]
@@ -414,3 +415,81 @@ def test_the_gateway_routes_by_the_requests_model_catalog_names_included(daemons
     assert c.chat.completions.create(model="beta", messages=hi, max_tokens=2).model == "standin/beta"
     with pytest.raises(openai.ConflictError):
         c.chat.completions.create(model="alpha", messages=hi, max_tokens=2)
+
+
+def _ask(d: DaemonProc, model: str, out: dict[str, Any], key: str, **kw: Any) -> threading.Thread:
+    """A chat request in a thread; its answer (or error) lands in out[key]."""
+
+    def run() -> None:
+        c = openai.OpenAI(base_url=d.status()["public_url"] + "/v1", api_key=TEST_KEY, max_retries=0, timeout=60)
+        try:
+            out[key] = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], **kw)
+        except openai.APIStatusError as e:
+            out[key] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_on_demand_a_request_for_another_model_swaps_to_it_once_the_served_one_is_free(daemons, env) -> None:
+    d = start(daemons, env_with(env, MIN_RESIDENCY="2", ON_DEMAND_QUEUE="2", STANDIN_TOKEN_DELAY_MS="30"))
+    d.wait_state("serving")
+    c = openai.OpenAI(base_url=d.status()["public_url"] + "/v1", api_key=TEST_KEY, max_retries=0, timeout=60)
+    hi = [{"role": "user", "content": "hi"}]
+    # A long answer from alpha is under way: requests for beta wait for it to end, never cut it.
+    stream = c.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": " ".join(["w"] * 60)}], max_tokens=60, stream=True
+    )
+    first = next(iter(stream))
+    out: dict[str, Any] = {}
+    waiters = [_ask(d, "beta", out, f"beta{i}", max_tokens=2) for i in range(3)]
+    wait_for(lambda: sum(1 for k in out if isinstance(out[k], openai.APIStatusError)) == 1 or None, 10)
+    full = [first, *stream]
+    assert full[-1].choices[0].finish_reason in ("stop", "length")  # finished, not aborted
+    for t in waiters:
+        t.join(30)
+    answers = [out[f"beta{i}"] for i in range(3)]
+    served = [a for a in answers if not isinstance(a, openai.APIStatusError)]
+    refused = [a for a in answers if isinstance(a, openai.APIStatusError)]
+    # ON_DEMAND_QUEUE=2: two waited and were answered by beta; the third was told at once.
+    assert len(served) == 2 and all(a.model == "standin/beta" for a in served), answers
+    assert refused[0].status_code == 503 and refused[0].body["code"] == "queue_full", refused[0].body
+    assert d.status()["model"] == "beta"
+    with admin(d) as a:
+        swaps = [s for s in json.loads((d.state_dir / "swaps.json").read_text())["swaps"] if s["model"] == "beta"]
+        assert len(swaps) == 1 and swaps[0]["state"] == "ready", swaps  # three requests, one swap
+        # MIN_RESIDENCY: a request for alpha right after waits until beta has served 2 s.
+        t0 = time.monotonic()
+        r = c.chat.completions.create(model="alpha", messages=hi, max_tokens=2)
+        assert r.model == "standin/alpha" and time.monotonic() - t0 >= 1.5
+        # The swap lock's holder decides what serves: no swap on demand past it.
+        a.post("/api/swap/lock", json={"holder": "eval-run", "ttl_s": 60})
+    time.sleep(2.1)
+    with pytest.raises(openai.ConflictError) as locked:
+        c.chat.completions.create(model="beta", messages=hi, max_tokens=2)
+    assert "swap lock is held by eval-run" in locked.value.body["message"], locked.value.body
+    assert "on demand: swapping to beta for a request (consumer test)" in d.log()
+
+
+def test_on_demand_waits_are_bounded_and_a_yield_is_not_waited_out(daemons, env) -> None:
+    d = start(daemons, env_with(env, MIN_RESIDENCY="0", ON_DEMAND_WAIT="1", RESUME_COOLDOWN="30"))
+    d.wait_state("serving")
+    c = openai.OpenAI(base_url=d.status()["public_url"] + "/v1", api_key=TEST_KEY, max_retries=0, timeout=60)
+    hi = [{"role": "user", "content": "hi"}]
+    # `slow` takes 4 s to load: the request gives up after ON_DEMAND_WAIT, the swap goes on.
+    with pytest.raises(openai.InternalServerError) as late:
+        c.chat.completions.create(model="slow", messages=hi, max_tokens=2)
+    assert late.value.status_code == 503 and late.value.body["code"] == "model_loading", late.value.body
+    assert late.value.response.headers["retry-after"] == "30"
+    d.wait_state("serving", timeout=20)
+    assert c.chat.completions.create(model="slow", messages=hi, max_tokens=2).model == "standin/slow"
+    # A request waiting for a model that starts when a job arrives: it gets the yield's 503.
+    out: dict[str, Any] = {}
+    t = _ask(d, "beta", out, "beta", max_tokens=2)
+    wait_for(lambda: d.status().get("state") in ("swapping", "starting") or None, 10)
+    d.start_job("job_55")
+    t.join(15)
+    err = out["beta"]
+    assert isinstance(err, openai.APIStatusError) and err.status_code == 503, err
+    assert err.body["code"] in ("model_yielded", "model_cooldown"), err.body

@@ -70,6 +70,7 @@ from watchdog_llm.http.server import (
 from watchdog_llm.http.session import Sessions
 from watchdog_llm.metrics import Metrics
 from watchdog_llm.notify import Notifier, NotifyConfigError
+from watchdog_llm.ondemand import OnDemand, OnDemandConfig
 from watchdog_llm.policy import (
     AbortStreams,
     Activity,
@@ -245,6 +246,7 @@ class Daemon:
         self.events = EventBus()  # GET /api/events
         self.sessions = Sessions()  # dashboard sign-ins
         self._names: tuple[str, ModelNames] | None = None  # the gateway's model names, for one model
+        self.on_demand: OnDemand | None = None  # with the listeners
         self.llm_bin = ""
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -532,6 +534,10 @@ class Daemon:
             return f"model {e.name} needs {e.gpus} GPUs; at most {len(gpus)} can be ours here ({_ids(gpus)})"
         return None
 
+    def _swap_on_demand(self, name: str) -> None:
+        assert self.coord is not None
+        self.coord.swap(name, None)
+
     def _refuse_swap(self) -> str | None:
         if self.state.phase in (Phase.STOPPING, Phase.STOPPED):
             return "the daemon is stopping"
@@ -541,6 +547,14 @@ class Daemon:
         """The public gateway and the admin API. Both sockets are bound before either serves, so a
         port in use stops the start-up before any model process exists."""
         s = self.s
+        self.on_demand = OnDemand(
+            OnDemandConfig(s.on_demand_wait, s.on_demand_queue, s.min_residency),
+            lambda: self.state,
+            self.availability,
+            lambda: self.gateway.in_flight if self.gateway is not None else 0,
+            self._swap_on_demand,
+            log,
+        )
         cfg = GatewayConfig(
             max_body_bytes=s.max_body_bytes,
             body_timeout=s.body_timeout,
@@ -557,6 +571,8 @@ class Daemon:
             lambda: (self.model_addr.base_url, self._internal_key),
             lambda: {"model": self._public_model_name(), "since": self._wall(self.state.since)},
             self._model_names,
+            self.on_demand.demand if s.on_demand else None,  # off: 409 model_not_loaded
+            self.on_demand.pulse,
         )
         self._stack.push_async_callback(self.gateway.aclose)  # after its listener: it answered until then
         assert self.coord is not None
@@ -938,6 +954,8 @@ class Daemon:
             loop.call_soon(self.announce.swap_updates, updates)
         if d.state != before or notices:
             loop.call_soon(self.announce.decided, before, d, notices)
+            if self.on_demand is not None:
+                loop.call_soon(self.on_demand.pulse)
 
     @staticmethod
     def _wall(mono: float) -> float:

@@ -141,7 +141,15 @@ class Settings(BaseSettings):
     admin_port: int = Field(8081, ge=1, le=65535, description="admin port when ADMIN_HOST is set")
     admin_token: SecretStr = Field(SecretStr(""), description="bearer token for the admin API over TCP")
 
-    # Coordination: swap lock, webhooks
+    # Coordination: swap lock, webhooks, on-demand swaps
+    on_demand: bool = Field(True, description="a request naming another catalog model swaps to it (off: 409)")
+    on_demand_wait: float = Field(
+        600.0, gt=0, le=86400, description="longest a request waits for the model it named, seconds"
+    )
+    on_demand_queue: int = Field(64, ge=1, le=100_000, description="requests that may wait for one model (503 above)")
+    min_residency: float = Field(
+        30.0, ge=0, le=86400, description="seconds a model serves before a request for another may swap it out"
+    )
     swap_lock_max_ttl: float = Field(86400.0, gt=0, le=30 * 86400, description="longest swap lock, seconds")
     webhook_urls: str = _secret("", "URLs that receive signed event webhooks (commas or spaces)")
     webhook_secret: SecretStr = Field(SecretStr(""), description="HMAC-SHA256 key for X-Spark-Signature")

@@ -61,10 +61,13 @@ def find_real(vllm: str | None, model: str | None) -> Real | str:
     binary = vllm or (str(shim) if installed and shim.exists() else None)
     found = shutil.which(binary) if binary else None
     where = Path(model).expanduser() if model else tiny
+    problems = []  # every one, so that one run says all there is to fix
     if not found:
-        return f"{HOW_TO_REAL} ({f'--vllm {vllm}: not an executable' if vllm else 'no vLLM found'})"
+        problems.append(f"--vllm {vllm}: not an executable" if vllm else "no vLLM found")
     if not (where / "config.json").is_file():
-        return f"{HOW_TO_REAL} ({'--model ' if model else 'the tiny model: '}{where} has no config.json)"
+        problems.append(f"{'--model ' if model else 'the tiny model: '}{where} has no config.json")
+    if problems or not found:
+        return f"{HOW_TO_REAL} ({'; '.join(problems)})"
     return Real(found, where.resolve())
 
 

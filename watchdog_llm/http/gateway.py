@@ -16,7 +16,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +96,25 @@ class GatewayConfig:
     read_timeout: float = 600.0  # longest silence from the model (a long non-streamed answer)
     upstream_uds: str | None = None  # the model's unix socket (SERVER_SOCKET); None: TCP
     chat_page: bool = True  # CHAT_PAGE: `/` is the chat page, else a status page
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An answer instead of forwarding: our envelope with this status, code and message."""
+
+    status: int
+    code: str
+    message: str
+    retry_after: int | None = None
+    entry: str | None = None  # model_not_loaded: the catalog entry the request named
+
+    @property
+    def retryable(self) -> bool:
+        return self.retry_after is not None
+
+
+# Waits for a model that a request named (ON_DEMAND): None once it serves, else why not.
+Demand = Callable[[str, str], Awaitable["Refusal | None"]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +220,8 @@ class Gateway:
         upstream: Callable[[], tuple[str, str]],
         page: Callable[[], dict[str, Any]],
         models: Callable[[], ModelNames | None] = lambda: None,  # None: the body's `model` is not checked
+        demand: Demand | None = None,  # None: a catalog model not loaded is 409, never waited for
+        idle: Callable[[], None] = lambda: None,  # called when the last request in flight ends
     ) -> None:
         self.cfg = cfg
         self.keys = keys
@@ -210,6 +231,8 @@ class Gateway:
         self.upstream = upstream
         self.page = page
         self.models = models
+        self.demand = demand
+        self.idle = idle
         self._inflight: set[_Exchange] = set()
         # httpx's transport without an AsyncClient around it: no redirects followed, no proxy from
         # the environment (it must not carry our internal key elsewhere), no cookie jar (a cookie one
@@ -311,9 +334,16 @@ class Gateway:
             return await self._refuse(send, status, code, msg, consumer, reason=code)
         if doc is not None:
             body, wrong = self._by_model(doc, body)
+            if wrong is not None and wrong.entry is not None and self.demand is not None:
+                waited = await self._await_model(receive, wrong.entry, consumer)
+                if not isinstance(waited, Refusal) and waited is not None:
+                    return CLIENT_GONE
+                body, wrong = self._by_model(doc, body) if waited is None else (body, waited)
             if wrong is not None:
-                status, code, msg = wrong
-                return await self._refuse(send, status, code, msg, consumer, reason="model")
+                return await self._refuse(
+                    send, wrong.status, wrong.code, wrong.message, consumer, wrong.retryable, wrong.retry_after,
+                    reason="model",
+                )  # fmt: skip
         base, key = self.upstream()
         fwd = [(k, v) for k, v in scope["headers"] if k not in _DROP_IN]
         fwd.append((b"authorization", b"Bearer " + key.encode()))
@@ -337,8 +367,28 @@ class Gateway:
         finally:
             watcher.cancel()
             self._inflight.discard(ex)
+            if not self._inflight:
+                self.idle()
 
-    def _by_model(self, doc: dict[str, Any], body: bytes) -> tuple[bytes, tuple[int, str, str] | None]:
+    @property
+    def in_flight(self) -> int:
+        """Requests being forwarded to the model now."""
+        return len(self._inflight)
+
+    async def _await_model(self, receive: Receive, entry: str, consumer: str) -> Refusal | int | None:
+        """Wait (ON_DEMAND) until `entry` serves: None then, else why not; CLIENT_GONE if the client left."""
+        assert self.demand is not None
+        waiting = asyncio.ensure_future(self.demand(entry, consumer))
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (waiting, gone):
+                if not t.done():
+                    t.cancel()
+        return waiting.result() if waiting.done() and not waiting.cancelled() else CLIENT_GONE
+
+    def _by_model(self, doc: dict[str, Any], body: bytes) -> tuple[bytes, Refusal | None]:
         """The body to send (the running model's catalog name becomes the name vLLM knows), or why a
         request for another model is refused: 409 for one of the catalog not loaded now, 404 else."""
         asked = doc.get("model")
@@ -352,12 +402,9 @@ class Gateway:
         other = names.others.get(asked) or names.others.get(asked.lower())
         if other is not None:
             msg = f"model {_printable(asked)!r} ({other}) is not loaded: this endpoint serves {names.shown} now"
-            return body, (409, "model_not_loaded", msg)
-        return body, (
-            404,
-            "model_not_found",
-            f"model {_printable(asked)!r} is not served here (models: {names.known()})",
-        )
+            return body, Refusal(409, "model_not_loaded", msg, entry=other)
+        msg = f"model {_printable(asked)!r} is not served here (models: {names.known()})"
+        return body, Refusal(404, "model_not_found", msg)
 
     def _url(self, base: str, scope: Scope) -> httpx.URL:
         """The upstream URL of this path and query: parsed once (a parse costs ~15 us), kept while
@@ -648,6 +695,12 @@ def _event_end(data: bytes) -> int:
     if data.endswith(_EVENT_ENDS):  # the usual case: a chunk of whole events
         return len(data)
     return max((i + len(sep) for sep in _EVENT_ENDS if (i := data.rfind(sep)) >= 0), default=0)
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has gone (its request body was read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _watch_disconnect(receive: Receive, ex: _Exchange) -> None:

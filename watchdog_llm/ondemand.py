@@ -1,0 +1,120 @@
+"""ON_DEMAND: a request that names another catalog model swaps to it and waits while it loads,
+as llama-swap does, with the rules that keep it from hurting anyone:
+
+- never while the serving model has requests in flight (they finish first), nor before it has
+  served MIN_RESIDENCY seconds (a storm of requests for two models cannot thrash faster);
+- never past the swap lock (its holder decides what serves: the request gets 409 saying so);
+- at most ON_DEMAND_QUEUE requests wait for one model (503 above), each at most ON_DEMAND_WAIT s;
+- a yield is not waited out: the waiting requests get the same 503 as everyone else.
+
+The waits are event-driven: every decision of the daemon and the end of the last request in
+flight wake them (`pulse`); a timer covers the rest of a residency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from watchdog_llm.availability import Availability
+from watchdog_llm.coordination.core import CoordError
+from watchdog_llm.http.gateway import Refusal
+from watchdog_llm.policy import Phase, State
+
+# While these last the model that will serve next is being decided or started: wait and see.
+_UNDER_WAY = frozenset({Phase.STARTING, Phase.SWAPPING, Phase.INIT})
+
+
+@dataclass(frozen=True, slots=True)
+class _Wait:
+    at_most: float = math.inf  # seconds: a decision or the end of the last request may come sooner
+
+
+@dataclass(frozen=True, slots=True)
+class OnDemandConfig:
+    wait: float  # ON_DEMAND_WAIT
+    queue: int  # ON_DEMAND_QUEUE
+    min_residency: float  # MIN_RESIDENCY
+
+
+class OnDemand:
+    def __init__(
+        self,
+        cfg: OnDemandConfig,
+        state: Callable[[], State],
+        availability: Callable[[], Availability],
+        in_flight: Callable[[], int],
+        swap: Callable[[str], None],  # raises CoordError (the swap gate's answer)
+        log: logging.Logger,
+    ) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.availability = availability
+        self.in_flight = in_flight
+        self.swap = swap
+        self.log = log
+        self.waiting: dict[str, int] = {}
+        self._changed = asyncio.Event()
+
+    def pulse(self) -> None:
+        """Something changed (a decision, the last request in flight ended): waiters look again."""
+        if self.waiting:
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    async def demand(self, entry: str, consumer: str) -> Refusal | None:
+        queued = self.waiting.get(entry, 0)
+        if queued >= self.cfg.queue:
+            msg = f"{queued} requests already wait for model {entry} (ON_DEMAND_QUEUE); retry later"
+            return Refusal(503, "queue_full", msg, retry_after=10)
+        self.waiting[entry] = queued + 1
+        deadline = time.monotonic() + self.cfg.wait
+        try:
+            while True:
+                outcome = self._step(entry, consumer)
+                if not isinstance(outcome, _Wait):
+                    return outcome
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    msg = f"model {entry} did not become ready within {self.cfg.wait:g} s (ON_DEMAND_WAIT)"
+                    return Refusal(503, "model_loading", msg, retry_after=30)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), min(left, outcome.at_most))
+        finally:
+            self.waiting[entry] -= 1
+            if not self.waiting[entry]:
+                del self.waiting[entry]
+
+    def _step(self, entry: str, consumer: str) -> Refusal | _Wait | None:
+        """None: it serves; a Refusal; or wait."""
+        st = self.state()
+        if st.phase is Phase.SERVING and st.model.name == entry:
+            return None
+        if st.phase not in _UNDER_WAY and st.phase is not Phase.SERVING:
+            a = self.availability()  # yielded, cooling down, failed, stopping: what everyone gets
+            return Refusal(503, a.code, a.message, a.retry_after if a.retryable else None)
+        if st.phase is not Phase.SERVING or st.swap is not None:
+            return _Wait()  # a start or a swap is under way: its end is a decision
+        if self.in_flight():
+            return _Wait()  # the last one's end pulses
+        served = time.monotonic() - (st.serving_since or time.monotonic())
+        if served < self.cfg.min_residency:
+            return _Wait(self.cfg.min_residency - served)
+        try:
+            self.swap(entry)
+        except CoordError as e:
+            if e.code == "swap_in_progress":
+                return _Wait()
+            if e.status == 423:
+                lock = e.extra.get("lock") or {}
+                holder = lock.get("holder", "someone")
+                msg = f"model {entry} is not loaded, and the swap lock is held by {holder}: it decides what serves"
+                return Refusal(409, "model_not_loaded", msg)
+            return Refusal(e.status, e.code, e.message, 10 if e.retryable else None)
+        self.log.info("on demand: swapping to %s for a request (consumer %s)", entry, consumer or "-")
+        return _Wait()
