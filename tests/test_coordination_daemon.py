@@ -394,6 +394,14 @@ def test_the_gateway_routes_by_the_requests_model_catalog_names_included(daemons
     d.wait_state("serving")
     c = openai.OpenAI(base_url=d.status()["public_url"] + "/v1", api_key=TEST_KEY, max_retries=0, timeout=10)
     hi = [{"role": "user", "content": "hi"}]
+    # /v1/models lists the whole catalog; each card says which entry it is and whether it is loaded.
+    cards = [(m.id, m.model_extra["watchdog_llm"]) for m in c.models.list().data]  # type: ignore[index]
+    assert cards == [
+        ("standin/alpha", {"name": "alpha", "loaded": True}),
+        ("standin/beta", {"name": "beta", "loaded": False}),
+        ("standin/broken", {"name": "broken", "loaded": False}),
+        ("standin/slow", {"name": "slow", "loaded": False}),
+    ]
     for name in ("standin/alpha", "alpha", "A", "ALPHA"):
         r = c.chat.completions.create(model=name, messages=hi, max_tokens=2)
         assert r.model == "standin/alpha" and r.usage is not None and r.usage.completion_tokens == 2, name

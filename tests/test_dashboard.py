@@ -306,6 +306,7 @@ def test_the_dashboard_shows_the_daemon_live_and_swaps_with_its_log(
     chat.get_by_label("API key").fill(TEST_KEY)
     chat.get_by_label("API key").dispatch_event("change")
     expect(chat.locator("#model")).to_have_value("standin/beta")
+    expect(chat.locator("#model option")).to_have_text(["standin/beta", "standin/alpha (loads on request)"])
     # From the page itself, a request without the CSRF token is refused: the cookie alone changes nothing.
     status = page.evaluate("fetch('/api/swap/lock', {method: 'POST', headers: {'Content-Type': 'application/json'}, "
                            "body: JSON.stringify({holder: 'x', ttl_s: 60})}).then(r => r.status)")  # fmt: skip

@@ -125,6 +125,8 @@ class ModelNames:
     rename: Mapping[str, str]  # the running entry's catalog name and aliases -> its served name
     others: Mapping[str, str]  # names, aliases and model ids of the other entries -> their catalog name
     shown: str  # the running model, in messages
+    name: str = ""  # the running entry's catalog name
+    listed: tuple[tuple[str, str], ...] = ()  # the other entries for /v1/models: (served id, catalog name)
 
     def known(self) -> str:
         return ", ".join(sorted({self.shown, *self.others.values()}))
@@ -148,7 +150,8 @@ def model_names(entries: Sequence[ModelEntry], active: ModelEntry, shown: str) -
             for k in (n, n.lower()):
                 if k not in served and k not in rename:
                     others[k] = e.name
-    return ModelNames(served, rename, others, shown)
+    listed = tuple((served_names(e)[0], e.name) for e in entries if e.name != active.name)
+    return ModelNames(served, rename, others, shown, active.name, listed)
 
 
 def served_names(e: ModelEntry) -> list[str]:
@@ -370,6 +373,27 @@ class Gateway:
             if not self._inflight:
                 self.idle()
 
+    def _with_catalog(self, content: bytes) -> bytes:
+        """vLLM's /v1/models plus the catalog's other models (loaded on demand), each card marked
+        with `watchdog_llm: {name, loaded}`; vLLM's own answer when it is not the list expected."""
+        names = self.models()
+        if names is None:
+            return content
+        try:
+            doc = json.loads(content)
+        except ValueError:
+            return content
+        cards = doc.get("data") if isinstance(doc, dict) else None
+        if not isinstance(cards, list) or not all(isinstance(c, dict) for c in cards):
+            return content
+        created = next((c.get("created") for c in cards if isinstance(c.get("created"), int)), int(time.time()))
+        for c in cards:
+            c["watchdog_llm"] = {"name": names.name, "loaded": True}
+        for served, name in names.listed:
+            card = {"id": served, "object": "model", "created": created, "owned_by": "vllm"}
+            cards.append({**card, "watchdog_llm": {"name": name, "loaded": False}})
+        return json.dumps(doc, separators=(",", ":")).encode()
+
     @property
     def in_flight(self) -> int:
         """Requests being forwarded to the model now."""
@@ -449,6 +473,8 @@ class Gateway:
                 return await self._refuse(send, 504, "upstream_timeout", msg, consumer, True, 5, reason="timeout")
             except httpx.HTTPError as e:
                 return await self._upstream_failed(send, consumer, e)
+            if route == "/v1/models" and resp.status_code == 200 and req.method == "GET":
+                content = self._with_catalog(content)
             out.append((b"content-length", str(len(content)).encode()))
             await send({"type": "http.response.start", "status": resp.status_code, "headers": out})
             await send({"type": "http.response.body", "body": content})

@@ -221,7 +221,13 @@
       if (!r.ok) return false;
       const data = (await r.json()).data || [];
       const prefs = load(KEYS.prefs, {});
-      ui.model.replaceChildren(...data.map((m) => el("option", null, m.id)));
+      // A catalog model not loaded now is loaded when asked for (the first answer waits for it).
+      const option = (m) => {
+        const o = el("option", null, m.watchdog_llm && m.watchdog_llm.loaded === false ? `${m.id} (loads on request)` : m.id);
+        o.value = m.id;
+        return o;
+      };
+      ui.model.replaceChildren(...data.map(option));
       if (prefs.model && data.some((m) => m.id === prefs.model)) ui.model.value = prefs.model;
       if (!ui.notice.dataset.kind || ui.notice.dataset.kind === "401") notice("");
       return true;
