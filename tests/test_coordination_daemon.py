@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -447,12 +449,20 @@ def test_on_demand_a_request_for_another_model_swaps_to_it_once_the_served_one_i
     hi = [{"role": "user", "content": "hi"}]
     # A long answer from alpha is under way: requests for beta wait for it to end, never cut it.
     stream = c.chat.completions.create(
-        model="alpha", messages=[{"role": "user", "content": " ".join(["w"] * 60)}], max_tokens=60, stream=True
+        model="alpha", messages=[{"role": "user", "content": " ".join(["w"] * 300)}], max_tokens=200, stream=True
     )
     first = next(iter(stream))
     out: dict[str, Any] = {}
     waiters = [_ask(d, "beta", out, f"beta{i}", max_tokens=2) for i in range(3)]
     wait_for(lambda: sum(1 for k in out if isinstance(out[k], openai.APIStatusError)) == 1 or None, 10)
+    # While they wait: status, the CLI and the metrics say so.
+    with admin(d) as a:  # live (status.json is written on the daemon's decisions only)
+        cat = wait_for(lambda: (c_ := a.get("/api/status").json()["catalog"]) and c_[1]["waiting"] == 2 and c_, 10)
+    assert [(e["name"], e["state"]) for e in cat[:2]] == [("alpha", "resident"), ("beta", "not_loaded")]
+    human = subprocess.run([sys.executable, "-m", "watchdog_llm", "status"], env=d.env, capture_output=True, text=True)
+    assert "models:  alpha resident, beta not_loaded (2 waiting), broken not_loaded" in human.stdout, human.stdout
+    with admin(d) as a:
+        assert 'watchdog_llm_on_demand_waiting{model="beta"} 2.0' in a.get("/metrics").text
     full = [first, *stream]
     assert full[-1].choices[0].finish_reason in ("stop", "length")  # finished, not aborted
     for t in waiters:
@@ -465,6 +475,9 @@ def test_on_demand_a_request_for_another_model_swaps_to_it_once_the_served_one_i
     assert refused[0].status_code == 503 and refused[0].body["code"] == "queue_full", refused[0].body
     assert d.status()["model"] == "beta"
     with admin(d) as a:
+        m = a.get("/metrics").text
+        assert 'watchdog_llm_on_demand_swaps_total{model="beta"} 1.0' in m
+        assert 'watchdog_llm_on_demand_wait_seconds_count{model="beta",outcome="served"} 2.0' in m
         swaps = [s for s in json.loads((d.state_dir / "swaps.json").read_text())["swaps"] if s["model"] == "beta"]
         assert len(swaps) == 1 and swaps[0]["state"] == "ready", swaps  # three requests, one swap
         # MIN_RESIDENCY: a request for alpha right after waits until beta has served 2 s.

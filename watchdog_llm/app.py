@@ -553,6 +553,7 @@ class Daemon:
             self.availability,
             lambda: self.gateway.in_flight if self.gateway is not None else 0,
             self._swap_on_demand,
+            self.metrics,
             log,
         )
         cfg = GatewayConfig(

@@ -337,6 +337,9 @@ def _human_status(d: dict[str, Any], running: bool) -> str:
         f"  public:  {d.get('public_url', '?')}  admin: {d.get('admin', '?')}",
         f"  jobs:    {_jobs(d)}",
     ]
+    if cat := d.get("catalog"):
+        shown = [f"{e['name']} {e['state']}" + (f" ({e['waiting']} waiting)" if e.get("waiting") else "") for e in cat]
+        lines.append(f"  models:  {', '.join(shown)}")
     if sw := d.get("swap"):
         lines.append(f"  swap:    {_swap_line(sw)}")
     if (lk := d.get("lock")) and lk.get("locked"):

@@ -63,6 +63,20 @@ class Metrics:
             registry=r,
         )
         self.swaps = Counter(p + "swaps", "Model swaps finished, by outcome (ready, failed)", ["outcome"], registry=r)
+        # ON_DEMAND: requests that named a catalog model not loaded, by model (bounded: the catalog's names).
+        self.demand_waiting = Gauge(
+            p + "on_demand_waiting", "Requests waiting for the model they named to load", ["model"], registry=r
+        )
+        self.demand_wait = Histogram(
+            p + "on_demand_wait_seconds",
+            "How long a request waited for the model it named, by model and outcome (served, or the refusal's code)",
+            ["model", "outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.demand_swaps = Counter(
+            p + "on_demand_swaps", "Swaps started by a request, by model", ["model"], registry=r
+        )
         served = Gauge(p + "served_seconds", "Seconds the model has served, over all runs", registry=r)
         if served_seconds is not None:
             served.set_function(served_seconds)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from watchdog_llm.availability import Availability
 from watchdog_llm.coordination.core import CoordError
 from watchdog_llm.http.gateway import Refusal
+from watchdog_llm.metrics import Metrics
 from watchdog_llm.policy import Phase, State
 
 # While these last the model that will serve next is being decided or started: wait and see.
@@ -50,6 +51,7 @@ class OnDemand:
         availability: Callable[[], Availability],
         in_flight: Callable[[], int],
         swap: Callable[[str], None],  # raises CoordError (the swap gate's answer)
+        metrics: Metrics,
         log: logging.Logger,
     ) -> None:
         self.cfg = cfg
@@ -57,6 +59,7 @@ class OnDemand:
         self.availability = availability
         self.in_flight = in_flight
         self.swap = swap
+        self.metrics = metrics
         self.log = log
         self.waiting: dict[str, int] = {}
         self._changed = asyncio.Event()
@@ -73,7 +76,10 @@ class OnDemand:
             msg = f"{queued} requests already wait for model {entry} (ON_DEMAND_QUEUE); retry later"
             return Refusal(503, "queue_full", msg, retry_after=10)
         self.waiting[entry] = queued + 1
-        deadline = time.monotonic() + self.cfg.wait
+        self.metrics.demand_waiting.labels(entry).inc()
+        t0 = time.monotonic()
+        deadline = t0 + self.cfg.wait
+        outcome: Refusal | _Wait | None = _Wait()
         try:
             while True:
                 outcome = self._step(entry, consumer)
@@ -82,13 +88,17 @@ class OnDemand:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     msg = f"model {entry} did not become ready within {self.cfg.wait:g} s (ON_DEMAND_WAIT)"
-                    return Refusal(503, "model_loading", msg, retry_after=30)
+                    outcome = Refusal(503, "model_loading", msg, retry_after=30)
+                    return outcome
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), min(left, outcome.at_most))
         finally:
             self.waiting[entry] -= 1
             if not self.waiting[entry]:
                 del self.waiting[entry]
+            self.metrics.demand_waiting.labels(entry).dec()
+            how = "served" if outcome is None else outcome.code if isinstance(outcome, Refusal) else "gone"
+            self.metrics.demand_wait.labels(entry, how).observe(time.monotonic() - t0)
 
     def _step(self, entry: str, consumer: str) -> Refusal | _Wait | None:
         """None: it serves; a Refusal; or wait."""
@@ -116,5 +126,6 @@ class OnDemand:
                 msg = f"model {entry} is not loaded, and the swap lock is held by {holder}: it decides what serves"
                 return Refusal(409, "model_not_loaded", msg)
             return Refusal(e.status, e.code, e.message, 10 if e.retryable else None)
+        self.metrics.demand_swaps.labels(entry).inc()
         self.log.info("on demand: swapping to %s for a request (consumer %s)", entry, consumer or "-")
         return _Wait()

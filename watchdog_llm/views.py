@@ -17,7 +17,7 @@ from watchdog_llm import __version__
 from watchdog_llm.base.ids import format_ids as _ids
 from watchdog_llm.coordination.lock import public as lock_public
 from watchdog_llm.detect.gpu import GpuError
-from watchdog_llm.policy import served
+from watchdog_llm.policy import Phase, served
 from watchdog_llm.supervise.specs import model_argv
 
 if TYPE_CHECKING:
@@ -119,6 +119,7 @@ def status(d: Daemon) -> dict[str, Any]:
         "swap": None if d.coord is None or (o := d.coord.swaps.open()) is None else o.public(),
         "lock": lock_public(d.coord.lock.status()) if d.coord is not None else None,
         "webhooks": _webhooks(d),
+        "catalog": _catalog(d),
         "notifications": None
         if d.notifier is None
         else {"sent": d.notifier.sent, "failed": d.notifier.failed, "dropped": d.notifier.dropped},
@@ -184,3 +185,33 @@ def gpu_table(d: Daemon) -> dict[str, Any]:
             }
         )
     return {"view": view.name, "gpus": rows, "error": None}
+
+
+# What the active entry is, by the daemon's phase (the others are "not_loaded").
+_ENTRY_STATE = {
+    Phase.SERVING: "resident",
+    Phase.STARTING: "loading",
+    Phase.YIELDING: "yielded",
+    Phase.YIELDED: "yielded",
+    Phase.COOLDOWN: "yielded",
+    Phase.BACKOFF: "restarting",
+    Phase.FAILED: "failed",
+    Phase.SWAPPING: "stopping",
+    Phase.STOPPING: "stopping",
+}
+
+
+def _catalog(d: Daemon) -> list[dict[str, Any]] | None:
+    """Each catalog entry: its state and the requests waiting for it (ON_DEMAND); None with one model."""
+    if d.catalog is None or len(d.catalog.entries) < 2:
+        return None
+    active = d.state.model.name
+    waiting = d.on_demand.waiting if d.on_demand is not None else {}
+    return [
+        {
+            "name": e.name,
+            "state": _ENTRY_STATE.get(d.state.phase, "not_loaded") if e.name == active else "not_loaded",
+            "waiting": waiting.get(e.name, 0),
+        }
+        for e in d.catalog.entries
+    ]
