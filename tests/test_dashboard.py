@@ -299,7 +299,7 @@ def test_the_dashboard_shows_the_daemon_live_and_swaps_with_its_log(
     log = page.get_by_role("log", name="Swap log")
     expect(page.locator("#swap-title")).to_contain_text("ready", timeout=20_000)
     expect(log).not_to_be_empty()
-    expect(page.get_by_role("table", name="Models").locator("tr", has_text="beta")).to_contain_text("active")
+    expect(page.get_by_role("table", name="Models").locator("tr", has_text="beta")).to_contain_text("resident")
     assert daemon.status()["model"] == "beta"
     chat = browser.new_context().new_page()  # the chat page now offers the new model
     chat.goto(daemon.status()["public_url"] + "/")

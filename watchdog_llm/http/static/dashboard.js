@@ -171,8 +171,10 @@
     rows.replaceChildren();
     for (const m of d.models) {
       let action;
+      const entry = status && status.catalog ? status.catalog.find((e) => e.name === m.name) : null;
+      const waiting = entry && entry.waiting ? ` · ${entry.waiting} waiting` : "";
       if (m.active) {
-        action = el("span", "active", "active");
+        action = el("span", `${entry ? entry.state : "active"}${waiting}`, "active");
       } else {
         action = el("button", "Swap");
         action.type = "button";
@@ -187,6 +189,7 @@
       check.addEventListener("click", () => validate(m.name));
       const actions = el("span", null, "actions");
       actions.append(action, " ", check);
+      if (!m.active && waiting) actions.append(el("span", waiting, "muted"));
       rows.append(row([name, m.model, m.gpus ?? "default", actions]));
     }
   }
