@@ -505,6 +505,15 @@ def test_on_demand_waits_are_bounded_and_a_yield_is_not_waited_out(daemons, env)
     assert late.value.response.headers["retry-after"] == "30"
     d.wait_state("serving", timeout=20)
     assert c.chat.completions.create(model="slow", messages=hi, max_tokens=2).model == "standin/slow"
+    # A model that cannot start: the request is told why, once, and the model before serves again.
+    with pytest.raises(openai.InternalServerError) as broken:
+        c.chat.completions.create(model="broken", messages=hi, max_tokens=2)
+    assert broken.value.body["code"] == "model_start_failed", broken.value.body
+    assert broken.value.body["message"].startswith("model broken failed to start:"), broken.value.body
+    d.wait_state("serving", timeout=20)
+    assert d.status()["model"] == "slow"
+    tries = [s for s in json.loads((d.state_dir / "swaps.json").read_text())["swaps"] if s["model"] == "broken"]
+    assert len(tries) == 1 and tries[0]["state"] == "failed", tries
     # A request waiting for a model that starts when a job arrives: it gets the yield's 503.
     out: dict[str, Any] = {}
     t = _ask(d, "beta", out, "beta", max_tokens=2)

@@ -553,6 +553,7 @@ class Daemon:
             self.availability,
             lambda: self.gateway.in_flight if self.gateway is not None else 0,
             self._swap_on_demand,
+            lambda: self.coord.swaps.recent() if self.coord is not None else [],
             self.metrics,
             log,
         )

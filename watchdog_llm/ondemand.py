@@ -5,7 +5,9 @@ as llama-swap does, with the rules that keep it from hurting anyone:
   served MIN_RESIDENCY seconds (a storm of requests for two models cannot thrash faster);
 - never past the swap lock (its holder decides what serves: the request gets 409 saying so);
 - at most ON_DEMAND_QUEUE requests wait for one model (503 above), each at most ON_DEMAND_WAIT s;
-- a yield is not waited out: the waiting requests get the same 503 as everyone else.
+- a yield is not waited out: the waiting requests get the same 503 as everyone else;
+- a model that fails to start is not tried again for the same requests: they get 503
+  model_start_failed with its reason, and the model that served before serves again.
 
 The waits are event-driven: every decision of the daemon and the end of the last request in
 flight wake them (`pulse`); a timer covers the rest of a residency.
@@ -22,7 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from watchdog_llm.availability import Availability
+from watchdog_llm.base.vocab import SwapStage
 from watchdog_llm.coordination.core import CoordError
+from watchdog_llm.coordination.swap import SwapRecord
 from watchdog_llm.http.gateway import Refusal
 from watchdog_llm.metrics import Metrics
 from watchdog_llm.policy import Phase, State
@@ -51,6 +55,7 @@ class OnDemand:
         availability: Callable[[], Availability],
         in_flight: Callable[[], int],
         swap: Callable[[str], None],  # raises CoordError (the swap gate's answer)
+        swaps: Callable[[], list[SwapRecord]],  # the recent swaps, oldest first
         metrics: Metrics,
         log: logging.Logger,
     ) -> None:
@@ -59,6 +64,7 @@ class OnDemand:
         self.availability = availability
         self.in_flight = in_flight
         self.swap = swap
+        self.swaps = swaps
         self.metrics = metrics
         self.log = log
         self.waiting: dict[str, int] = {}
@@ -78,11 +84,12 @@ class OnDemand:
         self.waiting[entry] = queued + 1
         self.metrics.demand_waiting.labels(entry).inc()
         t0 = time.monotonic()
+        since = time.time()  # a swap to it that fails after this is this request's answer
         deadline = t0 + self.cfg.wait
         outcome: Refusal | _Wait | None = _Wait()
         try:
             while True:
-                outcome = self._step(entry, consumer)
+                outcome = self._failed(entry, since) or self._step(entry, consumer)
                 if not isinstance(outcome, _Wait):
                     return outcome
                 left = deadline - time.monotonic()
@@ -99,6 +106,15 @@ class OnDemand:
             self.metrics.demand_waiting.labels(entry).dec()
             how = "served" if outcome is None else outcome.code if isinstance(outcome, Refusal) else "gone"
             self.metrics.demand_wait.labels(entry, how).observe(time.monotonic() - t0)
+
+    def _failed(self, entry: str, since: float) -> Refusal | None:
+        """A swap to `entry` that failed while this request waited: the previous model serves
+        again, and the request is told why rather than trying the same failure once more."""
+        rec = next((r for r in reversed(self.swaps()) if r.model == entry and r.created_at >= since - 1), None)
+        if rec is None or rec.state is not SwapStage.FAILED:
+            return None
+        why = rec.error or rec.detail
+        return Refusal(503, "model_start_failed", f"model {entry} failed to start: {why}", retry_after=60)
 
     def _step(self, entry: str, consumer: str) -> Refusal | _Wait | None:
         """None: it serves; a Refusal; or wait."""
