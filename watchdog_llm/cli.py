@@ -23,7 +23,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
         help="local port to forward (default: ADMIN_PORT, or a free one when that is taken; 0: a free one)",
     )
     _coordination_parsers(sub)
+    from watchdog_llm import hosts_cli
+
+    hosts_cli.add_parsers(sub, _command)
     return p
 
 
@@ -205,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "lock": _lock,
         "schedule": _schedule,
         "dashboard": _dashboard,
+        "ssh-key": _hosts_cli("ssh_key"),
+        "hosts": _hosts_cli("hosts"),
     }[args.command]
     if args.command == "run":
         return handler(settings, args)
@@ -813,3 +818,13 @@ def _dashboard(s: config.Settings, args: argparse.Namespace) -> int:
         return EXIT_FAIL
     print("dashboard forward stopped", file=sys.stderr)
     return EXIT_OK
+
+
+def _hosts_cli(name: str) -> Callable[[config.Settings, argparse.Namespace], int]:
+    def handler(s: config.Settings, args: argparse.Namespace) -> int:
+        from watchdog_llm import hosts_cli
+
+        result: int = getattr(hosts_cli, name)(s, args)
+        return result
+
+    return handler

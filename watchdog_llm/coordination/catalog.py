@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 from dotenv import dotenv_values
 
+from watchdog_llm.coordination.hosts import Host, HostsError, parse_hosts
 from watchdog_llm.placement import Group
 
 # Flags the daemon sets itself: the same option in two places is a bug waiting to happen, and a key
@@ -172,6 +173,7 @@ class Catalog:
     source: str  # where it came from, for people: a file, a directory, or "MODEL_NAME"
     # Every group an entry names, with its rules (llama-swap's defaults for one `groups:` leaves out).
     groups: Mapping[str, Group] = field(default_factory=dict)
+    hosts: Mapping[str, Host] = field(default_factory=dict)  # LAN controller mode: machines driven over SSH
 
     def resolve(self, key: str) -> ModelEntry | None:
         """An entry by name or alias (exact, then case-insensitive)."""
@@ -219,7 +221,7 @@ def load(models: str, default_model: str, defaults: Defaults, *, model_name: str
         if e is None:
             names = ", ".join(x.name for x in cat.entries)
             raise CatalogError(f"DEFAULT_MODEL={default_model!r} is not in the catalog ({names})")
-        cat = Catalog(cat.entries, e.name, cat.source, cat.groups)
+        cat = Catalog(cat.entries, e.name, cat.source, cat.groups, cat.hosts)
     return cat
 
 
@@ -234,15 +236,17 @@ def _from_yaml(path: Path, defaults: Defaults) -> Catalog:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise CatalogError(f"MODELS {path}: not valid YAML{where}: {problem}") from None
     groups_doc: Any = None
+    hosts_doc: Any = None
     if isinstance(doc, dict) and "models" in doc:
         default = doc.get("default")
-        unknown = sorted(set(doc) - {"models", "default", "groups"})
+        unknown = sorted(set(doc) - {"models", "default", "groups", "hosts"})
         if unknown:
             raise CatalogError(
-                f"MODELS {path}: unknown top-level key {unknown[0]!r} (expected models, default, groups)"
+                f"MODELS {path}: unknown top-level key {unknown[0]!r} (expected models, default, groups, hosts)"
             )
         items = doc["models"]
         groups_doc = doc.get("groups")
+        hosts_doc = doc.get("hosts")
     else:
         default, items = None, doc
     if isinstance(items, dict):  # name: {fields}
@@ -272,7 +276,13 @@ def _from_yaml(path: Path, defaults: Defaults) -> Catalog:
         problems.append(f"MODELS {path}: default: expected a model name")
         default = None
     groups = _groups(groups_doc, f"MODELS {path}", problems)
-    return _catalog(entries, default, str(path), problems, groups)
+    try:
+        hosts = parse_hosts(hosts_doc, f"MODELS {path}")
+    except HostsError as e:
+        problems.extend(e.problems)
+        hosts = {}
+    cat = _catalog(entries, default, str(path), problems, groups)
+    return Catalog(cat.entries, cat.default, cat.source, cat.groups, hosts)
 
 
 def _groups(doc: Any, where: str, problems: list[str]) -> dict[str, Group]:

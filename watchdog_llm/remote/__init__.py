@@ -1,0 +1,1 @@
+"""LAN controller mode: model hosts driven over SSH (asyncssh)."""
