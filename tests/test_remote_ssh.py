@@ -90,6 +90,10 @@ def test_key_then_an_explicitly_accepted_host_then_commands(env: dict[str, str],
     r = cli(env, "hosts")
     assert r.returncode == 0 and sshd.fingerprint in r.stdout and "not accepted yet (hosts accept gone)" in r.stdout
 
+    r = cli(env, "doctor")
+    assert f"host spark-1 ({USER}@127.0.0.1:{sshd.port}): host key accepted ({sshd.fingerprint})" in r.stdout
+    assert "host gone (nobody@127.0.0.1:1): host key not accepted yet: `watchdog-llm hosts accept gone`" in r.stdout
+
     r = cli(env, "hosts", "check")
     assert r.returncode == 1, r.stdout
     assert "spark-1          ok" in r.stdout and "cannot reach host gone" in r.stdout

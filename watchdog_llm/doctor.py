@@ -51,6 +51,7 @@ def run_doctor(s: Settings, *, send: bool, out: TextIO, environ: dict[str, str])
     ours = _gpus(r, s, environ)
     if catalog is not None:
         _catalog_gpus(r, catalog, ours)
+        _hosts(r, s, catalog)
     _notifications(r, s, send)
     print(f"{'all checks passed' if not r.failures else f'{r.failures} check(s) failed'}", file=out)
     return r.failures == 0
@@ -92,6 +93,24 @@ def _model(r: Report, s: Settings) -> Catalog | None:
     else:
         r.ok(f"SERVER_PORT {s.server_port} is free (SERVER_SOCKET=off: other users of the node can reach vLLM's port)")
     return catalog
+
+
+def _hosts(r: Report, s: Settings, catalog: Catalog) -> None:
+    """Mode C: the controller's key and each host's accepted key (no connection: `hosts check` does that)."""
+    if not catalog.hosts:
+        return
+    from watchdog_llm.remote.ssh import KEY_NAME, fingerprint, known_keys
+
+    key = s.state_dir / "ssh" / KEY_NAME
+    (r.ok if key.exists() else r.fail)(
+        f"SSH key {key}" + (" exists" if key.exists() else " missing: run `watchdog-llm ssh-key`")
+    )
+    for h in catalog.hosts.values():
+        keys = known_keys(s.state_dir, h)
+        if keys:
+            r.ok(f"host {h.shown}: host key accepted ({', '.join(fingerprint(k) for k in keys)})")
+        else:
+            r.fail(f"host {h.shown}: host key not accepted yet: `watchdog-llm hosts accept {h.name}`")
 
 
 def _catalog(r: Report, s: Settings, catalog: Catalog, llm: str | None) -> None:
