@@ -190,6 +190,9 @@ def test_real_vllm_refusing_to_start_says_why_everywhere(
     assert d.terminate() == 0
 
 
+# ~35 s, and covered in `make test` by the stand-in's port test (test_gateway_daemon.py) and by
+# vLLM's recorded "Errno 98" output (test_output_cause.py): `make test-real-vllm` runs it.
+@pytest.mark.slow
 def test_real_vllm_port_taken_while_it_starts(daemons, daemon_env, ntfy) -> None:
     """SERVER_SOCKET=off: another user binds SERVER_PORT after the daemon checked it and before
     vLLM binds it (vLLM binds ~8 s in, after its imports). vLLM dies of it; the next start takes
