@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -523,3 +525,36 @@ def test_on_demand_waits_are_bounded_and_a_yield_is_not_waited_out(daemons, env)
     err = out["beta"]
     assert isinstance(err, openai.APIStatusError) and err.status_code == 503, err
     assert err.body["code"] in ("model_yielded", "model_cooldown"), err.body
+
+
+def test_reload_reads_the_catalog_again_and_a_broken_one_changes_nothing(daemons, env, tmp_path) -> None:
+    d = start(daemons, env)
+    st = d.wait_state("serving")
+    pids = st["model_pids"]
+    catalog = Path(env["MODELS"])
+    catalog.write_text(CATALOG.replace("description: the first stand-in", "description: renamed") + (
+        "  - name: gamma\n    model: standin/gamma\n"
+    ))  # fmt: skip
+    reload = [sys.executable, "-m", "watchdog_llm", "reload"]
+    r = subprocess.run(reload, env=d.env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "5 model(s)" in r.stdout and "added: gamma; removed: none; changed: alpha" in r.stdout, r.stdout
+    assert d.status()["model_pids"] == pids  # the serving model kept running
+    c = openai.OpenAI(base_url=st["public_url"] + "/v1", api_key=TEST_KEY, max_retries=0, timeout=10)
+    assert "standin/gamma" in [m.id for m in c.models.list().data]  # the gateway knows it at once
+    # A broken file: every problem said, the catalog as it was.
+    catalog.write_text("models:\n  - {name: alpha, model: standin/alpha, gpu: 2}\n  - {name: beta}\n")
+    r = subprocess.run(reload, env=d.env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "model 'alpha': unknown field 'gpu'" in r.stderr and "model 'beta': model:" in r.stderr, r.stderr
+    with admin(d) as a:
+        assert [m["name"] for m in a.get("/api/models").json()["models"]][-1] == "gamma"
+    # Without the model that serves: refused (swap first).
+    catalog.write_text("models:\n  - {name: beta, model: standin/beta}\n")
+    r = subprocess.run(reload, env=d.env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "model 'alpha' serves now and is not in it" in r.stderr, r.stderr
+    # SIGUSR1 does the same, into the log.
+    catalog.write_text(CATALOG)
+    os.kill(d.proc.pid, signal.SIGUSR1)
+    wait_for(lambda: "added none; removed gamma; changed alpha" in d.log() or None, 10)
+    assert d.status()["state"] == "serving" and d.status()["model_pids"] == pids

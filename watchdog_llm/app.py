@@ -307,6 +307,7 @@ class Daemon:
         jobs = self._start_detection(loop)
         for sig in SHUTDOWN_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGUSR1, self._reload_on_signal)
         await self._first_decision(pending, jobs)
         self.sd.notify("READY=1")
         if usec := os.environ.get("WATCHDOG_USEC"):
@@ -584,7 +585,12 @@ class Daemon:
             self._health,
             self.metrics.render,
             [
-                coordination_router(self.coord, lambda: views.endpoints(self), lambda key: views.validate(self, key)),
+                coordination_router(
+                    self.coord,
+                    lambda: views.endpoints(self),
+                    lambda key: views.validate(self, key),
+                    self.reload_catalog,
+                ),
                 dashboard_router(
                     self.sessions,
                     self.events,
@@ -767,7 +773,7 @@ class Daemon:
 
     @staticmethod
     def _remove_signal_handlers(loop: asyncio.AbstractEventLoop) -> None:
-        for sig in SHUTDOWN_SIGNALS:
+        for sig in (*SHUTDOWN_SIGNALS, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
 
     @staticmethod
@@ -793,6 +799,49 @@ class Daemon:
             await asyncio.sleep(usec / 2)
 
     # ---- inputs --------------------------------------------------------------------------------
+
+    def reload_catalog(self) -> dict[str, Any]:
+        """Read MODELS again and use it from now on. The serving model keeps running (a changed
+        definition applies at its next start). On any problem the old catalog stays: CatalogError."""
+        old, new = self.catalog, load_catalog(self.s)
+        active = self.state.model.name
+        kept = new.resolve(active)
+        if kept is None or kept.name != active:
+            raise CatalogError(
+                f"MODELS {new.source}: model {active!r} serves now and is not in it: swap to another model first"
+            )
+        self.catalog = new
+        if self.coord is not None:
+            self.coord.catalog = new
+        self._names = None  # the gateway's names are made again from the new catalog
+        before = {e.name: e for e in old.entries} if old is not None else {}
+        after = {e.name: e for e in new.entries}
+        summary = {
+            "source": new.source,
+            "models": list(after),
+            "added": sorted(set(after) - set(before)),
+            "removed": sorted(set(before) - set(after)),
+            "changed": sorted(n for n in set(after) & set(before) if after[n] != before[n]),
+            "hosts": list(new.hosts),
+        }
+        log.info(
+            "catalog reloaded from %s: %d model(s); added %s; removed %s; changed %s",
+            new.source,
+            len(after),
+            ", ".join(summary["added"]) or "none",
+            ", ".join(summary["removed"]) or "none",
+            ", ".join(summary["changed"]) or "none",
+        )
+        asyncio.get_running_loop().call_soon(self.announce.publish_status)
+        return summary
+
+    def _reload_on_signal(self) -> None:
+        log.info("SIGUSR1 received: reloading the catalog")
+        try:
+            self.reload_catalog()
+        except CatalogError as e:
+            for line in str(e).splitlines():
+                log.error("catalog not reloaded: %s", line)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         now = time.monotonic()

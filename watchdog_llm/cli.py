@@ -91,6 +91,12 @@ def _parser() -> argparse.ArgumentParser:
         help="local port to forward (default: ADMIN_PORT, or a free one when that is taken; 0: a free one)",
     )
     _coordination_parsers(sub)
+    rl = _command(
+        sub,
+        "reload",
+        help="read the catalog file again (or send the daemon SIGUSR1); the serving model keeps running",
+    )
+    rl.add_argument("--json", action="store_true", help="machine-readable output")
     from watchdog_llm import hosts_cli
 
     hosts_cli.add_parsers(sub, _command)
@@ -208,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "lock": _lock,
         "schedule": _schedule,
         "dashboard": _dashboard,
+        "reload": _reload,
         "ssh-key": _hosts_cli("ssh_key"),
         "hosts": _hosts_cli("hosts"),
     }[args.command]
@@ -828,3 +835,29 @@ def _hosts_cli(name: str) -> Callable[[config.Settings, argparse.Namespace], int
         return result
 
     return handler
+
+
+def _reload(s: config.Settings, args: argparse.Namespace) -> int:
+    from watchdog_llm.admin_client import AdminError, NotRunning
+
+    try:
+        d = _client(s).request("POST", "/api/catalog/reload")
+    except NotRunning as e:
+        _err(e.message)
+        return EXIT_NOT_RUNNING
+    except AdminError as e:
+        if args.json and e.body:
+            _print_json(e.body)
+        for problem in e.body.get("problems") or [e.message]:
+            _err(f"not reloaded: {problem}")
+        return EXIT_FAIL
+    if args.json:
+        _print_json(d)
+        return EXIT_OK
+
+    def names(key: str) -> str:
+        return ", ".join(d.get(key) or []) or "none"
+
+    print(f"catalog reloaded from {d['source']}: {len(d['models'])} model(s)")
+    print(f"  added: {names('added')}; removed: {names('removed')}; changed: {names('changed')}")
+    return EXIT_OK

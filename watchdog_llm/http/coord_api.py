@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from watchdog_llm.coordination import health
+from watchdog_llm.coordination.catalog import CatalogError
 from watchdog_llm.coordination.core import CoordError, Coordinator
 from watchdog_llm.coordination.lock import HOLDER_MAX, REASON_MAX, holder_problem, reason_problem
 from watchdog_llm.coordination.lock import public as lock_public
@@ -157,6 +158,7 @@ def coordination_router(
     coord: Coordinator,
     endpoints: Callable[[], dict[str, Any]],
     validate: Callable[[str], dict[str, Any]],
+    reload: Callable[[], dict[str, Any]] | None = None,
 ) -> APIRouter:
     r = APIRouter(prefix="/api")
 
@@ -174,6 +176,22 @@ def coordination_router(
             "source": coord.catalog.source,
             "models": [{**e.public(), "active": e.name == active} for e in coord.catalog.entries],
         }
+
+    if reload is not None:
+        reload_catalog = reload
+
+        @r.post(
+            "/catalog/reload",
+            summary="Read the catalog file again (the serving model keeps running); every problem, the old one kept",
+            responses={422: _err(422, "the new catalog has problems: all of them in `problems`")},
+        )
+        async def catalog_reload() -> Any:
+            try:
+                return reload_catalog()
+            except CatalogError as e:
+                problems = list(e.problems) or [str(e)]
+                body = {**api_body("invalid_catalog", problems[0]), "problems": problems}
+                return JSONResponse(body, status_code=422)
 
     # The lock's routes come before /swap/{swap_id}: "lock" is not a swap id.
     @r.get("/swap/lock", response_model=LockOut, summary="The swap lock (never its token)")
