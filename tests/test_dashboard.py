@@ -101,8 +101,7 @@ def test_the_link_signs_in_once_and_the_session_needs_its_csrf_token(daemon: Dae
         assert r.status_code == 401 and "watchdog-llm dashboard" in r.text
     c, csrf = signed_in(dashboard)
     with contextlib.closing(c):
-        cookie = c.cookies.jar
-        set_cookie = [ck for ck in cookie]
+        set_cookie = list(c.cookies.jar)
         assert len(set_cookie) == 1 and set_cookie[0].name == "wdl_session"
         assert c.get("/api/status").json()["state"] == "serving"
         # The same link again, in another browser: refused, and the page says what to do.

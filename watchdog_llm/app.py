@@ -800,10 +800,12 @@ class Daemon:
 
     # ---- inputs --------------------------------------------------------------------------------
 
-    def reload_catalog(self) -> dict[str, Any]:
+    async def reload_catalog(self) -> dict[str, Any]:
         """Read MODELS again and use it from now on. The serving model keeps running (a changed
-        definition applies at its next start). On any problem the old catalog stays: CatalogError."""
-        old, new = self.catalog, load_catalog(self.s)
+        definition applies at its next start). On any problem the old catalog stays: CatalogError.
+        The file is read in a thread: a slow filesystem never stalls the loop that carries out yields."""
+        new = await asyncio.to_thread(load_catalog, self.s)
+        old = self.catalog
         active = self.state.model.name
         kept = new.resolve(active)
         if kept is None or kept.name != active:
@@ -837,8 +839,11 @@ class Daemon:
 
     def _reload_on_signal(self) -> None:
         log.info("SIGUSR1 received: reloading the catalog")
+        self._background(self._reload_logged())
+
+    async def _reload_logged(self) -> None:
         try:
-            self.reload_catalog()
+            await self.reload_catalog()
         except CatalogError as e:
             for line in str(e).splitlines():
                 log.error("catalog not reloaded: %s", line)

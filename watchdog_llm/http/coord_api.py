@@ -12,7 +12,7 @@ import asyncio
 import functools
 import json
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query
@@ -158,7 +158,7 @@ def coordination_router(
     coord: Coordinator,
     endpoints: Callable[[], dict[str, Any]],
     validate: Callable[[str], dict[str, Any]],
-    reload: Callable[[], dict[str, Any]] | None = None,
+    reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
 ) -> APIRouter:
     r = APIRouter(prefix="/api")
 
@@ -187,7 +187,7 @@ def coordination_router(
         )
         async def catalog_reload() -> Any:
             try:
-                return reload_catalog()
+                return await reload_catalog()
             except CatalogError as e:
                 problems = list(e.problems) or [str(e)]
                 body = {**api_body("invalid_catalog", problems[0]), "problems": problems}

@@ -33,7 +33,8 @@ LOGS = ("daemon", "model", "tunnel")  # STATE_DIR/logs/NAME.log
 LOG_LINES_MAX = 2000
 _LOG_READ = 512 * 1024  # bytes read from a log's end at most
 _SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
-_OPEN = ("/login", "/_dash/")  # reachable before sign-in: the login checks its own token
+# Reachable before sign-in: the login checks its own token; the assets are the sign-in pages' own.
+_LOGIN, _ASSETS = "/login", "/_dash/"
 
 
 class Gate:
@@ -57,7 +58,7 @@ class Gate:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        if path == _OPEN[0] or path.startswith(_OPEN[1]):
+        if path == _LOGIN or path.startswith(_ASSETS):
             await self.app(scope, receive, send)
             return
         cookie = _cookie(hdrs.get(b"cookie", b""))
