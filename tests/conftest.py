@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -16,6 +18,7 @@ from typing import Any
 import psutil
 import pytest
 from helpers import TEST_KEY, alive, bin_path, free_port
+from sshd_harness import AVAILABLE, MISSING, Sshd, ensure_user
 
 from watchdog_llm.config import Settings
 from watchdog_llm.supervise.tree import set_child_subreaper
@@ -208,3 +211,20 @@ def browser() -> Iterator[Any]:
             yield b
         finally:
             b.close()
+
+
+@pytest.fixture
+def sshd() -> Iterator[Any]:
+    """A real OpenSSH server on loopback (tests/sshd_harness.py), with its own host key and test user."""
+    if not AVAILABLE:
+        pytest.fail(MISSING)
+    ensure_user()
+    # sshd reads authorized_keys as the user: a directory it can reach (pytest's tmp_path is root's 0700).
+    root = Path(tempfile.mkdtemp(prefix="wdl-sshd-"))
+    server = Sshd(root)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)

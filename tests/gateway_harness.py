@@ -126,7 +126,7 @@ class GatewayServer:
             self.limiter,
             self.metrics,
             self.avail,
-            lambda: (self.upstream_url, self.internal_key),
+            lambda: (self.upstream_url, self.internal_key, False),
             lambda: {"model": self.model, "since": time.time() - 3600},
         )
         sock = bind_tcp("127.0.0.1", 0, "PUBLIC_PORT")

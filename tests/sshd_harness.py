@@ -16,10 +16,14 @@ from pathlib import Path
 from helpers import free_port, wait_for
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+# The host's init: a subreaper that reaps what the sessions leave (a `docker run -d`-style server
+# whose launcher exited), as init does on a real host; without it they would re-parent to pytest
+# (a subreaper that never reaps) and stay zombies that `kill -0` still finds.
+TINI = shutil.which("tini") or "/usr/bin/tini"
 USER = "wdltest"
-AVAILABLE = os.geteuid() == 0 and os.path.exists(SSHD)
+AVAILABLE = os.geteuid() == 0 and os.path.exists(SSHD) and os.path.exists(TINI)
 REQUIRED = os.environ.get("WATCHDOG_LLM_REQUIRE_SSHD") == "1"
-MISSING = "needs root and Debian's openssh-server (apt-get install openssh-server; .ci/run does)"
+MISSING = "needs root, Debian's openssh-server and tini (apt-get install openssh-server tini; .ci/run does)"
 
 
 def ensure_user() -> None:
@@ -61,11 +65,16 @@ class Sshd:
             f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.host_key}\n"
             f"PidFile {self.root / 'sshd.pid'}\nAuthorizedKeysFile {self.authorized}\n"
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
-            f"PermitRootLogin no\nStrictModes no\nUsePAM no\nAllowUsers {USER}\nLogLevel VERBOSE\n"
+            # root too (by key only): the daemon's tests start model servers from this checkout's venv,
+            # whose Python lives under root's 0700 home.
+            f"PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nAllowUsers {USER} root\n"
+            "LogLevel VERBOSE\n"
         )
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # its privilege separation directory
         self.log = open(self.root / "sshd.log", "ab")
-        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [TINI, "-s", "--", SSHD, "-D", "-e", "-f", str(cfg)], stdout=self.log, stderr=subprocess.STDOUT
+        )
         wait_for(lambda: self._listening() or None, 10, 0.05, "sshd listening")
 
     def _listening(self) -> bool:

@@ -6,39 +6,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from sshd_harness import AVAILABLE, MISSING, REQUIRED, USER, Sshd, ensure_user
+from sshd_harness import AVAILABLE, MISSING, REQUIRED, USER, Sshd
 
 from watchdog_llm.coordination.hosts import Host, HostsError, parse_hosts
 from watchdog_llm.remote.ssh import Remote, SshError, ensure_key
 
 pytestmark = [pytest.mark.skipif(not AVAILABLE and not REQUIRED, reason=MISSING), pytest.mark.timeout(90)]
-
-
-@pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[Sshd]:
-    if not AVAILABLE:
-        pytest.fail(MISSING)
-    ensure_user()
-    # sshd reads authorized_keys as the user: a directory it can reach (pytest's tmp_path is root's 0700).
-    root = Path(tempfile.mkdtemp(prefix="wdl-sshd-"))
-    server = Sshd(root)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

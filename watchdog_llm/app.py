@@ -122,6 +122,8 @@ from watchdog_llm.supervise.specs import (
     load_catalog,
     model_address,
     model_spec,
+    remote_address,
+    remote_spec,
     resolve_bin,
     tunnel_config,
     tunnel_spec,
@@ -226,6 +228,7 @@ class Daemon:
         self._tasks: set[asyncio.Task[None]] = set()
         self._internal_key = secrets.token_urlsafe(32)  # replaced at every model start
         self.model_addr = model_address(settings)  # where the model listens (SERVER_PORT may be taken)
+        self.model_remote = False  # model_addr is on another host (a remote entry's base_url)
         self._port_taken = False  # SERVER_PORT was in use at the last start (told once, until free again)
         self.metrics = Metrics(served_seconds=lambda: served(self.state, time.monotonic()))
         self.announce = Announcer(
@@ -463,20 +466,30 @@ class Daemon:
 
     @staticmethod
     def _choice(e: ModelEntry) -> ModelChoice:
-        return ModelChoice(e.name, e.gpus, e.startup_timeout)
+        return ModelChoice(e.name, e.gpus, e.startup_timeout, remote=e.remote is not None)
 
     def entry(self, name: str) -> ModelEntry:
         assert self.catalog is not None
         return self.catalog.resolve(name) or self.catalog.default_entry
 
     def _model_spec(self, name: str) -> Any:
-        return model_spec(self.s, self.llm_bin, lambda: self._internal_key, self.entry(name), self.model_addr)
+        e = self.entry(name)
+        if e.remote is not None:
+            assert self.catalog is not None  # the catalog checked that the host is in it
+            return remote_spec(self.s, lambda: self._internal_key, e, self.catalog.hosts[e.remote.host])
+        return model_spec(self.s, self.llm_bin, lambda: self._internal_key, e, self.model_addr)
 
-    def _choose_address(self) -> None:
+    def _choose_address(self, name: str) -> None:
         """Before each start, over TCP: SERVER_PORT, or another free port while something else holds
-        it (another user's server must not make our model fail; told once, until it is free again)."""
+        it (another user's server must not make our model fail; told once, until it is free again).
+        A remote entry is reached at its base_url."""
         s = self.s
+        self.model_remote = (e := self.entry(name)).remote is not None
+        if e.remote is not None:
+            self.model_addr = remote_address(e)
+            return
         if s.model_socket is not None:
+            self.model_addr = model_address(s)  # after a remote entry, this node's socket again
             return
         if not port_in_use(s.server_host, s.server_port):
             self._port_taken = False
@@ -571,7 +584,7 @@ class Daemon:
             Limiter(s.max_concurrent_per_key),
             self.metrics,
             self.availability,
-            lambda: (self.model_addr.base_url, self._internal_key),
+            lambda: (self.model_addr.base_url, self._internal_key, self.model_remote),
             lambda: {"model": self._public_model_name(), "since": self._wall(self.state.since)},
             self._model_names,
             self.on_demand.demand if s.on_demand else None,  # off: 409 model_not_loaded
@@ -978,8 +991,10 @@ class Daemon:
                 case StartModel(run=run, gpus=gpus, model=name):
                     assert self.model is not None
                     self._internal_key = secrets.token_urlsafe(32)  # a fresh key for every run
-                    env = {**self.gpu_plan.cuda_env(gpus), "VLLM_API_KEY": self._internal_key}
-                    self._choose_address()
+                    env = {"VLLM_API_KEY": self._internal_key}
+                    if self.entry(name).remote is None:
+                        env.update(self.gpu_plan.cuda_env(gpus))
+                    self._choose_address(name)
                     self.model.start(run, env, self._model_spec(name))
                 case SetTimer(name=name, delay=delay, token=token):
                     self.timers.arm(name, delay, functools.partial(self._handle, TimerFired(name, token)))

@@ -102,6 +102,7 @@ class ModelChoice:
     name: str = ""
     gpus: int | None = None
     startup_timeout: float | None = None
+    remote: bool = False  # runs on another host (LAN controller mode): this node's jobs and GPUs are not its
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +382,8 @@ def _overlap(limits: Limits) -> bool:
 
 def _conflict(state: State, limits: Limits, trigger: str) -> tuple[str, str] | None:
     """(job, cause) when the running model must give its GPUs back now; None when nothing conflicts."""
+    if state.model.remote:
+        return None
     if not _overlap(limits):
         if state.jobs:
             job = trigger if trigger in state.jobs else min(state.jobs)
@@ -410,6 +413,8 @@ def _pending(state: State) -> list[str]:
 def plan_gpus(state: State, limits: Limits, *, ignore_pending: bool = False) -> frozenset[int] | str:
     """The GPUs the next start uses (highest free ids first: Slurm allocates low ones first),
     or why the model cannot start now. `ignore_pending`: judge only the jobs already looked up."""
+    if state.model.remote:
+        return frozenset()
     if state.jobs and not _overlap(limits):
         return _blocked_reason(state.jobs)
     pending = _pending(state)

@@ -40,7 +40,14 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _FIELDS = (
     "name", "aliases", "model", "args", "env", "gpus", "health_path", "startup_timeout", "description",
     "kind", "gpu_memory", "ttl", "group", "priority", "max_concurrency", "sleep",
+    "host", "base_url", "start", "stop", "logs",
 )  # fmt: skip
+# A remote entry's commands are words; these stand for the entry's own values. `{args}` is a word
+# of its own and becomes the entry's args, one word each.
+PLACEHOLDERS = ("{model}", "{name}", "{args}")
+_PLACEHOLDER = re.compile(r"\{[A-Za-z_]*\}")
+# Flags a remote start command may set itself: the port and host are the host's business there.
+_REMOTE_FREE_FLAGS = frozenset({"--port", "--host", "--uds"})
 # What an entry serves (`kind`), and the OpenAI-style routes each kind answers.
 KINDS: Mapping[str, tuple[str, ...]] = {
     "chat": ("/v1/chat/completions", "/v1/responses"),
@@ -83,12 +90,14 @@ class CatalogError(ValueError):
         self.problems = problems
 
 
-def check_vllm_args(words: Iterable[str]) -> None:
+def check_vllm_args(words: Iterable[str], *, remote: bool = False) -> None:
     """Raise ValueError for a flag the daemon sets itself (vLLM's argparse accepts `--api_key` and
-    unambiguous prefixes such as `--api`, so those count too)."""
+    unambiguous prefixes such as `--api`, so those count too). On a remote host only the key is ours."""
     for word in words:
         flag = word.split("=", 1)[0].replace("_", "-")
         for reserved, instead in RESERVED_VLLM_FLAGS.items():
+            if remote and reserved in _REMOTE_FREE_FLAGS:
+                continue
             if flag == reserved or (len(flag) > 3 and flag.startswith("--") and reserved.startswith(flag)):
                 raise ValueError(f"{word.split('=', 1)[0]} is not allowed here: {instead}")
 
@@ -110,6 +119,37 @@ class Defaults:
 
 
 @dataclass(frozen=True, slots=True)
+class RemoteSpec:
+    """How a remote entry runs: commands as words (placeholders not yet filled in)."""
+
+    host: str
+    base_url: str  # what the gateway (and probes) reach: http://address:port, no path
+    start: tuple[str, ...]
+    stop: tuple[str, ...] = ()  # empty: stopped by a signal over the SSH channel
+    logs: tuple[str, ...] = ()  # empty: the start command's own output is the log
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "base_url": self.base_url,
+            "start": list(self.start),
+            "stop": list(self.stop),
+            "logs": list(self.logs),
+        }
+
+
+def fill(words: Iterable[str], entry: ModelEntry) -> list[str]:
+    """A remote command's words with the entry's values in place of {model}, {name} and {args}."""
+    out: list[str] = []
+    for w in words:
+        if w == "{args}":
+            out.extend(entry.args)
+        else:
+            out.append(w.replace("{model}", entry.model).replace("{name}", entry.name))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
 class ModelEntry:
     name: str
     model: str  # hub id or local path: what `vllm serve` is given
@@ -128,6 +168,13 @@ class ModelEntry:
     priority: int = 0
     max_concurrency: int | None = None
     sleep: int = 0  # 0: evicted by a stop; 1 or 2: vLLM sleep mode at that level
+    # LAN controller mode: the entry runs on `host` (a name in `hosts:`), started, stopped and
+    # followed by these commands over SSH, and reached at `base_url`. None: it runs on this node.
+    remote: RemoteSpec | None = None
+
+    @property
+    def host(self) -> str | None:
+        return self.remote.host if self.remote is not None else None
 
     def memory_mib(self, gpu_total_mib: int) -> int | None:
         """MiB per GPU on a GPU of `gpu_total_mib`; None: the whole GPU."""
@@ -163,6 +210,7 @@ class ModelEntry:
             "priority": self.priority,
             "max_concurrency": self.max_concurrency,
             "sleep": self.sleep,
+            **(self.remote.public() if self.remote is not None else {"host": None}),
         }
 
 
@@ -281,6 +329,11 @@ def _from_yaml(path: Path, defaults: Defaults) -> Catalog:
     except HostsError as e:
         problems.extend(e.problems)
         hosts = {}
+    else:
+        for entry in entries:
+            if entry.host is not None and entry.host not in hosts:
+                known = ", ".join(hosts) or "none: add a hosts: section"
+                problems.append(f"MODELS {path}: model {entry.name!r}: host: {entry.host!r} is not in hosts: ({known})")
     cat = _catalog(entries, default, str(path), problems, groups)
     return Catalog(cat.entries, cat.default, cat.source, cat.groups, hosts)
 
@@ -418,13 +471,10 @@ def _entry(item: Mapping[str, Any], where: str, defaults: Defaults) -> ModelEntr
         aliases = [aliases]
     if not isinstance(aliases, list) or not all(isinstance(a, str) and NAME.fullmatch(a) for a in aliases):
         raise bad("aliases", "expected a list of names (letters, digits, _.:+-)")
-    args = item.get("args") or []
+    remote = _remote(item, bad)
     try:
-        words = split_args(args) if isinstance(args, str) else args
-        if not isinstance(words, list) or not all(isinstance(w, str | int | float) for w in words):
-            raise ValueError("expected a list of arguments or one shell-quoted string")
-        words = [str(w) for w in words]
-        check_vllm_args(words)
+        words = _words(item.get("args") or [])
+        check_vllm_args(words, remote=remote is not None)
     except ValueError as e:
         raise bad("args", str(e)) from None
     env = item.get("env") or {}
@@ -437,6 +487,8 @@ def _entry(item: Mapping[str, Any], where: str, defaults: Defaults) -> ModelEntr
             raise bad("env", f"{k} is set by the daemon (GPU placement, the internal key)")
         if not isinstance(v, str | int | float | bool):
             raise bad("env", f"{k}: expected a string")
+        if remote is not None and ("\n" in str(v) or "\0" in str(v)):
+            raise bad("env", f"{k}: a remote entry's values travel one per line: no line breaks")
     gpus = _number(item.get("gpus", defaults.gpus), int, 0, 64)
     if gpus is None:
         raise bad("gpus", "expected a whole number from 0 to 64")
@@ -493,7 +545,58 @@ def _entry(item: Mapping[str, Any], where: str, defaults: Defaults) -> ModelEntr
         priority=int(priority),
         max_concurrency=None if conc is None else int(conc),
         sleep=int(sleep),
+        remote=remote,
     )
+
+
+def _words(value: Any) -> list[str]:
+    """A list of words, or one shell-quoted string split into words (never run by a shell)."""
+    words = split_args(value) if isinstance(value, str) else value
+    if not isinstance(words, list) or not all(isinstance(w, str | int | float) for w in words):
+        raise ValueError("expected a list of arguments or one shell-quoted string")
+    if any(isinstance(w, bool) for w in words):
+        raise ValueError("a word is a YAML true/false (or yes/no): quote it")
+    return [str(w) for w in words]
+
+
+def _remote(item: Mapping[str, Any], bad: Any) -> RemoteSpec | None:
+    """`host`, `base_url`, `start`, `stop`, `logs`: all or nothing of a remote entry."""
+    fields = ("base_url", "start", "stop", "logs")
+    host = item.get("host")
+    if host is None:
+        given = [f for f in fields if f in item]
+        if given:
+            raise bad(given[0], "only for an entry that runs on another host: set host (a name in hosts:)")
+        return None
+    if not isinstance(host, str) or not host:
+        raise bad("host", "expected the name of a host in hosts:")
+    url = item.get("base_url")
+    if not isinstance(url, str) or not re.fullmatch(r"https?://[A-Za-z0-9_.:\[\]-]+", url.rstrip("/")):
+        raise bad("base_url", "expected where the server on the host listens, e.g. http://10.0.0.21:8000 (no path)")
+    commands: dict[str, tuple[str, ...]] = {}
+    for fld in ("start", "stop", "logs"):
+        value = item.get(fld)
+        if value is None:
+            if fld == "start":
+                raise bad("start", "a remote entry needs the command that starts its server on the host")
+            commands[fld] = ()
+            continue
+        try:
+            words = _words(value)
+        except ValueError as e:
+            raise bad(fld, str(e)) from None
+        if not words:
+            raise bad(fld, "expected a command")
+        for w in words:
+            for p in _PLACEHOLDER.findall(w):
+                if p not in PLACEHOLDERS:
+                    raise bad(fld, f"unknown placeholder {p} (expected {', '.join(PLACEHOLDERS)})")
+            if "{args}" in w and w != "{args}":
+                raise bad(fld, "{args} stands for several words: write it as a word of its own")
+            if any(not c.isprintable() for c in w):
+                raise bad(fld, "expected printable words")
+        commands[fld] = tuple(words)
+    return RemoteSpec(host, url.rstrip("/"), commands["start"], commands["stop"], commands["logs"])
 
 
 def _memory(value: Any) -> int | float | None:

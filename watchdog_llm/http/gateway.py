@@ -220,7 +220,7 @@ class Gateway:
         limiter: Limiter,
         metrics: Metrics,
         availability: Callable[[], Availability],
-        upstream: Callable[[], tuple[str, str]],
+        upstream: Callable[[], tuple[str, str, bool]],
         page: Callable[[], dict[str, Any]],
         models: Callable[[], ModelNames | None] = lambda: None,  # None: the body's `model` is not checked
         demand: Demand | None = None,  # None: a catalog model not loaded is 409, never waited for
@@ -242,6 +242,8 @@ class Gateway:
         # user's answer set would go upstream with everyone's requests), no default headers; and
         # none of the client's per-request work for features we do not use.
         self.upstream_client = Lanes(keep=256, keepalive_expiry=UPSTREAM_KEEPALIVE_EXPIRY, uds=cfg.upstream_uds)
+        # A model on another host (LAN controller mode) is reached over TCP, whatever the local one uses.
+        self.remote_client = Lanes(keep=64, keepalive_expiry=UPSTREAM_KEEPALIVE_EXPIRY)
         self._timeout = httpx.Timeout(
             cfg.read_timeout, connect=cfg.connect_timeout, write=30.0, pool=cfg.connect_timeout
         ).as_dict()
@@ -253,6 +255,7 @@ class Gateway:
 
     async def aclose(self) -> None:
         await self.upstream_client.aclose()
+        await self.remote_client.aclose()
 
     def model_down(self) -> None:
         """The model left serving (yield, crash, hang, stop): every request in flight ends now, a
@@ -347,7 +350,7 @@ class Gateway:
                     send, wrong.status, wrong.code, wrong.message, consumer, wrong.retryable, wrong.retry_after,
                     reason="model",
                 )  # fmt: skip
-        base, key = self.upstream()
+        base, key, remote = self.upstream()
         fwd = [(k, v) for k, v in scope["headers"] if k not in _DROP_IN]
         fwd.append((b"authorization", b"Bearer " + key.encode()))
         try:
@@ -366,7 +369,8 @@ class Gateway:
         self._inflight.add(ex)
         watcher = asyncio.create_task(_watch_disconnect(receive, ex))
         try:
-            return await self._relay(send, req, ex, consumer, route_label(scope["path"]))
+            lanes = self.remote_client if remote else self.upstream_client
+            return await self._relay(send, req, ex, consumer, route_label(scope["path"]), lanes)
         finally:
             watcher.cancel()
             self._inflight.discard(ex)
@@ -443,10 +447,12 @@ class Gateway:
             self._urls[k] = url
         return url
 
-    async def _relay(self, send: Send, req: httpx.Request, ex: _Exchange, consumer: str, route: str) -> int:
+    async def _relay(
+        self, send: Send, req: httpx.Request, ex: _Exchange, consumer: str, route: str, lanes: Lanes
+    ) -> int:
         t0 = time.perf_counter()
         try:
-            resp: httpx.Response = await ex.wait(self.upstream_client.handle_async_request(req))
+            resp: httpx.Response = await ex.wait(lanes.handle_async_request(req))
         except _Aborted as a:
             return await self._aborted(send, a, consumer)
         except httpx.TimeoutException:

@@ -183,14 +183,14 @@ class Remote:
                 proc.stdin.write_eof()
                 done = await asyncio.wait_for(proc.wait(check=False), timeout)
             except TimeoutError:
-                await _end(proc)
+                await end_process(proc)
                 raise SshError("timeout", f"host {host.shown}: {argv[0]} did not finish within {timeout:g} s") from None
             finally:
                 proc.close()
         return Completed(done.exit_status, str(done.stdout or ""), str(done.stderr or ""))
 
 
-async def _end(proc: asyncssh.SSHClientProcess[str]) -> None:
+async def end_process(proc: asyncssh.SSHClientProcess[str]) -> None:
     """TERM, a grace period, then KILL, over the channel (OpenSSH delivers both to the command)."""
     for sig in ("TERM", "KILL"):
         with contextlib.suppress(Exception):

@@ -49,6 +49,7 @@ class ChildSpec:
     cwd: str | None = None
     liveness: Liveness | None = None  # once ready: checked until it stops; None: never
     uds: str | None = None  # the probes connect to this unix socket (the child's server listens there)
+    grace: float | None = None  # SIGTERM to SIGKILL for this child; None: the supervisor's (YIELD_GRACE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,7 +320,8 @@ class Child:
         for t in cur.helpers:
             t.cancel()
         tree.scan()  # members that appeared since the last scan, setsid()ed ones included
-        alive = await self._wait_or_hurry(tree, self.grace)
+        grace = self.grace if self.spec.grace is None else self.spec.grace
+        alive = await self._wait_or_hurry(tree, grace)
         killed = 0
         for _ in range(3):
             # A member may have forked after the scan above (a worker started while the model was

@@ -7,13 +7,15 @@ import os
 import re
 import shutil
 import stat
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from watchdog_llm.config import MAX_UNIX_PATH, SECRET_SETTINGS, Settings, local_url
 from watchdog_llm.coordination import catalog
-from watchdog_llm.coordination.catalog import Catalog, ModelEntry
+from watchdog_llm.coordination.catalog import Catalog, ModelEntry, fill
+from watchdog_llm.coordination.hosts import Host
 from watchdog_llm.supervise.child import ChildSpec
 from watchdog_llm.supervise.probes import Address, HttpProbe, Liveness, port_in_use
 
@@ -116,6 +118,45 @@ def model_spec(
     return ChildSpec("model", argv, env, probe, preflight, liveness=live, uds=a.uds)
 
 
+def remote_address(e: ModelEntry) -> Address:
+    assert e.remote is not None
+    return Address(e.remote.base_url)
+
+
+def remote_spec(s: Settings, api_key: Callable[[], str], e: ModelEntry, host: Host) -> ChildSpec:
+    """A remote entry's child: the local runner (watchdog_llm.remote.runner) that drives the server on
+    `host` over SSH. Its job travels in its environment; the internal key (VLLM_API_KEY, added at
+    each start) and the entry's env go on to the host on stdin, never on a command line."""
+    from watchdog_llm.remote.runner import SPEC_ENV, Job  # the runner's own module: its job format
+
+    r = e.remote
+    assert r is not None
+    job = Job(
+        host=host,
+        state_dir=s.state_dir,
+        start=fill(r.start, e),
+        stop=fill(r.stop, e),
+        logs=fill(r.logs, e),
+        forward=["VLLM_API_KEY", *sorted(e.env)],
+        stop_timeout=REMOTE_STOP_S,
+    )
+    env = {**_base_env(), **e.env, SPEC_ENV: job.to_env()}
+    base = r.base_url
+    probe = HttpProbe(
+        url=base + e.health_path,
+        confirm_url=base + "/v1/models",
+        confirm_headers=lambda: {"Authorization": f"Bearer {api_key()}"},
+    )
+    live = None
+    if s.liveness_interval > 0:
+        live = Liveness(base + e.health_path, s.liveness_interval, s.liveness_timeout, s.liveness_failures)
+    argv = (sys.executable, "-m", "watchdog_llm.remote.runner", e.name, host.name)  # names only: for ps
+    # A remote entry never yields (this node's jobs are not its host's), so its stop is the host's
+    # pace: `docker stop` waits 10 s by default. The runner gets a little more, to end its channels.
+    return ChildSpec("model", argv, env, probe, liveness=live, grace=REMOTE_STOP_S + 3)
+
+
+REMOTE_STOP_S = 30.0  # a remote stop command's budget
 _UUID_LEN = 36
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
