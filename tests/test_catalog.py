@@ -123,12 +123,90 @@ def test_without_models_the_config_model_is_a_one_model_catalog() -> None:
         ("models: [{name: a, model: x, group: g}]\ngroups: {g: {members: [a]}}", "group 'g': unknown field 'members'"),
         ("models: [{name: a, model: x, group: g}]\ngroups: {h: {swap: false}}", "group 'h': no model names it"),
         ("models: [{name: a, model: x}]\ngroups: [g]", "groups: expected a mapping"),
+        (
+            "models: [{name: a, model: x, host: h, base_url: 'http://10.0.0.2:8000'}]",
+            "model 'a': start: a remote entry needs the command",
+        ),
+        ("models: [{name: a, model: x, base_url: 'http://h:1'}]", "model 'a': base_url: only for an entry that runs"),
+        ("models: [{name: a, model: x, stop: [x]}]", "model 'a': stop: only for an entry that runs on another host"),
+        (
+            "models: [{name: a, model: x, host: h, base_url: 'http://h:1/v1', start: x}]",
+            "model 'a': base_url: expected where",
+        ),
+        (
+            "models: [{name: a, model: x, host: h, base_url: 'http://10.0.0.2:8000', start: 'run {image}'}]",
+            "start: unknown placeholder {image}",
+        ),
+        (
+            "models: [{name: a, model: x, host: h, base_url: 'http://10.0.0.2:8000', start: 'run --x={args}'}]",
+            "start: {args} stands for several words",
+        ),
+        (
+            "models: [{name: a, model: x, host: h, base_url: 'http://10.0.0.2:8000', start: [run, true]}]",
+            "start: a word is a YAML true/false",
+        ),
+        (
+            "models: [{name: a, model: x, host: h, base_url: 'http://10.0.0.2:8000', start: run, logs: []}]",
+            "model 'a': logs: expected a command",
+        ),
+        (
+            "models: [{name: a, model: x, host: h, base_url: 'http://10.0.0.2:8000', start: run, env: {K: \"a\\nb\"}}]",
+            "env: K: a remote entry's values",
+        ),
+        (
+            "models: [{name: a, model: x, host: h, base_url: 'http://10.0.0.2:8000', start: run, args: '--api-key k'}]",
+            "args: --api-key is not allowed",
+        ),
+        (
+            "models: [{name: a, model: x, host: h, base_url: 'http://10.0.0.2:8000', start: run}]",
+            "host: 'h' is not in hosts: (none: add a hosts: section)",
+        ),
+        (
+            "hosts: {h: {address: 10.0.0.2, user: lab}}\n"
+            "models: [{name: a, model: x, host: g, base_url: 'http://g:1', start: run}]",
+            "host: 'g' is not in hosts: (h)",
+        ),
     ],
 )
 def test_bad_catalogs_name_the_file_the_model_and_the_field(tmp_path: Path, text: str, where: str) -> None:
     msg = error(tmp_path, text)
     assert where in msg, msg
     assert "models.yaml" in msg
+
+
+def test_a_remote_entry_keeps_its_commands_as_words_and_fills_in_its_values(tmp_path: Path) -> None:
+    from watchdog_llm.coordination.catalog import fill
+
+    cat = load(
+        str(
+            yaml_catalog(
+                tmp_path,
+                "hosts: {spark-1: {address: 10.0.0.21, user: lab}}\n"
+                "models:\n"
+                "  - {name: local, model: /models/a}\n"
+                "  - name: qwen\n"
+                "    model: 'Qwen/Qwen3-8B; rm -rf ~'\n"  # a word, never a command
+                "    host: spark-1\n"
+                "    base_url: http://10.0.0.21:8000/\n"
+                "    start: docker run -d --name 'vllm {name}' img --model={model} {args} --port 8000\n"
+                "    stop: [docker, rm, -f, 'vllm {name}']\n"
+                "    args: [--max-model-len, 8192]\n",
+            )
+        ),
+        "",
+        D,
+    )
+    local, qwen = cat.entries
+    assert local.remote is None and local.host is None
+    r = qwen.remote
+    assert r is not None and qwen.host == "spark-1" and r.base_url == "http://10.0.0.21:8000"  # no trailing /
+    assert fill(r.start, qwen) == [
+        "docker", "run", "-d", "--name", "vllm qwen", "img", "--model=Qwen/Qwen3-8B; rm -rf ~",
+        "--max-model-len", "8192", "--port", "8000",
+    ]  # fmt: skip
+    assert fill(r.stop, qwen) == ["docker", "rm", "-f", "vllm qwen"] and r.logs == ()
+    assert qwen.public()["host"] == "spark-1" and qwen.public()["stop"] == ["docker", "rm", "-f", "vllm {name}"]
+    assert local.public()["host"] is None
 
 
 def test_unknown_default_model_names_the_catalog(tmp_path: Path) -> None:

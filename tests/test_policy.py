@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from watchdog_llm.base.backoff import backoff_delay
-from watchdog_llm.base.vocab import StopReason
+from watchdog_llm.base.vocab import StopReason, YieldOn
 from watchdog_llm.policy import (
     MODEL_DOWN,
     MODEL_RUNNING,
@@ -26,6 +26,7 @@ from watchdog_llm.policy import (
     DetectorFailed,
     Event,
     Exit,
+    GpuBusy,
     JobGone,
     JobSeen,
     Limits,
@@ -1197,3 +1198,22 @@ def test_random_event_storms_keep_every_invariant(seed: int) -> None:
             event = world.next_event(state)
     assert lives > 3
     assert visited >= set(Phase) - {Phase.INIT}, set(Phase) - visited
+
+
+# ---- a model on another host (LAN controller mode) ----------------------------------------------
+
+
+def test_a_model_on_another_host_starts_and_keeps_serving_whatever_jobs_this_node_has() -> None:
+    """This node's Slurm jobs and foreign GPU processes are not its host's: no yield, no wait."""
+    remote = State(model=ModelChoice("spark", gpus=2, remote=True))
+    dmn = Daemon(limits=limits(all_gpus=frozenset({0}), yield_on=YieldOn.ANY), state=remote)
+    d = dmn.feed(Startup(frozenset({"4242"})), 0.0)
+    assert dmn.phase() is Phase.STARTING and of(d, StartModel) == [StartModel(1, frozenset(), "spark")]
+    dmn.feed(ModelReady(), 1.0)
+    for event in (JobSeen("4243", detect_ms=0.4), GpuBusy(frozenset({0}), "pid 7 on GPU 0")):
+        d = dmn.feed(event, 2.0)
+        assert dmn.phase() is Phase.SERVING and not of(d, StopModel), d.actions
+    # The same facts do stop a model of this node.
+    local = Daemon(limits=dmn.limits, state=replace(dmn.state, model=ModelChoice("here", gpus=1)))
+    d = local.feed(JobSeen("4244", detect_ms=0.4), 3.0)
+    assert local.phase() is Phase.YIELDING and of(d, StopModel) == [StopModel("yield")]

@@ -10,7 +10,9 @@ stop, secrets absent from every command line, and failures that bring the previo
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +30,8 @@ from test_coordination_daemon import admin, read_stream, served_model, wait_swap
 from watchdog_llm.coordination.hosts import Host
 from watchdog_llm.remote.ssh import accept, asyncssh, ensure_key  # asyncssh imported quietly there
 
+# Every test asks for `env` (which needs the sshd) before `daemons`: the daemons stop first, while
+# their hosts are still up to run the stop commands.
 pytestmark = [pytest.mark.skipif(not AVAILABLE and not REQUIRED, reason=MISSING), pytest.mark.timeout(120)]
 
 FAKE_DOCKER = str(Path(__file__).parent / "data" / "fake-docker")
@@ -110,7 +114,7 @@ def in_tree_of(pid: int, proc: psutil.Process) -> bool:
 
 
 def test_a_docker_style_entry_on_another_host_is_swapped_to_with_its_log_live_served_and_stopped(
-    daemons: list[DaemonProc], env: dict[str, Any]
+    env: dict[str, Any], daemons: list[DaemonProc]
 ) -> None:
     d = start(daemons, env["env"])
     d.wait_state("serving")
@@ -154,8 +158,24 @@ def test_a_docker_style_entry_on_another_host_is_swapped_to_with_its_log_live_se
     assert "stop (on stop)" in log and "wdl-docker-a" in log
 
 
+def test_a_container_that_dies_on_its_host_is_started_again(env: dict[str, Any], daemons: list[DaemonProc]) -> None:
+    d = start(daemons, env_with(env["env"], DEFAULT_MODEL="docker-a"))
+    d.wait_state("serving")
+    server = listener(env["port_a"])
+    assert server is not None
+    os.killpg(server.pid, signal.SIGKILL)  # the container dies, all of it: `docker logs -f` ends, so does the run
+    st = wait_for(lambda: (s := d.status()).get("state") == "backoff" and s, 15, 0.02, "backoff")
+    assert "exited with code 4" in st["reason"], st  # the runner's "connection or log stream lost"
+    d.wait_state("serving", timeout=30)
+    again = listener(env["port_a"])
+    assert again is not None and again.pid != server.pid
+    assert served_model(d) == "standin/remote-a"
+    log = (d.state_dir / "logs" / "model.log").read_text()
+    assert "log command ended (status 0): the server on lab-a has stopped" in log, log[-2000:]
+
+
 def test_a_foreground_server_with_a_hostile_model_name_is_quoted_and_ended_over_the_channel(
-    daemons: list[DaemonProc], env: dict[str, Any]
+    env: dict[str, Any], daemons: list[DaemonProc]
 ) -> None:
     d = start(daemons, env_with(env["env"], DEFAULT_MODEL="fg-b"))
     st = d.wait_state("serving")
@@ -169,7 +189,7 @@ def test_a_foreground_server_with_a_hostile_model_name_is_quoted_and_ended_over_
 
 
 def test_remote_starts_that_fail_bring_the_previous_model_back_with_the_reason(
-    daemons: list[DaemonProc], env: dict[str, Any], sshd: Sshd
+    env: dict[str, Any], sshd: Sshd, daemons: list[DaemonProc]
 ) -> None:
     d = start(daemons, env["env"])
     d.wait_state("serving")

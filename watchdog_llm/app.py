@@ -283,9 +283,9 @@ class Daemon:
         except CatalogError as e:
             raise StartupError(str(e)) from None
         llm_bin = resolve_bin(s.llm_bin)
-        if llm_bin is None:
+        if llm_bin is None and any(e.remote is None for e in self.catalog.entries):
             raise StartupError(f"LLM_BIN={s.llm_bin!r} not found or not executable (is vLLM installed?)")
-        self.llm_bin = llm_bin
+        self.llm_bin = llm_bin or ""  # a controller whose models all run on other hosts needs none
         pending = self._setup_coordination()
         records = Records(s.state_dir / "children.json", log, owner_id(s.state_dir))
         for left in records.kill_leftovers():
@@ -543,6 +543,8 @@ class Daemon:
         return self.limits.fixed_gpus if self.limits.fixed_gpus is not None else self.limits.all_gpus
 
     def _unfit(self, e: ModelEntry) -> str | None:
+        if e.remote is not None:
+            return None  # its GPUs are its host's
         gpus = self.our_gpus()
         if gpus is not None and e.gpus > len(gpus):
             return f"model {e.name} needs {e.gpus} GPUs; at most {len(gpus)} can be ours here ({_ids(gpus)})"

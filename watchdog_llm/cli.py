@@ -551,6 +551,8 @@ def _human_models(d: dict[str, Any]) -> str:
     for m in models:
         gpus = m.get("gpus")
         extra = [f"{gpus} GPU" + ("" if gpus == 1 else "s")]
+        if m.get("host"):
+            extra[0] += f" on {m['host']} ({m.get('base_url', '')})"
         if m.get("aliases"):
             extra.append("aliases " + ", ".join(m["aliases"]))
         if m.get("description"):

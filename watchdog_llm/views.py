@@ -15,6 +15,7 @@ import psutil
 
 from watchdog_llm import __version__
 from watchdog_llm.base.ids import format_ids as _ids
+from watchdog_llm.coordination.catalog import ModelEntry, fill
 from watchdog_llm.coordination.lock import public as lock_public
 from watchdog_llm.detect.gpu import GpuError
 from watchdog_llm.policy import Phase, served
@@ -47,6 +48,10 @@ def endpoints(d: Daemon) -> dict[str, Any]:
             "state": st.phase.value,
             "message": a.message,
             "retry_after": None if a.serving else a.retry_after,
+            # Where it runs: this node (null), or a host of the catalog, reached at its base_url
+            # (through the gateway above, with our keys; the upstream is for people and dashboards).
+            "host": e.host,
+            "upstream": e.remote.base_url if e.remote is not None else None,
         },
         "tunnel": tunnel,
         "node": s.node_name,
@@ -61,6 +66,8 @@ def validate(d: Daemon, key: str) -> dict[str, Any]:
     def check(name: str, ok: bool, detail: str) -> None:
         checks.append({"check": name, "ok": ok, "detail": detail})
 
+    if e.remote is not None:
+        return _validate_remote(d, e)
     check("binary", bool(d.llm_bin), d.llm_bin or f"LLM_BIN={d.s.llm_bin!r} not found")
     if (path := e.local_path) is not None:
         check("model_path", path.exists(), f"{path} " + ("exists" if path.exists() else "does not exist"))
@@ -76,6 +83,41 @@ def validate(d: Daemon, key: str) -> dict[str, Any]:
         "ok": all(c["ok"] for c in checks),
         "model": e.name,
         "command": argv,
+        "env": sorted(e.env),
+        "checks": checks,
+    }
+
+
+def _validate_remote(d: Daemon, e: ModelEntry) -> dict[str, Any]:
+    """A remote entry's dry run: the host and keys as this controller knows them (no connection:
+    `watchdog-llm hosts check NAME` makes one), and the commands as the host will get them."""
+    from watchdog_llm.remote.ssh import KEY_NAME, known_keys, ssh_dir
+
+    assert e.remote is not None and d.catalog is not None
+    host = d.catalog.hosts[e.remote.host]
+    key = host.key_file or ssh_dir(d.s.state_dir) / KEY_NAME
+    checks = [
+        {
+            "check": "key",
+            "ok": key.exists(),
+            "detail": f"{key}" + ("" if key.exists() else ": run `watchdog-llm ssh-key`"),
+        },
+        {
+            "check": "host_key",
+            "ok": bool(known := known_keys(d.s.state_dir, host)),
+            "detail": f"{host.shown}: "
+            + ("accepted" if known else f"not accepted yet: `watchdog-llm hosts accept {host.name}`"),
+        },
+    ]
+    r = e.remote
+    return {
+        "ok": all(c["ok"] for c in checks),
+        "model": e.name,
+        "host": host.name,
+        "command": fill(r.start, e),
+        "stop": fill(r.stop, e),
+        "logs": fill(r.logs, e),
+        "base_url": r.base_url,
         "env": sorted(e.env),
         "checks": checks,
     }

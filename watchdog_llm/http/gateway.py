@@ -512,7 +512,8 @@ class Gateway:
         except _Aborted as a:
             if a.why == "client":
                 return CLIENT_GONE
-            failure = self._down_message()
+            if b"[DONE]" not in tail:  # went away just after a whole answer: nothing is missing
+                failure = self._down_message()
         except httpx.TimeoutException:
             failure = ("upstream_timeout", "the model stopped sending tokens; this response is incomplete")
         except httpx.HTTPError:
