@@ -42,6 +42,7 @@ from watchdog_llm.coordination.core import Coordinator
 from watchdog_llm.coordination.events import EventBus
 from watchdog_llm.coordination.health import HealthLog
 from watchdog_llm.coordination.lock import SwapLock
+from watchdog_llm.coordination.overrides import Overrides
 from watchdog_llm.coordination.schedule import Schedule
 from watchdog_llm.coordination.store import JsonStore
 from watchdog_llm.coordination.swap import SwapRecord, Swaps
@@ -457,6 +458,7 @@ class Daemon:
             refuse=self._refuse_swap,
             unfit=self._unfit,
             bus=self.events,
+            overrides=Overrides(JsonStore(s.state_dir / "overrides.json", log), log),
             notify=lambda kind, title, body: _discard(
                 loop.call_soon_threadsafe(self.announce.submit, Notify(NotifyKind(kind), title, body, "high"))
             ),
@@ -472,8 +474,15 @@ class Daemon:
         assert self.catalog is not None
         return self.catalog.resolve(name) or self.catalog.default_entry
 
-    def _model_spec(self, name: str) -> Any:
+    def next_start(self, name: str) -> ModelEntry:
+        """The entry as its next start runs it: the catalog's, with the settings that persist."""
         e = self.entry(name)
+        if self.coord is not None and self.coord.overrides is not None:
+            return self.coord.overrides.applied(e)
+        return e
+
+    def _model_spec(self, name: str) -> Any:
+        e = self.next_start(name)
         if e.remote is not None:
             assert self.catalog is not None  # the catalog checked that the host is in it
             return remote_spec(self.s, lambda: self._internal_key, e, self.catalog.hosts[e.remote.host])

@@ -23,6 +23,7 @@ import os
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -97,6 +98,21 @@ def _parser() -> argparse.ArgumentParser:
         help="read the catalog file again (or send the daemon SIGUSR1); the serving model keeps running",
     )
     rl.add_argument("--json", action="store_true", help="machine-readable output")
+    tn = _command(
+        sub,
+        "tune",
+        help="a model's settings that persist (STATE_DIR/overrides.json); they apply at its next start",
+        description="Show or change a model's settings. Each option sets one (`none` clears it); the others "
+        "stay. They replace the same flags in the catalog's args, and apply when the model next starts.",
+    )
+    tn.add_argument("model", metavar="MODEL", help="catalog name or alias")
+    tn.add_argument("--max-model-len", metavar="TOKENS|none", help="--max-model-len")
+    tn.add_argument("--gpu-memory-utilization", metavar="SHARE|none", help="--gpu-memory-utilization (0-1]")
+    tn.add_argument("--prefix-caching", metavar="on|off|none", help="--enable-prefix-caching, or --no-...")
+    tn.add_argument("--kv-cache-dtype", metavar="DTYPE|none", help="--kv-cache-dtype (auto, fp8, ...)")
+    tn.add_argument("--extra-args", metavar="ARGS|none", help="more vllm serve arguments, shell-quoted")
+    tn.add_argument("--reset", action="store_true", help="clear every setting of this model")
+    tn.add_argument("--json", action="store_true", help="machine-readable output")
     from watchdog_llm import hosts_cli
 
     hosts_cli.add_parsers(sub, _command)
@@ -215,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "schedule": _schedule,
         "dashboard": _dashboard,
         "reload": _reload,
+        "tune": _tune,
         "ssh-key": _hosts_cli("ssh_key"),
         "hosts": _hosts_cli("hosts"),
     }[args.command]
@@ -542,6 +559,60 @@ def _models(s: config.Settings, args: argparse.Namespace) -> int:
     return EXIT_NOT_RUNNING if note else EXIT_OK
 
 
+_TUNE_OPTIONS = ("max_model_len", "gpu_memory_utilization", "prefix_caching", "kv_cache_dtype", "extra_args")
+
+
+def _tune_value(name: str, text: str) -> Any:
+    """A --option's text as the API takes it (`none` clears); ValueError names the option."""
+    if text.strip().lower() in ("none", "null", ""):
+        return None
+    opt = "--" + name.replace("_", "-")
+    try:
+        if name == "max_model_len":
+            return int(text)
+        if name == "gpu_memory_utilization":
+            return float(text)
+    except ValueError:
+        raise ValueError(f"{opt}: expected a number or none, not {text!r}") from None
+    if name == "prefix_caching":
+        on = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}.get(text.lower())
+        if on is None:
+            raise ValueError(f"{opt}: expected on, off or none, not {text!r}")
+        return on
+    return text
+
+
+def _tune(s: config.Settings, args: argparse.Namespace) -> int:
+    from watchdog_llm.admin_client import AdminError
+
+    path = f"/api/models/{urllib.parse.quote(args.model, safe='')}/settings"
+    try:
+        patch = {n: _tune_value(n, v) for n in _TUNE_OPTIONS if (v := getattr(args, n)) is not None}
+    except ValueError as e:
+        _err(str(e))
+        return EXIT_CONFIG
+    client = _client(s)
+    try:
+        if args.reset:
+            d = client.delete(path)
+        elif patch:
+            d = client.request("PATCH", path, body=patch)
+        else:
+            d = client.get(path)
+    except AdminError as e:
+        return _refused(e, args)
+    if args.json:
+        _print_json(d)
+        return EXIT_OK
+    shown = {k: v for k, v in d["settings"].items() if v not in (None, [])}
+    print(f"{d['model']}: " + (", ".join(f"{k}={v}" for k, v in shown.items()) or "no settings of its own"))
+    when = (
+        "its next start (it runs now: swap to it again, or restart, to apply)" if d.get("active") else "its next start"
+    )
+    print(f"  args at {when}: {' '.join(d['args']) or '(none)'}")
+    return EXIT_OK
+
+
 def _human_models(d: dict[str, Any]) -> str:
     models = d.get("models") or []
     active = "* active, " if d.get("active") else ""
@@ -557,6 +628,8 @@ def _human_models(d: dict[str, Any]) -> str:
             extra.append("aliases " + ", ".join(m["aliases"]))
         if m.get("description"):
             extra.append(m["description"])
+        if any(v not in (None, []) for v in (m.get("settings") or {}).values()):
+            extra.append("tuned: " + " ".join(m.get("effective_args") or []))
         mark = "*" if m.get("active") else " "
         lines.append(f"{mark} {m.get('name', ''):<{wn}}  {m.get('model', ''):<{wm}}  {'; '.join(extra)}")
     return "\n".join(lines)

@@ -60,7 +60,7 @@ def endpoints(d: Daemon) -> dict[str, Any]:
 
 def validate(d: Daemon, key: str) -> dict[str, Any]:
     """A swap's dry run: what would run, and whether it can (POST /api/swap/{key}/validate)."""
-    e = d.entry(key)
+    e = d.next_start(key)
     checks: list[dict[str, Any]] = []
 
     def check(name: str, ok: bool, detail: str) -> None:

@@ -19,6 +19,7 @@ from watchdog_llm.coordination.catalog import Catalog, ModelEntry
 from watchdog_llm.coordination.events import EventBus
 from watchdog_llm.coordination.health import HealthLog
 from watchdog_llm.coordination.lock import LockError, LockInfo, SwapLock
+from watchdog_llm.coordination.overrides import ModelSettings, Overrides, SettingsError
 from watchdog_llm.coordination.schedule import Schedule
 from watchdog_llm.coordination.swap import SwapBusy, SwapRecord, Swaps
 from watchdog_llm.coordination.webhook import Webhooks
@@ -52,6 +53,7 @@ class Coordinator:
     unfit: Callable[[ModelEntry], str | None] = lambda e: None  # why this model can never run here
     notify: Callable[[str, str, str], None] = lambda kind, title, body: None  # phone alerts
     bus: EventBus | None = None  # the live stream (GET /api/events): every event, and swap progress
+    overrides: Overrides | None = None  # per-model settings that persist (None: not kept here)
     _mu: threading.Lock = field(default_factory=threading.Lock)
 
     # ---- swaps ---------------------------------------------------------------------------------
@@ -153,6 +155,38 @@ class Coordinator:
         body = f"the swap lock of {info.holder} was released by force" + (f" ({info.reason})" if info.reason else "")
         self.notify("lock_forced", "swap lock forced", body)
         return info
+
+    # ---- per-model settings ------------------------------------------------------------------------
+
+    def settings(self, key: str) -> dict[str, Any]:
+        e = self.resolve(key)
+        s = self.overrides.get(e.name) if self.overrides is not None else ModelSettings()
+        return self._settings_view(e, s)
+
+    def tune(self, key: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """Change some settings of a model (a None value clears one); they apply at its next start."""
+        e = self.resolve(key)
+        if self.overrides is None:
+            raise CoordError(404, "not_found", "per-model settings are not kept by this controller")
+        try:
+            s = self.overrides.update(e, patch)
+        except SettingsError as err:
+            raise CoordError(422, "invalid_settings", f"model {e.name}: {err}", field=err.field) from None
+        except OSError as err:
+            msg = f"settings of model {e.name} not saved: {err.strerror or err}; nothing changed"
+            raise CoordError(503, "settings_not_saved", msg, retryable=True) from None
+        view = self._settings_view(e, s)
+        self._emit("settings_changed", {"target": e.name, "settings": view["settings"], "args": view["args"]})
+        return view
+
+    def _settings_view(self, e: ModelEntry, s: ModelSettings) -> dict[str, Any]:
+        applied = self.overrides.applied(e) if self.overrides is not None else e
+        return {
+            "model": e.name,
+            "settings": s.public(),
+            "args": list(applied.args),  # what its next start is given (the catalog's args, then these)
+            "active": e.name == self.active(),
+        }
 
     # ---- events --------------------------------------------------------------------------------
 

@@ -49,6 +49,19 @@ class SwapIn(BaseModel):
     model: str = Field(min_length=1, max_length=200, description="catalog name or alias")
 
 
+class SettingsIn(BaseModel):
+    """PATCH /api/models/{key}/settings: the settings given change, `null` clears one, the rest stay."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    max_model_len: int | None = Field(None, ge=16, le=10_000_000, strict=True, description="--max-model-len")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="--gpu-memory-utilization")
+    prefix_caching: bool | None = Field(None, strict=True, description="--enable-prefix-caching or --no-...")
+    kv_cache_dtype: str | None = Field(None, pattern=r"^[a-z0-9_]{1,32}$", description="--kv-cache-dtype")
+    extra_args: list[str] | str | None = Field(
+        None, max_length=200, description="more vllm serve arguments: a list, or one shell-quoted string"
+    )
+
+
 _TTL = "seconds; at most SWAP_LOCK_MAX_TTL"
 
 
@@ -174,8 +187,50 @@ def coordination_router(
             "active": active,
             "default": coord.catalog.default,
             "source": coord.catalog.source,
-            "models": [{**e.public(), "active": e.name == active} for e in coord.catalog.entries],
-        }
+            "models": [
+                {**e.public(), "active": e.name == active, "settings": (v := coord.settings(e.name))["settings"],
+                 "effective_args": v["args"]}
+                for e in coord.catalog.entries
+            ],
+        }  # fmt: skip
+
+    @r.get(
+        "/models/{key}/settings",
+        summary="A model's settings that persist, and the args its next start gets",
+        responses={404: _err(404, "unknown model")},
+    )
+    def model_settings(key: str) -> Any:
+        try:
+            return coord.settings(key)
+        except CoordError as e:
+            return error_response(e)
+
+    @r.patch(
+        "/models/{key}/settings",
+        summary="Change a model's settings (null clears one); they apply at its next start",
+        responses={
+            404: _err(404, "unknown model"),
+            422: _err(422, "a setting is invalid: `field` names it"),
+            503: _err(503, "the overrides file cannot be written; nothing changed"),
+        },
+    )
+    def model_tune(key: str, body: SettingsIn) -> Any:
+        patch = {k: getattr(body, k) for k in body.model_fields_set}
+        try:
+            return coord.tune(key, patch)
+        except CoordError as e:
+            return error_response(e)
+
+    @r.delete(
+        "/models/{key}/settings",
+        summary="Clear a model's settings: its next start uses the catalog's args alone",
+        responses={404: _err(404, "unknown model"), 503: _err(503, "the overrides file cannot be written")},
+    )
+    def model_untune(key: str) -> Any:
+        try:
+            return coord.tune(key, {k: None for k in SettingsIn.model_fields})
+        except CoordError as e:
+            return error_response(e)
 
     if reload is not None:
         reload_catalog = reload
