@@ -197,7 +197,9 @@ def test_remote_starts_that_fail_bring_the_previous_model_back_with_the_reason(
         # A host that is down: the swap fails at once, naming it.
         swap = c.post("/api/swap", json={"model": "unreachable"}).json()
         failed = wait_swap(c, swap["id"], "failed")
-        assert any("cannot reach host nowhere" in line for line in failed["log_tail"]), failed
+        assert any(
+            "cannot reach host nowhere (root@127.0.0.1:1): Connection refused" in line for line in failed["log_tail"]
+        ), failed
         d.wait_state("serving")
         # A server that never gets ready: the startup timeout fails the swap with its log, and what
         # it started on the host is ended.
@@ -218,6 +220,46 @@ def test_remote_starts_that_fail_bring_the_previous_model_back_with_the_reason(
         assert "watchdog-llm hosts accept lab-a" in tail
     st = d.wait_state("serving")
     assert st["model"] == "alpha" and served_model(d) == "standin/alpha"
+
+
+def test_hosts_and_their_servers_are_watched_and_changes_are_logged_webhooked_and_told(
+    env: dict[str, Any], sshd: Sshd, ntfy: Any, daemons: list[DaemonProc]
+) -> None:
+    from test_webhooks import Receiver
+
+    hooks = Receiver()
+    try:
+        e = env_with(env["env"], HOST_CHECK_INTERVAL="0.3", HOST_CHECK_TIMEOUT="1", WEBHOOK_URLS=hooks.base + "/h")
+        d = start(daemons, e)
+        d.wait_state("serving")
+        with admin(d) as c:
+
+            def probed(kind: str, name: str) -> dict[str, Any]:
+                got = [t for t in c.get("/api/endpoints").json()[kind] if t["name"] == name]
+                return got[0] if got and got[0]["ok"] is not None else {}
+
+            assert wait_for(lambda: probed("hosts", "lab-a").get("ok") is True, 10, 0.05, "lab-a up")
+            gone = wait_for(lambda: probed("hosts", "nowhere"), 10, 0.05, "nowhere probed")
+            assert gone["ok"] is False and "refused" in gone["detail"].lower(), gone
+            server = wait_for(lambda: probed("services", f"http://127.0.0.1:{env['port_a']}"), 10, 0.05, "docker-a")
+            assert server["ok"] is False and server["entries"] == ["docker-a"] and server["host"] == "lab-a"
+            # Its server comes up with a swap; the host goes away when its sshd stops.
+            wait_swap(c, c.post("/api/swap", json={"model": "docker-a"}).json()["id"], "ready")
+            url = f"http://127.0.0.1:{env['port_a']}"
+            assert wait_for(lambda: probed("services", url).get("ok") is True, 10, 0.05, "docker-a's server up")
+            wait_swap(c, c.post("/api/swap", json={"model": "alpha"}).json()["id"], "ready")
+            sshd.stop()
+            down = wait_for(lambda: probed("hosts", "lab-a").get("ok") is False and probed("hosts", "lab-a"), 10, 0.05)
+            assert down["since"] and down["detail"]
+            log = c.get("/api/connectivity", params={"service": "host:lab-a"}).json()["events"]
+            assert [r["ok"] for r in log] == [True, False] and log[-1]["source"] == "watchdog-llm"
+        events = [r.headers.get("X-Spark-Event") for r in hooks.on("/h")]
+        assert "host_down" in events and "service_up" in events and "service_down" in events, events
+        told = wait_for(lambda: [t for t in ntfy.titles() if "host lab-a down" in t], 15, 0.05, "host lab-a down told")
+        assert told and any("host nowhere down" in t for t in ntfy.titles()), ntfy.titles()
+    finally:
+        hooks.server.shutdown()
+        hooks.server.server_close()
 
 
 def _sleeper() -> psutil.Process | None:

@@ -40,7 +40,7 @@ from watchdog_llm.config import Settings, TunnelOnYield
 from watchdog_llm.coordination.catalog import Catalog, CatalogError, ModelEntry
 from watchdog_llm.coordination.core import Coordinator
 from watchdog_llm.coordination.events import EventBus
-from watchdog_llm.coordination.health import HealthLog
+from watchdog_llm.coordination.health import HealthEventIn, HealthLog
 from watchdog_llm.coordination.lock import SwapLock
 from watchdog_llm.coordination.overrides import Overrides
 from watchdog_llm.coordination.schedule import Schedule
@@ -107,6 +107,7 @@ from watchdog_llm.policy import (
 from watchdog_llm.policy import DetectorFailed as PolicyDetectorFailed
 from watchdog_llm.policy import JobGone as PolicyJobGone
 from watchdog_llm.policy import JobSeen as PolicyJobSeen
+from watchdog_llm.remote.watch import Health, Target, Watch, targets
 from watchdog_llm.status import STATUS_FILE
 from watchdog_llm.supervise.child import (
     Child,
@@ -251,6 +252,7 @@ class Daemon:
         self.sessions = Sessions()  # dashboard sign-ins
         self._names: tuple[str, ModelNames] | None = None  # the gateway's model names, for one model
         self.on_demand: OnDemand | None = None  # with the listeners
+        self.watch: Watch | None = None  # mode C: hosts and their servers, probed
         self.llm_bin = ""
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -307,6 +309,7 @@ class Daemon:
         # Removed only once the children are closed: a second Ctrl-C while they stop means "hurry".
         self._stack.callback(self._remove_signal_handlers, loop)
         await self._open_listeners(load_keys(s))
+        self._start_watch()
         self._start_children(records)
         jobs = self._start_detection(loop)
         for sig in SHUTDOWN_SIGNALS:
@@ -344,6 +347,33 @@ class Daemon:
             self.activity = ActivityProbe(lambda: self.model_addr, s.idle_release_after, self._on_activity, log)
             self._stack.callback(self.activity.stop)
         self._stack.callback(self._cancel_pending)  # before the children close: no timer restarts one
+
+    def _start_watch(self) -> None:
+        """Mode C: each host's SSH port and each remote server's health, probed on their own tasks."""
+        s, cat = self.s, self.catalog
+        if s.host_check_interval <= 0 or cat is None:
+            return
+        self.watch = Watch(dict(cat.hosts), s.host_check_interval, s.host_check_timeout, self._on_health, log, self.rng)
+        self.watch.set_targets(dict(cat.hosts), targets(cat.hosts.values(), cat.entries))
+        self._stack.push_async_callback(self.watch.close)
+
+    def _on_health(self, t: Target, h: Health, first: bool) -> None:
+        up = "up" if h.ok else "down"
+        what = f"host {t.name}" if t.kind == "host" else f"{', '.join(t.entries)} at {t.name} (on {t.host})"
+        body = f"{what} is {up}" + (f": {h.detail}" if h.detail else "")
+        (log.info if h.ok else log.warning)("watch: %s", body)
+        if self.coord is None:
+            return
+        rec = HealthEventIn(
+            service=t.key[:64], ok=bool(h.ok), source="watchdog-llm", error=h.detail[:1000] or None, ms=h.ms
+        )
+        self._background(asyncio.to_thread(self.coord.health.append, rec))  # the log fsyncs: never on the loop
+        if first and (h.ok or t.kind == "service"):
+            return  # a first "up" is no news, nor a server of a model that is not running
+        detail = {"target": t.name, "host": t.host, "entries": list(t.entries), "detail": h.detail}
+        self.coord.event(f"{t.kind}_{up}", detail)
+        if t.kind == "host":
+            self.announce.submit(Notify(NotifyKind.HOST, f"host {t.name} {up}", body, "default" if h.ok else "high"))
 
     def _start_detection(self, loop: asyncio.AbstractEventLoop) -> frozenset[str]:
         """Slurm jobs (cgroup or procfs) and foreign GPU processes; returns the jobs already running."""
@@ -840,6 +870,8 @@ class Daemon:
         if self.coord is not None:
             self.coord.catalog = new
         self._names = None  # the gateway's names are made again from the new catalog
+        if self.watch is not None:
+            self.watch.set_targets(dict(new.hosts), targets(new.hosts.values(), new.entries))
         before = {e.name: e for e in old.entries} if old is not None else {}
         after = {e.name: e for e in new.entries}
         summary = {

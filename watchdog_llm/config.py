@@ -151,6 +151,10 @@ class Settings(BaseSettings):
         30.0, ge=0, le=86400, description="seconds a model serves before a request for another may swap it out"
     )
     swap_lock_max_ttl: float = Field(86400.0, gt=0, le=30 * 86400, description="longest swap lock, seconds")
+    host_check_interval: float = Field(
+        15.0, ge=0, le=3600, description="mode C: seconds between probes of each host and service (0: none)"
+    )
+    host_check_timeout: float = Field(5.0, gt=0, le=120, description="mode C: a probe slower than this has failed")
     webhook_urls: str = _secret("", "URLs that receive signed event webhooks (commas or spaces)")
     webhook_secret: SecretStr = Field(SecretStr(""), description="HMAC-SHA256 key for X-Spark-Signature")
 

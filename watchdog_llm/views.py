@@ -30,6 +30,7 @@ def endpoints(d: Daemon) -> dict[str, Any]:
     st, s = d.state, d.s
     e = d.entry(st.model.name)
     a = d.availability()
+    probed = d.watch.public() if d.watch is not None else []
     tunnel = None
     if d.tunnel is not None:
         tunnel = {
@@ -55,6 +56,9 @@ def endpoints(d: Daemon) -> dict[str, Any]:
         },
         "tunnel": tunnel,
         "node": s.node_name,
+        # Mode C: each host (its SSH port) and each server on one (its health path), as last probed.
+        "hosts": [t for t in probed if t["kind"] == "host"],
+        "services": [t for t in probed if t["kind"] == "service"],
     }
 
 

@@ -19,6 +19,7 @@ class NotifyKind(StrEnum):
     SWAPPED = "swapped"
     SWAP_FAILED = "swap_failed"
     TUNNEL = "tunnel"
+    HOST = "host"  # mode C: a model host went down or came back
     LOCK_FORCED = "lock_forced"
     PORT_TAKEN = "port_taken"  # SERVER_PORT held by another process: the model moved to another port
     TEST = "test"

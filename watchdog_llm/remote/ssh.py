@@ -202,8 +202,13 @@ async def end_process(proc: asyncssh.SSHClientProcess[str]) -> None:
             continue
 
 
+def os_reason(e: OSError) -> str:
+    """"Connection refused", not asyncio's "Connect call failed ('10.0.0.21', 22)"."""
+    return os.strerror(e.errno) if e.errno else e.strerror or str(e) or type(e).__name__
+
+
 def _unreachable(host: Host, e: BaseException) -> SshError:
-    why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    why = os_reason(e) if isinstance(e, OSError) else str(e) or type(e).__name__
     if isinstance(e, TimeoutError):
         why = f"no answer within {CONNECT_TIMEOUT:g} s"
     return SshError("unreachable", f"cannot reach host {host.shown}: {why}")
