@@ -51,11 +51,13 @@ from watchdog_llm.detect import DetectError, Detector, DetectorFailed, JobGone, 
 from watchdog_llm.detect.gpu import GpuError, GpuProcess, GpuView, GpuWatch, open_gpu_view, wait_released
 from watchdog_llm.detect.scontrol import Scontrol
 from watchdog_llm.detect.slurm import own_jobs
+from watchdog_llm.downloads import Downloads
 from watchdog_llm.gpus import GpuPlan, GpuSetupError
 from watchdog_llm.gpus import plan as plan_gpus
 from watchdog_llm.http.api import build_admin
 from watchdog_llm.http.coord_api import coordination_router
 from watchdog_llm.http.dashboard import Gate, dashboard_router
+from watchdog_llm.http.downloads_api import downloads_router
 from watchdog_llm.http.gateway import Gateway, GatewayConfig, ModelNames, model_names
 from watchdog_llm.http.keys import KeyConfigError, KeyRing, Limiter
 from watchdog_llm.http.server import (
@@ -253,6 +255,8 @@ class Daemon:
         self._names: tuple[str, ModelNames] | None = None  # the gateway's model names, for one model
         self.on_demand: OnDemand | None = None  # with the listeners
         self.watch: Watch | None = None  # mode C: hosts and their servers, probed
+        self.records: Records | None = None  # the pids of our children, by child (killed as leftovers)
+        self.downloads: Downloads | None = None  # with the listeners
         self.llm_bin = ""
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -290,7 +294,7 @@ class Daemon:
             raise StartupError(f"LLM_BIN={s.llm_bin!r} not found or not executable (is vLLM installed?)")
         self.llm_bin = llm_bin or ""  # a controller whose models all run on other hosts needs none
         pending = self._setup_coordination()
-        records = Records(s.state_dir / "children.json", log, owner_id(s.state_dir))
+        records = self.records = Records(s.state_dir / "children.json", log, owner_id(s.state_dir))
         for left in records.kill_leftovers():
             log.warning("killed leftover %s process %d (%s) of a previous run", left.child, left.pid, left.name)
         if not set_child_subreaper():
@@ -632,7 +636,9 @@ class Daemon:
             self.on_demand.pulse,
         )
         self._stack.push_async_callback(self.gateway.aclose)  # after its listener: it answered until then
-        assert self.coord is not None
+        assert self.coord is not None and self.records is not None
+        self.downloads = Downloads(s.state_dir, self.records, lambda: self.catalog.hosts if self.catalog else {}, log)
+        self._stack.push_async_callback(self.downloads.close)  # after the listeners: nobody asks for more
         status = functools.partial(views.status, self)
         admin = build_admin(
             status,
@@ -645,6 +651,7 @@ class Daemon:
                     lambda key: views.validate(self, key),
                     self.reload_catalog,
                 ),
+                downloads_router(self.downloads),
                 dashboard_router(
                     self.sessions,
                     self.events,

@@ -113,6 +113,20 @@ def _parser() -> argparse.ArgumentParser:
     tn.add_argument("--extra-args", metavar="ARGS|none", help="more vllm serve arguments, shell-quoted")
     tn.add_argument("--reset", action="store_true", help="clear every setting of this model")
     tn.add_argument("--json", action="store_true", help="machine-readable output")
+    dl = _command(
+        sub,
+        "download",
+        help="download a model from the hub (HF_ENDPOINT, HF_TOKEN), here or on a host, with progress",
+        description="Download ORG/NAME into the hub's cache (where `vllm serve ORG/NAME` finds it), on this "
+        "node or on a host of the catalog, following its progress. Ctrl-C cancels it; the files it finished "
+        "stay, and the next download of the repo resumes from them.",
+    )
+    dl.add_argument("repo", metavar="REPO", nargs="?", help="ORG/NAME")
+    dl.add_argument("--revision", metavar="REV", help="branch, tag or commit (default: main)")
+    dl.add_argument("--host", metavar="NAME", help="download on this host of the catalog (default: here)")
+    dl.add_argument("--cancel", metavar="ID", help="cancel a running download")
+    dl.add_argument("--list", action="store_true", help="list downloads")
+    dl.add_argument("--json", action="store_true", help="machine-readable output (the final record)")
     from watchdog_llm import hosts_cli
 
     hosts_cli.add_parsers(sub, _command)
@@ -232,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dashboard": _dashboard,
         "reload": _reload,
         "tune": _tune,
+        "download": _download,
         "ssh-key": _hosts_cli("ssh_key"),
         "hosts": _hosts_cli("hosts"),
     }[args.command]
@@ -611,6 +626,83 @@ def _tune(s: config.Settings, args: argparse.Namespace) -> int:
     )
     print(f"  args at {when}: {' '.join(d['args']) or '(none)'}")
     return EXIT_OK
+
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _progress_line(d: dict[str, Any]) -> str:
+    pct = d.get("percent")
+    width = 24
+    filled = int(width * (pct or 0) / 100)
+    bar = "#" * filled + "." * (width - filled)
+    rate = f"{_size(d['rate'])}/s" if d.get("rate") else "-"
+    eta = f"ETA {d['eta_s']:.0f} s" if d.get("eta_s") else ""
+    shown = f"{pct:5.1f}%" if pct is not None else "  ?  "
+    return f"[{bar}] {shown}  {_size(d.get('bytes'))} / {_size(d.get('total'))}  {rate}  {eta}".rstrip()
+
+
+def _download(s: config.Settings, args: argparse.Namespace) -> int:
+    from watchdog_llm.admin_client import AdminError
+
+    client = _client(s)
+    try:
+        if args.list:
+            d = client.get("/api/downloads")
+            if args.json:
+                _print_json(d)
+            for r in d["downloads"]:
+                print(f"{r['id']}  {r['state']:<11} {r['repo']}  {r.get('host') or 'here'}  {_progress_line(r)}")
+            return EXIT_OK
+        if args.cancel:
+            d = client.delete(f"/api/downloads/{urllib.parse.quote(args.cancel, safe='')}")
+            print(f"{d['id']}: cancelling {d['repo']}")
+            return EXIT_OK
+        if not args.repo:
+            _err("download: name the repo (ORG/NAME), or use --list or --cancel ID")
+            return EXIT_CONFIG
+        body = {k: v for k, v in (("repo", args.repo), ("revision", args.revision), ("host", args.host)) if v}
+        rec = client.post("/api/downloads", body)
+    except AdminError as e:
+        return _refused(e, args)
+    where = f" on {args.host}" if args.host else ""
+    _err(f"{rec['id']}: downloading {rec['repo']}{where} (Ctrl-C cancels)")
+    tty = sys.stderr.isatty()
+    shown = -10.0
+    try:
+        for _event, d in client.events(f"/api/downloads/{rec['id']}/stream", read_timeout=None):
+            rec = d
+            pct = d.get("percent")
+            if tty:
+                print("\r" + _progress_line(d), end="", file=sys.stderr, flush=True)
+            elif pct is not None and (pct - shown >= 10 or d["state"] in ("done", "failed", "cancelled")):
+                shown = pct
+                _err(_progress_line(d))
+    except KeyboardInterrupt:
+        with contextlib.suppress(AdminError):
+            client.delete(f"/api/downloads/{rec['id']}")
+        _err(f"\n{rec['id']}: cancelled; the files it finished stay cached, and the next download resumes")
+        return EXIT_INTERRUPTED
+    except AdminError as e:
+        return _refused(e, args)
+    if tty:
+        print(file=sys.stderr)
+    if args.json:
+        _print_json(rec)
+    if rec["state"] == "done":
+        entry = rec.get("entry") or {}
+        print(f"{rec['repo']}: done, in {rec['path']}" + (f" on {rec['host']}" if rec.get("host") else ""))
+        print(f"  a catalog entry for it: {{name: {entry.get('name')}, model: {entry.get('model')}}}")
+        return EXIT_OK
+    _err(f"{rec['repo']}: {rec['state']}" + (f" ({rec['error']}): {rec['message']}" if rec.get("error") else ""))
+    return EXIT_FAIL
 
 
 def _human_models(d: dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _ADDRESS = re.compile(r"[A-Za-z0-9_.:-]{1,253}")  # a host name, IPv4 or IPv6 literal: nothing a shell or ssh reads
 _USER = re.compile(r"[a-z_][a-z0-9_.-]{0,31}", re.IGNORECASE)
-_FIELDS = ("address", "user", "port", "key_file", "description")
+_FIELDS = ("address", "user", "port", "key_file", "description", "python")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +34,7 @@ class Host:
     port: int = 22
     key_file: Path | None = None  # None: the controller's own key, STATE_DIR/ssh/id_ed25519
     description: str = ""
+    python: str = "python3"  # on the host, with huggingface_hub: what runs a model download there
 
     @property
     def shown(self) -> str:
@@ -91,4 +92,7 @@ def _host(name: Any, body: Any, at: str) -> Host:
     desc = body.get("description", "")
     if not isinstance(desc, str) or len(desc) > 500:
         raise HostsError(f"{at}: description: expected text of at most 500 characters")
-    return Host(name, address, user, port, None if key is None else Path(key).expanduser(), desc)
+    python = body.get("python", "python3")
+    if not isinstance(python, str) or not python.strip() or any(c.isspace() or not c.isprintable() for c in python):
+        raise HostsError(f"{at}: python: expected one command or path (a Python with huggingface_hub)")
+    return Host(name, address, user, port, None if key is None else Path(key).expanduser(), desc, python)

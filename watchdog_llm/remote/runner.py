@@ -81,6 +81,7 @@ class Job:
     logs: list[str]
     forward: list[str]  # environment names sent to the host on stdin (their values are ours)
     stop_timeout: float
+    once: bool = False  # a job (a download), not a server: the runner ends with the start command
 
     def to_env(self) -> str:
         h = self.host
@@ -99,6 +100,7 @@ class Job:
                 "logs": self.logs,
                 "forward": self.forward,
                 "stop_timeout": self.stop_timeout,
+                "once": self.once,
             }
         )
 
@@ -107,7 +109,9 @@ class Job:
         d: dict[str, Any] = json.loads(text)
         h = d["host"]
         host = Host(h["name"], h["address"], h["user"], h["port"], Path(h["key_file"]) if h["key_file"] else None)
-        return cls(host, Path(d["state_dir"]), d["start"], d["stop"], d["logs"], d["forward"], d["stop_timeout"])
+        return cls(
+            host, Path(d["state_dir"]), d["start"], d["stop"], d["logs"], d["forward"], d["stop_timeout"], d["once"]
+        )
 
 
 def wrapped(words: list[str], grace: float) -> str:
@@ -151,6 +155,8 @@ class Runner:
         if ended is None:  # asked to stop
             await self._shut(conn, proc)
             return 0
+        if job.once:
+            return min(max(ended, 0), 255) if ended != -1 else EXIT_LOST
         if ended != 0 or not job.logs:
             if ended == 0:  # a detached server and nothing to follow: readiness and liveness watch it
                 say("start command returned 0; no log command: watching the server over HTTP only")

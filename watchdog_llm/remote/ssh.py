@@ -203,7 +203,7 @@ async def end_process(proc: asyncssh.SSHClientProcess[str]) -> None:
 
 
 def os_reason(e: OSError) -> str:
-    """"Connection refused", not asyncio's "Connect call failed ('10.0.0.21', 22)"."""
+    """ "Connection refused", not asyncio's "Connect call failed ('10.0.0.21', 22)"."""
     return os.strerror(e.errno) if e.errno else e.strerror or str(e) or type(e).__name__
 
 
