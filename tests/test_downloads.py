@@ -110,6 +110,43 @@ def test_a_download_reports_progress_rate_and_eta_and_lands_in_the_hubs_cache(
     assert sum(p.stat().st_size for p in snapshot.iterdir()) == total  # every byte, where vLLM looks
     assert final["entry"] == {"name": "tiny", "model": "org/tiny", "host": None}
     assert not jobs()
+    with admin(d) as c:  # MODEL_NAME, no catalog file: nothing to add it to, and it says so
+        r = c.post("/api/models", json=final["entry"])
+        assert r.status_code == 409 and r.json()["error"] == "catalog_not_writable"
+
+
+def test_a_downloaded_model_is_added_to_the_catalog_file_atomically_with_a_backup(
+    env: dict[str, str], daemons: list[DaemonProc], tmp_path: Path
+) -> None:
+    catalog = tmp_path / "models.yaml"
+    original = (
+        "# our models\ndefault: alpha\nmodels:\n"
+        "  - {name: alpha, model: standin/alpha, args: [--max-model-len, '2048'], env: {STANDIN_STARTUP_S: '0.2'}}\n"
+    )
+    catalog.write_text(original)
+    d = start(daemons, env_with(env, MODELS=str(catalog), MODEL_NAME=""))
+    d.wait_state("serving")
+    with admin(d) as c:
+        r = c.post("/api/models", json={"name": "tiny", "model": "org/tiny", "like": "alpha", "description": "new"})
+        assert r.status_code == 201, r.text
+        added = r.json()
+        assert added["added"] == "tiny" and added["reload"]["added"] == ["tiny"]
+        assert added["entry"]["args"] == ["--max-model-len", "2048"] and added["entry"]["env"] == ["STANDIN_STARTUP_S"]
+        assert (tmp_path / "models.yaml.bak").read_text() == original  # the old file, comments and all
+        names = [m["name"] for m in c.get("/api/models").json()["models"]]
+        assert names == ["alpha", "tiny"]
+        written = catalog.read_text()
+        for body, status, code, says in (
+            ({"name": "tiny", "model": "org/other"}, 409, "model_exists", "'tiny' is a name"),
+            ({"name": "bad", "model": "x", "gpus": -1}, 422, "invalid_catalog", "model 'bad': gpus:"),
+            ({"name": "bad", "model": "x", "like": "nope"}, 422, "invalid_catalog", "like: 'nope' is not a model"),
+            ({"name": "bad", "model": "x", "colour": "red"}, 422, "invalid_catalog", "unknown field 'colour'"),
+        ):
+            r = c.post("/api/models", json=body)
+            assert r.status_code == status and r.json()["error"] == code and says in r.text, (body, r.text)
+        assert catalog.read_text() == written and not list(tmp_path.glob(".models.yaml.*"))  # nothing changed
+        swap = c.post("/api/swap", json={"model": "tiny"}).json()  # and it serves: a real entry of the catalog
+        wait_for(lambda: c.get(f"/api/swap/{swap['id']}").json()["state"] == "ready", 30, 0.05, "swap to tiny")
 
 
 def test_a_second_download_of_the_repo_is_refused_a_cancelled_one_resumes_by_file(

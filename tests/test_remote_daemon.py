@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -260,6 +262,77 @@ def test_hosts_and_their_servers_are_watched_and_changes_are_logged_webhooked_an
     finally:
         hooks.server.shutdown()
         hooks.server.server_close()
+
+
+def test_an_always_on_service_runs_beside_the_model_is_restarted_and_reached_through_the_gateway(
+    env: dict[str, Any], sshd: Sshd, daemons: list[DaemonProc], tmp_path: Path
+) -> None:
+    port = free_port()
+    text = (tmp_path / "models.yaml").read_text() + (
+        "  - name: speech\n"
+        "    model: standin/speech\n"
+        "    kind: [speech, transcription]\n"
+        "    host: lab-a\n"
+        "    always_on: true\n"
+        f"    base_url: http://127.0.0.1:{port}\n"
+        f"    start: [{bin_path('vllm-standin')}, serve, '{{model}}', --host, 127.0.0.1, --port, '{port}']\n"
+        "    env: {STANDIN_STARTUP_S: '0.3'}\n"
+    )
+    (tmp_path / "models.yaml").write_text(text)
+    d = start(daemons, env_with(env["env"], RESTART_BACKOFF_MAX="0.5"))
+    d.wait_state("serving")
+    base = d.status()["public_url"]
+    with admin(d) as c:
+
+        def state() -> str:
+            return str(c.get("/api/services").json()["services"][0]["state"])
+
+        wait_for(lambda: state() == "running", 20, 0.05, "speech running")
+        svc = openai.OpenAI(base_url=f"{base}/services/speech/v1", api_key=TEST_KEY, max_retries=0, timeout=10)
+        assert [m.id for m in svc.models.list().data] == ["standin/speech"]
+        assert "speech" not in [m.id for m in openai.OpenAI(base_url=f"{base}/v1", api_key=TEST_KEY).models.list().data]
+        assert httpx.get(f"{base}/services/speech/v1/models").status_code == 401  # our keys, as for the model
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401  # and its own key on the LAN
+        r = httpx.get(f"{base}/services/nope/v1/models", headers={"Authorization": f"Bearer {TEST_KEY}"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "service_not_found"
+        refused = c.post("/api/swap", json={"model": "speech"})
+        assert refused.status_code == 409 and refused.json()["error"] == "not_swappable"
+
+        # A Slurm job here takes the model's GPUs: the service on its host keeps serving.
+        d.start_job("job_77")
+        d.wait_state("yielded")
+        assert svc.chat.completions.create(model="standin/speech", messages=[{"role": "user", "content": "hi"}])
+        d.end_job("job_77")
+
+        # It dies on its host: restarted after the backoff, by itself.
+        first = listener(port)
+        assert first is not None
+        os.killpg(os.getpgid(first.pid), signal.SIGKILL)
+        wait_for(lambda: state() in ("backoff", "starting"), 15, 0.02, "speech noticed down")
+        wait_for(lambda: state() == "running", 20, 0.05, "speech running again")
+        again = listener(port)
+        assert again is not None and again.pid != first.pid
+        assert c.get("/api/services").json()["services"][0]["restarts"] == 1
+
+        # Stopped on request: gone from its host, and the gateway says so; started again on request.
+        assert c.post("/api/services/speech/stop").status_code == 202
+        wait_for(lambda: state() == "stopped", 15, 0.05, "speech stopped")
+        assert gone([again.pid])
+        r = httpx.get(f"{base}/services/speech/v1/models", headers={"Authorization": f"Bearer {TEST_KEY}"})
+        assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "service_unavailable"
+        assert c.post("/api/services/speech/start").status_code == 202
+        wait_for(lambda: state() == "running", 20, 0.05, "speech started")
+        assert c.post("/api/services/speech/start").status_code == 409
+        out = subprocess.run(
+            [sys.executable, "-m", "watchdog_llm", "service", "speech", "restart"],
+            env=env["env"], capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert out.returncode == 0 and "speech" in out.stdout, out.stderr
+        wait_for(lambda: state() == "running" and listener(port) is not None, 20, 0.05, "speech restarted")
+    st = d.status()
+    assert st["services"][0]["name"] == "speech" and st["services"][0]["host"] == "lab-a"
+    assert d.terminate() == 0
+    assert listener(port) is None  # the daemon's stop took its services with it
 
 
 def _sleeper() -> psutil.Process | None:

@@ -37,8 +37,8 @@ from watchdog_llm.availability import Availability, availability, typical_start
 from watchdog_llm.base.ids import format_ids as _ids
 from watchdog_llm.base.vocab import NotifyKind, YieldOn
 from watchdog_llm.config import Settings, TunnelOnYield
-from watchdog_llm.coordination.catalog import Catalog, CatalogError, ModelEntry
-from watchdog_llm.coordination.core import Coordinator
+from watchdog_llm.coordination.catalog import Catalog, CatalogError, ModelEntry, add_to_file
+from watchdog_llm.coordination.core import CoordError, Coordinator
 from watchdog_llm.coordination.events import EventBus
 from watchdog_llm.coordination.health import HealthEventIn, HealthLog
 from watchdog_llm.coordination.lock import SwapLock
@@ -70,6 +70,7 @@ from watchdog_llm.http.server import (
     raise_fd_limit,
     rate_limit_resource_errors,
 )
+from watchdog_llm.http.services_api import services_router
 from watchdog_llm.http.session import Sessions
 from watchdog_llm.metrics import Metrics
 from watchdog_llm.notify import Notifier, NotifyConfigError
@@ -110,6 +111,7 @@ from watchdog_llm.policy import DetectorFailed as PolicyDetectorFailed
 from watchdog_llm.policy import JobGone as PolicyJobGone
 from watchdog_llm.policy import JobSeen as PolicyJobSeen
 from watchdog_llm.remote.watch import Health, Target, Watch, targets
+from watchdog_llm.services import Restarts, Services
 from watchdog_llm.status import STATUS_FILE
 from watchdog_llm.supervise.child import (
     Child,
@@ -123,6 +125,7 @@ from watchdog_llm.supervise.child import (
 from watchdog_llm.supervise.output import cause
 from watchdog_llm.supervise.probes import free_port, port_in_use
 from watchdog_llm.supervise.specs import (
+    catalog_defaults,
     load_catalog,
     model_address,
     model_spec,
@@ -257,7 +260,9 @@ class Daemon:
         self.watch: Watch | None = None  # mode C: hosts and their servers, probed
         self.records: Records | None = None  # the pids of our children, by child (killed as leftovers)
         self.downloads: Downloads | None = None  # with the listeners
+        self.services: Services | None = None  # mode C: always-on services beside the model
         self.llm_bin = ""
+        self._catalog_mu = asyncio.Lock()  # one catalog file rewrite at a time
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -312,9 +317,12 @@ class Daemon:
         self._stack.callback(loop.set_exception_handler, None)
         # Removed only once the children are closed: a second Ctrl-C while they stop means "hurry".
         self._stack.callback(self._remove_signal_handlers, loop)
+        self._make_services(records)
         await self._open_listeners(load_keys(s))
         self._start_watch()
         self._start_children(records)
+        assert self.services is not None and self.catalog is not None
+        self.services.sync(self.catalog.entries)  # mode C: the always-on services start with the daemon
         jobs = self._start_detection(loop)
         for sig in SHUTDOWN_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
@@ -351,6 +359,24 @@ class Daemon:
             self.activity = ActivityProbe(lambda: self.model_addr, s.idle_release_after, self._on_activity, log)
             self._stack.callback(self.activity.stop)
         self._stack.callback(self._cancel_pending)  # before the children close: no timer restarts one
+
+    def _make_services(self, records: Records) -> None:
+        """Mode C: the owner of the catalog's always-on services (they start after the model's owner)."""
+        s = self.s
+
+        def spec(e: ModelEntry, key: Any) -> Any:
+            assert e.remote is not None and self.catalog is not None
+            return remote_spec(s, key, self.next_start(e.name), self.catalog.hosts[e.remote.host], f"service-{e.name}")
+
+        def notify(title: str, body: str, urgent: bool) -> None:
+            self.announce.submit(Notify(NotifyKind.SERVICE, title, body, "high" if urgent else "default"))
+
+        restarts = Restarts(s.restart_backoff_max, s.restart_limit, s.min_uptime)
+        self.services = Services(
+            spec, records, s.state_dir / "logs", restarts, log, grace=s.yield_grace, notify=notify,
+            on_change=self.announce.publish_status, rng=self.rng,
+        )  # fmt: skip
+        self._stack.push_async_callback(self.services.close)
 
     def _start_watch(self) -> None:
         """Mode C: each host's SSH port and each remote server's health, probed on their own tasks."""
@@ -634,9 +660,10 @@ class Daemon:
             self._model_names,
             self.on_demand.demand if s.on_demand else None,  # off: 409 model_not_loaded
             self.on_demand.pulse,
+            lambda name: self.services.target(name) if self.services is not None else None,
         )
         self._stack.push_async_callback(self.gateway.aclose)  # after its listener: it answered until then
-        assert self.coord is not None and self.records is not None
+        assert self.coord is not None and self.records is not None and self.services is not None
         self.downloads = Downloads(s.state_dir, self.records, lambda: self.catalog.hosts if self.catalog else {}, log)
         self._stack.push_async_callback(self.downloads.close)  # after the listeners: nobody asks for more
         status = functools.partial(views.status, self)
@@ -650,8 +677,10 @@ class Daemon:
                     lambda: views.endpoints(self),
                     lambda key: views.validate(self, key),
                     self.reload_catalog,
+                    self.add_model,
                 ),
                 downloads_router(self.downloads),
+                services_router(self.services),
                 dashboard_router(
                     self.sessions,
                     self.events,
@@ -879,6 +908,8 @@ class Daemon:
         self._names = None  # the gateway's names are made again from the new catalog
         if self.watch is not None:
             self.watch.set_targets(dict(new.hosts), targets(new.hosts.values(), new.entries))
+        if self.services is not None:
+            self.services.sync(new.entries)
         before = {e.name: e for e in old.entries} if old is not None else {}
         after = {e.name: e for e in new.entries}
         summary = {
@@ -899,6 +930,23 @@ class Daemon:
         )
         asyncio.get_running_loop().call_soon(self.announce.publish_status)
         return summary
+
+    async def add_model(self, item: dict[str, Any]) -> dict[str, Any]:
+        """POST /api/models: the entry goes into MODELS (a YAML file), then the catalog is reloaded."""
+        path = Path(self.s.models).expanduser() if self.s.models else None
+        if path is None or not path.is_file():
+            where = f"MODELS={self.s.models!r} is a directory of profiles" if path else "there is no MODELS file"
+            raise CoordError(409, "catalog_not_writable", f"{where}: add the model to the catalog by hand")
+        assert self.catalog is not None
+        name = item.get("name")
+        if isinstance(name, str) and self.catalog.resolve(name) is not None:
+            raise CoordError(409, "model_exists", f"{name!r} is a name (or alias) in the catalog already")
+        async with self._catalog_mu:
+            await asyncio.to_thread(add_to_file, path, item, catalog_defaults(self.s))
+            summary = await self.reload_catalog()
+        e = self.entry(str(name))
+        log.info("model %s added to %s (the previous file is %s.bak)", e.name, path, path.name)
+        return {"added": e.name, "entry": e.public(), "reload": summary, "backup": str(path) + ".bak"}
 
     def _reload_on_signal(self) -> None:
         log.info("SIGUSR1 received: reloading the catalog")
@@ -926,6 +974,8 @@ class Daemon:
             for child in (self.model, self.tunnel):
                 if child is not None:
                     child.hurry()
+            for svc in self.services.by_name.values() if self.services is not None else ():
+                svc.child.hurry()
             return
         self._first_signal_at = now
         log.info("%s received: stopping", sig.name)

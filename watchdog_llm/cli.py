@@ -113,6 +113,14 @@ def _parser() -> argparse.ArgumentParser:
     tn.add_argument("--extra-args", metavar="ARGS|none", help="more vllm serve arguments, shell-quoted")
     tn.add_argument("--reset", action="store_true", help="clear every setting of this model")
     tn.add_argument("--json", action="store_true", help="machine-readable output")
+    sv = _command(
+        sub,
+        "service",
+        help="the always-on services (mode C): list them, or start, stop or restart one",
+    )
+    sv.add_argument("name", metavar="NAME", nargs="?", help="a service (an always_on entry of the catalog)")
+    sv.add_argument("action", nargs="?", choices=["start", "stop", "restart"], help="what to do (default: show)")
+    sv.add_argument("--json", action="store_true", help="machine-readable output")
     dl = _command(
         sub,
         "download",
@@ -247,6 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "reload": _reload,
         "tune": _tune,
         "download": _download,
+        "service": _service,
         "ssh-key": _hosts_cli("ssh_key"),
         "hosts": _hosts_cli("hosts"),
     }[args.command]
@@ -384,6 +393,8 @@ def _human_status(d: dict[str, Any], running: bool) -> str:
     if cat := d.get("catalog"):
         shown = [f"{e['name']} {e['state']}" + (f" ({e['waiting']} waiting)" if e.get("waiting") else "") for e in cat]
         lines.append(f"  models:  {', '.join(shown)}")
+    if svcs := d.get("services"):
+        lines.append("  services: " + ", ".join(f"{v['name']} {v['state']} on {v.get('host')}" for v in svcs))
     if sw := d.get("swap"):
         lines.append(f"  swap:    {_swap_line(sw)}")
     if (lk := d.get("lock")) and lk.get("locked"):
@@ -625,6 +636,34 @@ def _tune(s: config.Settings, args: argparse.Namespace) -> int:
         "its next start (it runs now: swap to it again, or restart, to apply)" if d.get("active") else "its next start"
     )
     print(f"  args at {when}: {' '.join(d['args']) or '(none)'}")
+    return EXIT_OK
+
+
+def _service(s: config.Settings, args: argparse.Namespace) -> int:
+    from watchdog_llm.admin_client import AdminError
+
+    client = _client(s)
+    try:
+        if args.action:
+            name = urllib.parse.quote(args.name, safe="")
+            d = client.post(f"/api/services/{name}/{args.action}")
+            rows = [d]
+        else:
+            rows = client.get("/api/services")["services"]
+            if args.name:
+                rows = [r for r in rows if r["name"] == args.name]
+                if not rows:
+                    _err(f"no always-on service {args.name!r}")
+                    return EXIT_FAIL
+    except AdminError as e:
+        return _refused(e, args)
+    if args.json:
+        _print_json(rows[0] if args.action else {"services": rows})
+        return EXIT_OK
+    if not rows:
+        print("no always-on services in the catalog")
+    for r in rows:
+        print(f"{r['name']:<16} {r['state']:<9} on {r.get('host')} ({r.get('base_url')})  {r.get('detail', '')}")
     return EXIT_OK
 
 

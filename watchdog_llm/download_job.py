@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     except RepositoryNotFoundError:
         return _fail("repo_not_found", f"{repo} is not on {at} (or it is private: set HF_TOKEN)", 4)
     except Exception as e:  # the hub down, a proxy, a timeout: the client's own words, on one line
-        return _fail("hub_error", f"{at}: {e}", 5)
+        return _fail("hub_error", f"the hub at {at}: {e}", 5)
     total = sum(i.file_size or 0 for i in plan)
     have = sum(i.file_size or 0 for i in plan if not i.will_download)
     emit(event="plan", total=total, have=have, files=len(plan), commit=plan[0].commit_hash if plan else None)

@@ -30,8 +30,12 @@ from watchdog_llm.coordination.hosts import Host
 from watchdog_llm.supervise.child import Child, ChildEvent, ChildExited, ChildSpec, ChildStopped
 from watchdog_llm.supervise.tree import Records
 
-REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
-REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]{0,127}")
+# The API's schema states these (http/downloads_api.py): what it allows is what is accepted.
+REPO_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$"
+# A branch, tag or commit; its parts never "." or "..": the hub's client files it under refs/REVISION.
+REVISION_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$"
+REPO = re.compile(REPO_PATTERN)
+REVISION = re.compile(REVISION_PATTERN)
 ENDED = frozenset({"done", "failed", "cancelled"})
 KEEP = 50  # finished downloads remembered
 RATE_WINDOW_S = 5.0
@@ -140,9 +144,9 @@ class Downloads:
     # ---- requests ------------------------------------------------------------------------------
 
     def start(self, repo: str, revision: str | None = None, host: str | None = None) -> Download:
-        if not isinstance(repo, str) or not REPO.fullmatch(repo):
+        if not isinstance(repo, str) or not REPO.match(repo):
             raise DownloadError(422, "invalid_request", "repo: expected ORG/NAME (letters, digits, _.-)", field="repo")
-        if revision is not None and (not REVISION.fullmatch(revision) or ".." in revision):
+        if revision is not None and (len(revision) > 128 or not REVISION.match(revision)):
             raise DownloadError(422, "invalid_request", "revision: expected a branch, tag or commit", field="revision")
         target: Host | None = None
         if host is not None:

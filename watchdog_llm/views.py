@@ -166,6 +166,7 @@ def status(d: Daemon) -> dict[str, Any]:
         "lock": lock_public(d.coord.lock.status()) if d.coord is not None else None,
         "webhooks": _webhooks(d),
         "catalog": _catalog(d),
+        "services": d.services.public() if d.services is not None else [],
         "notifications": None
         if d.notifier is None
         else {"sent": d.notifier.sent, "failed": d.notifier.failed, "dropped": d.notifier.dropped},

@@ -20,6 +20,7 @@ class NotifyKind(StrEnum):
     SWAP_FAILED = "swap_failed"
     TUNNEL = "tunnel"
     HOST = "host"  # mode C: a model host went down or came back
+    SERVICE = "service"  # mode C: an always-on service crashed or failed
     LOCK_FORCED = "lock_forced"
     PORT_TAKEN = "port_taken"  # SERVER_PORT held by another process: the model moved to another port
     TEST = "test"

@@ -10,10 +10,14 @@ Every problem is reported as one line naming the file, the entry and the field.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import os
 import re
 import shlex
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +44,7 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _FIELDS = (
     "name", "aliases", "model", "args", "env", "gpus", "health_path", "startup_timeout", "description",
     "kind", "gpu_memory", "ttl", "group", "priority", "max_concurrency", "sleep",
-    "host", "base_url", "start", "stop", "logs",
+    "host", "base_url", "start", "stop", "logs", "always_on",
 )  # fmt: skip
 # A remote entry's commands are words; these stand for the entry's own values. `{args}` is a word
 # of its own and becomes the entry's args, one word each.
@@ -171,6 +175,9 @@ class ModelEntry:
     # LAN controller mode: the entry runs on `host` (a name in `hosts:`), started, stopped and
     # followed by these commands over SSH, and reached at `base_url`. None: it runs on this node.
     remote: RemoteSpec | None = None
+    # A service that runs beside the model (a speech server on a second host), started with the
+    # daemon and restarted when it dies; reached at the gateway's /services/NAME/; never swapped to.
+    always_on: bool = False
 
     @property
     def host(self) -> str | None:
@@ -211,6 +218,7 @@ class ModelEntry:
             "max_concurrency": self.max_concurrency,
             "sleep": self.sleep,
             **(self.remote.public() if self.remote is not None else {"host": None}),
+            "always_on": self.always_on,
         }
 
 
@@ -269,6 +277,8 @@ def load(models: str, default_model: str, defaults: Defaults, *, model_name: str
         if e is None:
             names = ", ".join(x.name for x in cat.entries)
             raise CatalogError(f"DEFAULT_MODEL={default_model!r} is not in the catalog ({names})")
+        if e.always_on:
+            raise CatalogError(f"DEFAULT_MODEL={default_model!r} is an always-on service, not a model to serve")
         cat = Catalog(cat.entries, e.name, cat.source, cat.groups, cat.hosts)
     return cat
 
@@ -424,11 +434,15 @@ def _catalog(
                 owner[n.lower()] = e.name
     if not entries and not problems:
         problems.append(f"MODELS {source}: the catalog is empty")
-    hit = entries[0] if entries else None
+    hit = next((e for e in entries if not e.always_on), entries[0] if entries else None)
     if default is not None:
         hit = next((e for e in entries if default in (e.name, *e.aliases)), None)
         if hit is None and default.lower() not in _bad_names(problems):
             problems.append(f"MODELS {source}: default {default!r} is not one of its models")
+        elif hit is not None and hit.always_on:
+            problems.append(f"MODELS {source}: default {hit.name!r} is an always-on service, not a model to serve")
+    if entries and all(e.always_on for e in entries):
+        problems.append(f"MODELS {source}: every entry is an always-on service: the catalog needs a model")
     rules = dict(groups or {})
     for e in entries:
         if e.group is not None and e.group not in rules:
@@ -546,7 +560,17 @@ def _entry(item: Mapping[str, Any], where: str, defaults: Defaults) -> ModelEntr
         max_concurrency=None if conc is None else int(conc),
         sleep=int(sleep),
         remote=remote,
+        always_on=_always_on(item, remote, bad),
     )
+
+
+def _always_on(item: Mapping[str, Any], remote: RemoteSpec | None, bad: Any) -> bool:
+    value = item.get("always_on", False)
+    if not isinstance(value, bool):
+        raise bad("always_on", "expected true or false")
+    if value and remote is None:
+        raise bad("always_on", "only for an entry on another host (one here would hold GPUs that jobs need)")
+    return value
 
 
 def _words(value: Any) -> list[str]:
@@ -631,3 +655,67 @@ def _number(value: Any, kind: type[int] | type[float], lo: float, hi: float) -> 
     if kind is int and n != int(n):
         return None
     return n
+
+
+# ---- adding an entry to the catalog file (POST /api/models) ---------------------------------------
+
+
+def add_to_file(path: Path, item: Mapping[str, Any], defaults: Defaults) -> Catalog:
+    """Append `item` (catalog fields; `like: NAME` copies that entry's fields first) to the YAML file
+    at `path`, whose whole new content is checked first: any problem raises CatalogError and changes
+    nothing. The file is replaced atomically; the previous one is kept as `<file>.bak`. YAML
+    comments are not kept (the .bak has them)."""
+    if not path.is_file():
+        raise CatalogError(f"MODELS {path}: only a YAML catalog file can be added to")
+    try:
+        text = path.read_text(encoding="utf-8")
+        doc = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise CatalogError(f"MODELS {path}: cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    holder = doc if isinstance(doc, dict) and "models" in doc else None
+    items = holder["models"] if holder is not None else doc
+    new = dict(item)
+    like = new.pop("like", None)
+    if like is not None:
+        raws = [{"name": k, **v} for k, v in items.items()] if isinstance(items, dict) else list(items or [])
+        base = next(
+            (r for r in raws if isinstance(r, dict) and like in (r.get("name"), *(r.get("aliases") or []))), None
+        )
+        if base is None:
+            raise CatalogError(f"MODELS {path}: like: {like!r} is not a model of the catalog")
+        new = {**{k: v for k, v in base.items() if k not in ("name", "aliases", "description")}, **new}
+    name = new.get("name")
+    if isinstance(items, dict):
+        body = {k: v for k, v in new.items() if k != "name"}
+        items = {**items, name: body}
+    elif isinstance(items, list):
+        items = [*items, new]
+    else:
+        raise CatalogError(f"MODELS {path}: expected a list of models (or `models:` with one)")
+    out = {**holder, "models": items} if holder is not None else items
+    data = yaml.safe_dump(out, sort_keys=False, allow_unicode=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, path.stat().st_mode & 0o777)
+        cat = _from_yaml(Path(tmp), defaults)  # every problem of the new file, or it stays unwritten
+        cat = Catalog(cat.entries, cat.default, str(path), cat.groups, cat.hosts)
+        if not any(e.name == name for e in cat.entries):
+            raise CatalogError(f"MODELS {path}: model {name!r} was not added")
+        shutil.copy2(path, path.with_name(path.name + ".bak"))
+        os.replace(tmp, path)
+    except CatalogError as e:
+        raise CatalogError(*(p.replace(tmp, str(path)) for p in e.problems)) from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    with contextlib.suppress(OSError):
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    return cat

@@ -69,6 +69,12 @@ class Coordinator:
         """The gate: unknown model 404, lock held by someone else 423, a swap under way 409, the
         daemon unable to start anything 503; else the swap is recorded and handed to the owner."""
         entry = self.resolve(key)
+        if entry.always_on:
+            raise CoordError(
+                409,
+                "not_swappable",
+                f"{entry.name} is an always-on service: start, stop or restart it at /api/services",
+            )
         why_not = self.unfit(entry)
         if why_not is not None:  # it would wait for ever, deferred: say so now
             raise CoordError(409, "model_does_not_fit", why_not)

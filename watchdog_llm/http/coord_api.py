@@ -49,17 +49,33 @@ class SwapIn(BaseModel):
     model: str = Field(min_length=1, max_length=200, description="catalog name or alias")
 
 
+class ModelIn(BaseModel):
+    """POST /api/models: a catalog entry's fields (docs/COORDINATION.md), checked as the catalog checks
+    them; `like` copies another entry's fields first (its host, commands, args), then these apply."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=64)
+    model: str | None = Field(None, min_length=1, max_length=500, description="hub id or local path")
+    like: str | None = Field(None, min_length=1, max_length=64, description="copy this entry's fields first")
+
+
 class SettingsIn(BaseModel):
     """PATCH /api/models/{key}/settings: the settings given change, `null` clears one, the rest stay."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     max_model_len: int | None = Field(None, ge=16, le=10_000_000, strict=True, description="--max-model-len")
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="--gpu-memory-utilization")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, strict=True, description="--gpu-memory-utilization")
     prefix_caching: bool | None = Field(None, strict=True, description="--enable-prefix-caching or --no-...")
     kv_cache_dtype: str | None = Field(None, pattern=r"^[a-z0-9_]{1,32}$", description="--kv-cache-dtype")
     extra_args: list[str] | str | None = Field(
         None, max_length=200, description="more vllm serve arguments: a list, or one shell-quoted string"
     )
+
+    @field_validator("max_model_len", mode="before")
+    @classmethod
+    def _whole(cls, v: Any) -> Any:
+        """JSON has one number type: 32768.0 is the integer the schema asks for."""
+        return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
 _TTL = "seconds; at most SWAP_LOCK_MAX_TTL"
@@ -172,6 +188,7 @@ def coordination_router(
     endpoints: Callable[[], dict[str, Any]],
     validate: Callable[[str], dict[str, Any]],
     reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    add: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
 ) -> APIRouter:
     r = APIRouter(prefix="/api")
 
@@ -231,6 +248,28 @@ def coordination_router(
             return coord.tune(key, {k: None for k in SettingsIn.model_fields})
         except CoordError as e:
             return error_response(e)
+
+    if add is not None:
+        add_model = add
+
+        @r.post(
+            "/models",
+            status_code=201,
+            summary="Add a model to the catalog file (atomically, the old one kept as .bak), then reload",
+            responses={
+                409: _err(409, "the catalog is not a YAML file, or the name is taken"),
+                422: _err(422, "the new entry (or the file with it) has problems: all of them in `problems`"),
+            },
+        )
+        async def model_add(body: ModelIn) -> Any:
+            try:
+                return JSONResponse(await add_model(body.model_dump(exclude_none=True)), status_code=201)
+            except CoordError as e:
+                return error_response(e)
+            except CatalogError as e:
+                problems = list(e.problems) or [str(e)]
+                body_ = {**api_body("invalid_catalog", problems[0]), "problems": problems}
+                return JSONResponse(body_, status_code=422)
 
     if reload is not None:
         reload_catalog = reload

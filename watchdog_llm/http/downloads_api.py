@@ -11,14 +11,16 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from watchdog_llm.downloads import DownloadError, Downloads
+from watchdog_llm.downloads import REPO_PATTERN, REVISION_PATTERN, DownloadError, Downloads
 from watchdog_llm.http.errors import api_body
 
 
 class DownloadIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    repo: str = Field(min_length=3, max_length=200, description="ORG/NAME on the hub (HF_ENDPOINT)")
-    revision: str | None = Field(None, min_length=1, max_length=128, description="branch, tag or commit; default main")
+    repo: str = Field(pattern=REPO_PATTERN, max_length=193, description="ORG/NAME on the hub (HF_ENDPOINT)")
+    revision: str | None = Field(
+        None, pattern=REVISION_PATTERN, max_length=128, description="branch, tag or commit; default main"
+    )
     host: str | None = Field(None, min_length=1, max_length=64, description="a host of the catalog; default here")
 
 

@@ -143,6 +143,7 @@ def model_names(entries: Sequence[ModelEntry], active: ModelEntry, shown: str) -
             if k not in served:
                 rename[k] = target
     others = {}
+    entries = [e for e in entries if not e.always_on]  # services: reached at /services/NAME/, not by `model`
     for e in entries:
         if e.name == active.name:
             continue
@@ -225,6 +226,8 @@ class Gateway:
         models: Callable[[], ModelNames | None] = lambda: None,  # None: the body's `model` is not checked
         demand: Demand | None = None,  # None: a catalog model not loaded is 409, never waited for
         idle: Callable[[], None] = lambda: None,  # called when the last request in flight ends
+        # /services/NAME/...: (base URL, key) of a running always-on service, why it is not running, or None
+        services: Callable[[str], tuple[str, str] | str | None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.keys = keys
@@ -236,6 +239,7 @@ class Gateway:
         self.models = models
         self.demand = demand
         self.idle = idle
+        self.services = services
         self._inflight: set[_Exchange] = set()
         # httpx's transport without an AsyncClient around it: no redirects followed, no proxy from
         # the environment (it must not carry our internal key elsewhere), no cookie jar (a cookie one
@@ -266,7 +270,11 @@ class Gateway:
     # ---- ASGI ------------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and (scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
+        if scope["type"] == "http" and (
+            scope["path"] == "/v1"
+            or scope["path"].startswith("/v1/")
+            or (self.services is not None and scope["path"].startswith("/services/"))
+        ):
             await self._proxy(scope, receive, send)
         elif scope["type"] == "http":
             await self.site(scope, receive, _relative_redirects(scope, send))
@@ -309,13 +317,15 @@ class Gateway:
     async def _exchange(self, scope: Scope, receive: Receive, send: Send) -> int:
         path: str = scope["path"]
         method: str = scope["method"]
-        if not _safe(path) or path in BLOCKED:
+        if not _safe(path) or _below(path) in BLOCKED:
             return await self._refuse(send, 404, "not_found", f"{method} {_printable(path)} is not served here")
         raw = dict(scope["headers"])  # later duplicates win: fine for the few we read
         consumer = scope["watchdog_llm.consumer"] = self.keys.consumer(_presented_key(raw))
         if consumer is None:
             msg = "missing or unknown API key: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
             return await self._refuse(send, 401, "invalid_api_key", msg, reason="auth")
+        if self.services is not None and path.startswith("/services/"):
+            return await self._service(scope, receive, send, raw, consumer)
         avail = self.availability()
         if not avail.serving:
             return await self._unavailable(send, avail, consumer)
@@ -327,7 +337,33 @@ class Gateway:
         finally:
             self.limiter.release(consumer)
 
-    async def _forward(self, scope: Scope, receive: Receive, send: Send, raw: dict[bytes, bytes], consumer: str) -> int:
+    async def _service(self, scope: Scope, receive: Receive, send: Send, raw: dict[bytes, bytes], consumer: str) -> int:
+        """An always-on service (mode C), whatever the model is doing: /services/NAME/REST -> its /REST."""
+        assert self.services is not None
+        name, _, rest = scope["path"].removeprefix("/services/").partition("/")
+        target = self.services(name)
+        if target is None:
+            msg = f"no service {_printable(name)!r} here"
+            return await self._refuse(send, 404, "service_not_found", msg, consumer, reason="service")
+        if isinstance(target, str):
+            return await self._refuse(send, 503, "service_unavailable", target, consumer, True, 5, reason="service")
+        if not self.limiter.acquire(consumer):
+            msg = f"too many requests in flight for this key (at most {self.limiter.limit}); retry when one finishes"
+            return await self._refuse(send, 429, "too_many_requests", msg, consumer, True, 1, reason="concurrency")
+        try:
+            return await self._forward({**scope, "path": "/" + rest}, receive, send, raw, consumer, target)
+        finally:
+            self.limiter.release(consumer)
+
+    async def _forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        raw: dict[bytes, bytes],
+        consumer: str,
+        service: tuple[str, str] | None = None,
+    ) -> int:
         body = await self._read_body(receive, raw)
         if isinstance(body, tuple):
             status, code, msg = body
@@ -338,7 +374,7 @@ class Gateway:
         if bad is not None:
             status, code, msg = bad
             return await self._refuse(send, status, code, msg, consumer, reason=code)
-        if doc is not None:
+        if doc is not None and service is None:
             body, wrong = self._by_model(doc, body)
             if wrong is not None and wrong.entry is not None and self.demand is not None:
                 waited = await self._await_model(receive, wrong.entry, consumer)
@@ -350,7 +386,7 @@ class Gateway:
                     send, wrong.status, wrong.code, wrong.message, consumer, wrong.retryable, wrong.retry_after,
                     reason="model",
                 )  # fmt: skip
-        base, key, remote = self.upstream()
+        base, key, remote = self.upstream() if service is None else (*service, True)
         fwd = [(k, v) for k, v in scope["headers"] if k not in _DROP_IN]
         fwd.append((b"authorization", b"Bearer " + key.encode()))
         try:
@@ -370,7 +406,8 @@ class Gateway:
         watcher = asyncio.create_task(_watch_disconnect(receive, ex))
         try:
             lanes = self.remote_client if remote else self.upstream_client
-            return await self._relay(send, req, ex, consumer, route_label(scope["path"]), lanes)
+            route = "/services" if service is not None else route_label(scope["path"])  # its /v1/models is its own
+            return await self._relay(send, req, ex, consumer, route, lanes)
         finally:
             watcher.cancel()
             self._inflight.discard(ex)
@@ -765,11 +802,20 @@ def _presented_key(raw: dict[bytes, bytes]) -> str | None:
 
 
 def _safe(path: str) -> bool:
-    """/v1 and plain segments below it: no dot segments, empty segments or encoded oddities."""
+    """/v1 (or /services/NAME/) and plain segments below it: no dot segments, empty segments or
+    encoded oddities."""
     segments = path[1:].split("/")
     if segments[-1] == "" and len(segments) > 1:
         segments.pop()  # one trailing slash is fine
-    return segments[0] == "v1" and all(_SEGMENT.fullmatch(s) and s not in (".", "..") for s in segments)
+    first = segments[0] == "v1" or (segments[0] == "services" and len(segments) >= 2)
+    return first and all(_SEGMENT.fullmatch(s) and s not in (".", "..") for s in segments)
+
+
+def _below(path: str) -> str:
+    """The path the upstream gets: a service's own, below /services/NAME."""
+    if path.startswith("/services/"):
+        return "/" + path.removeprefix("/services/").partition("/")[2]
+    return path
 
 
 def _check_body(

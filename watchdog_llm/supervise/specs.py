@@ -123,7 +123,7 @@ def remote_address(e: ModelEntry) -> Address:
     return Address(e.remote.base_url)
 
 
-def remote_spec(s: Settings, api_key: Callable[[], str], e: ModelEntry, host: Host) -> ChildSpec:
+def remote_spec(s: Settings, api_key: Callable[[], str], e: ModelEntry, host: Host, name: str = "model") -> ChildSpec:
     """A remote entry's child: the local runner (watchdog_llm.remote.runner) that drives the server on
     `host` over SSH. Its job travels in its environment; the internal key (VLLM_API_KEY, added at
     each start) and the entry's env go on to the host on stdin, never on a command line."""
@@ -153,7 +153,7 @@ def remote_spec(s: Settings, api_key: Callable[[], str], e: ModelEntry, host: Ho
     argv = (sys.executable, "-m", "watchdog_llm.remote.runner", e.name, host.name)  # names only: for ps
     # A remote entry never yields (this node's jobs are not its host's), so its stop is the host's
     # pace: `docker stop` waits 10 s by default. The runner gets a little more, to end its channels.
-    return ChildSpec("model", argv, env, probe, liveness=live, grace=REMOTE_STOP_S + 3)
+    return ChildSpec(name, argv, env, probe, liveness=live, grace=REMOTE_STOP_S + 3)
 
 
 REMOTE_STOP_S = 30.0  # a remote stop command's budget
