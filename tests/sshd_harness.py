@@ -7,6 +7,7 @@ Needs root (sshd drops privileges to the user it logs in) and /usr/sbin/sshd; CI
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -93,6 +94,19 @@ class Sshd:
             self.proc.wait(10)
         self.proc = None
         time.sleep(0.05)
+
+    def crash(self) -> None:
+        """The host goes away: this sshd and everything under it (its sessions, their commands) SIGKILLed
+        at once. Connections drop without a goodbye, as when a machine loses power."""
+        import psutil
+
+        assert self.proc is not None
+        root = psutil.Process(self.proc.pid)
+        for p in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        self.proc.wait(10)
+        self.proc = None
 
     def text(self) -> str:
         return (self.root / "sshd.log").read_text(errors="replace")

@@ -335,6 +335,23 @@ def test_an_always_on_service_runs_beside_the_model_is_restarted_and_reached_thr
     assert listener(port) is None  # the daemon's stop took its services with it
 
 
+def test_a_host_that_goes_away_mid_swap_fails_it_and_the_previous_model_comes_back(
+    env: dict[str, Any], sshd: Sshd, daemons: list[DaemonProc]
+) -> None:
+    d = start(daemons, env["env"])
+    d.wait_state("serving")
+    with admin(d) as c:
+        swap = c.post("/api/swap", json={"model": "never-ready"}).json()
+        wait_for(lambda: _sleeper(), 15, 0.05, "the server loading on the host")
+        sshd.crash()  # the host loses power while its model loads
+        failed = wait_swap(c, swap["id"], "failed", timeout=20)
+        tail = "\n".join(failed["log_tail"])
+        assert "connection to lab-a (root@127.0.0.1:" in tail and "lost" in tail, tail
+        assert failed["finished_at"] - failed["created_at"] < 2.5  # the lost connection said so: no timeout waited
+    st = d.wait_state("serving")
+    assert st["model"] == "alpha" and served_model(d) == "standin/alpha"
+
+
 def _sleeper() -> psutil.Process | None:
     for p in psutil.process_iter(["cmdline"]):
         if (p.info["cmdline"] or [])[:2] == ["sleep", "600"]:

@@ -184,7 +184,7 @@ class Runner:
 
     async def _follow(self, conn: Any, proc: Any) -> int | None:
         """Copy the command's output to ours until it ends (its exit status; -1 for a signal) or
-        we are asked to stop (None). A lost connection raises."""
+        we are asked to stop (None). A lost connection raises OSError."""
         copying = asyncio.create_task(self._copy(proc))
         stop = asyncio.create_task(self.stopping.wait())
         closed = asyncio.create_task(conn.wait_closed())
@@ -192,15 +192,15 @@ class Runner:
             done, _ = await asyncio.wait({copying, stop, closed}, return_when=asyncio.FIRST_COMPLETED)
             if stop in done:
                 return None
-            if closed in done and copying not in done:
-                raise OSError(f"the SSH connection to {self.job.host.shown} closed")
+            lost = copying.exception() if copying in done else None
+            if lost is not None or (closed in done and copying not in done):
+                why = f": {lost}" if lost is not None and str(lost) else ""
+                raise OSError(f"the SSH connection closed{why}")
             result = await proc.wait(check=False)
             return -1 if result.exit_status is None else int(result.exit_status)
         finally:
-            for t in (stop, closed):
-                t.cancel()
-            if not copying.done():
-                copying.cancel()
+            for t in (stop, closed, copying):
+                _settle(t)
 
     @staticmethod
     async def _copy(proc: Any) -> None:
@@ -235,7 +235,7 @@ class Runner:
             say(f"the command on {self.job.host.name} did not end within {timeout:g} s of its stdin closing")
             await end_process(proc)
         finally:
-            copying.cancel()
+            _settle(copying)
 
     async def _stop_command(self, conn: Any, when: str) -> None:
         say(f"stop ({when}): {shlex.join(self.job.stop)}")
@@ -248,6 +248,14 @@ class Runner:
         except TimeoutError:
             say(f"stop command did not finish within {self.job.stop_timeout:g} s: ended")
             await self._end(proc, 5)
+
+
+def _settle(task: asyncio.Task[Any]) -> None:
+    """Cancel it if it runs; if it ended with an error, that was seen (never "never retrieved")."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()
 
 
 async def _main() -> int:
