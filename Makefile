@@ -26,8 +26,10 @@ demo: $(BIN)/watchdog-llm
 
 test: $(STATIC) pytest
 
+# Two workers: most tests wait on processes and sockets, not the CPU (tests/conftest.py keeps the ones
+# that share the machine's cgroupfs, Slurm or real vLLM on one worker, one after another).
 pytest: $(BIN)/watchdog-llm
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 # README's pictures of the chat page and the dashboard (docs/images), taken by the browser tests.
 screenshots: $(BIN)/watchdog-llm

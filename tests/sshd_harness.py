@@ -28,10 +28,15 @@ MISSING = "needs root, Debian's openssh-server and tini (apt-get install openssh
 
 
 def ensure_user() -> None:
-    """The test user: a home, a shell, and an account that is not locked (sshd refuses locked ones)."""
-    if subprocess.run(["id", USER], capture_output=True).returncode != 0:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", USER], check=True)
-    subprocess.run(["usermod", "-p", "*", USER], check=True)
+    """The test user: a home, a shell, and an account that is not locked (sshd refuses locked ones).
+    Under a lock: two test workers must not both run useradd."""
+    import fcntl
+
+    with open("/tmp/wdl-test-useradd.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if subprocess.run(["id", USER], capture_output=True).returncode != 0:
+            subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", USER], check=True)
+        subprocess.run(["usermod", "-p", "*", USER], check=True)
 
 
 class Sshd:
