@@ -28,8 +28,9 @@ test: $(STATIC) pytest
 
 # Two workers: most tests wait on processes and sockets, not the CPU (tests/conftest.py keeps the ones
 # that share the machine's cgroupfs, Slurm or real vLLM on one worker, one after another).
+# A short --basetemp: the workers' own subdirectories must leave room in a unix socket's 108 bytes.
 pytest: $(BIN)/watchdog-llm
-	$(BIN)/pytest -q -n 2 --dist loadgroup
+	t=/tmp/wdlt-$$$$ && $(BIN)/pytest -q -n 2 --dist loadgroup --basetemp=$$t && rm -rf $$t
 
 # README's pictures of the chat page and the dashboard (docs/images), taken by the browser tests.
 screenshots: $(BIN)/watchdog-llm

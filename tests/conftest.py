@@ -199,6 +199,13 @@ def slurm_v1() -> Iterator[Path]:
     """`memory/slurm_wdtest<random>/uid_0`: Debian's v1 layout, removed afterwards (deepest first)."""
     if os.geteuid() != 0 or not MEMORY.is_dir():
         pytest.skip("needs root and a cgroup v1 memory controller")
+    # The one-node Slurm shares this cgroupfs: a job an earlier test cancelled can keep its dirs for a
+    # moment after Slurm says it ended (slower under load). These tests count jobs: wait them out.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and [
+        p for p in Path("/sys/fs/cgroup").glob("*/slurm*/uid_*/job_*") if "wdtest" not in str(p)
+    ]:
+        time.sleep(0.1)
     top = MEMORY / f"slurm_wdtest{uuid.uuid4().hex[:8]}"
     try:
         (top / "uid_0").mkdir(parents=True)

@@ -166,11 +166,11 @@ def test_a_second_download_of_the_repo_is_refused_a_cancelled_one_resumes_by_fil
         assert first["id"] in again.json()["message"] and again.json()["running"]["id"] == first["id"]
         wait_for(lambda: finished_files() >= 3, 20, 0.02, "the config and the two smallest files")
         pids = jobs()
-        r = c.delete(f"/api/downloads/{first['id']}")
+        r = c.post(f"/api/downloads/{first['id']}/cancel")
         assert r.status_code == 202 and r.json()["state"] == "cancelling"
         wait_for(lambda: c.get(f"/api/downloads/{first['id']}").json()["state"] == "cancelled", 15, 0.05)
         assert pids and not alive(pids)  # its process tree is gone
-        assert c.delete(f"/api/downloads/{first['id']}").status_code == 409  # finished: nothing to cancel
+        assert c.post(f"/api/downloads/{first['id']}/cancel").status_code == 409  # finished: nothing to cancel
         kept = finished_files()
         before = len(hub.requests)
         second = c.post("/api/downloads", json={"repo": "org/tiny"}).json()

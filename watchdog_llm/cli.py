@@ -620,7 +620,7 @@ def _tune(s: config.Settings, args: argparse.Namespace) -> int:
     client = _client(s)
     try:
         if args.reset:
-            d = client.delete(path)
+            d = client.post(path + "/reset")
         elif patch:
             d = client.request("PATCH", path, body=patch)
         else:
@@ -701,7 +701,7 @@ def _download(s: config.Settings, args: argparse.Namespace) -> int:
                 print(f"{r['id']}  {r['state']:<11} {r['repo']}  {r.get('host') or 'here'}  {_progress_line(r)}")
             return EXIT_OK
         if args.cancel:
-            d = client.delete(f"/api/downloads/{urllib.parse.quote(args.cancel, safe='')}")
+            d = client.post(f"/api/downloads/{urllib.parse.quote(args.cancel, safe='')}/cancel")
             print(f"{d['id']}: cancelling {d['repo']}")
             return EXIT_OK
         if not args.repo:
@@ -726,7 +726,7 @@ def _download(s: config.Settings, args: argparse.Namespace) -> int:
                 _err(_progress_line(d))
     except KeyboardInterrupt:
         with contextlib.suppress(AdminError):
-            client.delete(f"/api/downloads/{rec['id']}")
+            client.post(f"/api/downloads/{rec['id']}/cancel")
         _err(f"\n{rec['id']}: cancelled; the files it finished stay cached, and the next download resumes")
         return EXIT_INTERRUPTED
     except AdminError as e:

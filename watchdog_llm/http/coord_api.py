@@ -238,8 +238,8 @@ def coordination_router(
         except CoordError as e:
             return error_response(e)
 
-    @r.delete(
-        "/models/{key}/settings",
+    @r.post(
+        "/models/{key}/settings/reset",
         summary="Clear a model's settings: its next start uses the catalog's args alone",
         responses={404: _err(404, "unknown model"), 503: _err(503, "the overrides file cannot be written")},
     )

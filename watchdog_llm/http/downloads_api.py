@@ -81,8 +81,8 @@ def downloads_router(downloads: Downloads) -> APIRouter:
             events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
 
-    @r.delete(
-        "/downloads/{download_id}",
+    @r.post(
+        "/downloads/{download_id}/cancel",
         status_code=202,
         summary="Cancel a download (the files it finished stay cached: a new download resumes from them)",
         responses={404: _err(404, "no such download"), 409: _err(409, "it has finished already")},
