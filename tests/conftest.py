@@ -34,18 +34,6 @@ def _descendants() -> list[psutil.Process]:
     return [p for p in psutil.Process().children(recursive=True) if alive([p])]
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`make test` runs two pytest-xdist workers (`--dist loadgroup`). Tests that share one real thing of
-    the machine run one after another on one worker: the real cgroupfs and the one-node Slurm (a job one
-    test submits is a job every daemon watching the real cgroupfs sees), and the real vLLM (it takes
-    both cores). Everything else is spread over both."""
-    for item in items:
-        if item.get_closest_marker("cgroupfs") or "slurm" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("system"))
-        elif item.get_closest_marker("real_vllm"):
-            item.add_marker(pytest.mark.xdist_group("vllm"))
-
-
 @pytest.fixture(autouse=True)
 def no_leftover_processes() -> Iterator[None]:
     """Every test must leave no process behind: the daemon's first promise."""

@@ -172,6 +172,18 @@ def _err(status: int, description: str) -> dict[str, Any]:
     return {"model": ApiError, "description": description}
 
 
+def event_stream(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    """Server-sent events of {"event", "data"} items, unbuffered (no proxy holds them back)."""
+
+    async def encoded() -> AsyncIterator[bytes]:
+        async for ev in events:
+            yield f"event: {ev['event']}\ndata: {json.dumps(ev['data'])}\n\n".encode()
+
+    return StreamingResponse(
+        encoded(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
 def error_response(e: CoordError | ScheduleError) -> JSONResponse:
     extra = e.extra if isinstance(e, CoordError) else {}
     retryable = e.retryable if isinstance(e, CoordError) else False
@@ -363,13 +375,7 @@ def coordination_router(
         if coord.swaps.get(swap_id) is None:
             return error_response(CoordError(404, "unknown_swap", f"no swap {swap_id[:80]!r}"))
 
-        async def events() -> AsyncIterator[bytes]:
-            async for ev in coord.swaps.stream(swap_id):
-                yield f"event: {ev['event']}\ndata: {json.dumps(ev['data'])}\n\n".encode()
-
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        )
+        return event_stream(coord.swaps.stream(swap_id))
 
     @r.post(
         "/swap/{key}/validate",

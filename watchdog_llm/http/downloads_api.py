@@ -3,8 +3,6 @@ Only translation: the rules live in `watchdog_llm.downloads`."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter
@@ -12,6 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from watchdog_llm.downloads import REPO_PATTERN, REVISION_PATTERN, DownloadError, Downloads
+from watchdog_llm.http.coord_api import event_stream
 from watchdog_llm.http.errors import api_body
 
 
@@ -73,13 +72,7 @@ def downloads_router(downloads: Downloads) -> APIRouter:
         if downloads.get(download_id) is None:
             return _error(DownloadError(404, "unknown_download", f"no download {download_id[:40]!r}"))
 
-        async def events() -> AsyncIterator[bytes]:
-            async for ev in downloads.stream(download_id):
-                yield f"event: {ev['event']}\ndata: {json.dumps(ev['data'])}\n\n".encode()
-
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        )
+        return event_stream(downloads.stream(download_id))
 
     @r.post(
         "/downloads/{download_id}/cancel",

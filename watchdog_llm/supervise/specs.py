@@ -106,16 +106,22 @@ def model_spec(
             return f"SERVER_PORT {a.port} is already in use by another process"
         return None
 
+    probe, live = _probes(s, base, e.health_path, api_key)
+    argv = tuple(model_argv(s, llm_bin, e, a))
+    return ChildSpec("model", argv, env, probe, preflight, liveness=live, uds=a.uds)
+
+
+def _probes(s: Settings, base: str, health: str, api_key: Callable[[], str]) -> tuple[HttpProbe, Liveness | None]:
+    """Readiness (health, then /v1/models with the run's key: the server is ours) and liveness."""
     probe = HttpProbe(
-        url=base + e.health_path,
+        url=base + health,
         confirm_url=base + "/v1/models",
         confirm_headers=lambda: {"Authorization": f"Bearer {api_key()}"},
     )
     live = None
     if s.liveness_interval > 0:
-        live = Liveness(base + e.health_path, s.liveness_interval, s.liveness_timeout, s.liveness_failures)
-    argv = tuple(model_argv(s, llm_bin, e, a))
-    return ChildSpec("model", argv, env, probe, preflight, liveness=live, uds=a.uds)
+        live = Liveness(base + health, s.liveness_interval, s.liveness_timeout, s.liveness_failures)
+    return probe, live
 
 
 def remote_address(e: ModelEntry) -> Address:
@@ -141,15 +147,7 @@ def remote_spec(s: Settings, api_key: Callable[[], str], e: ModelEntry, host: Ho
         stop_timeout=REMOTE_STOP_S,
     )
     env = {**_base_env(), **e.env, SPEC_ENV: job.to_env()}
-    base = r.base_url
-    probe = HttpProbe(
-        url=base + e.health_path,
-        confirm_url=base + "/v1/models",
-        confirm_headers=lambda: {"Authorization": f"Bearer {api_key()}"},
-    )
-    live = None
-    if s.liveness_interval > 0:
-        live = Liveness(base + e.health_path, s.liveness_interval, s.liveness_timeout, s.liveness_failures)
+    probe, live = _probes(s, r.base_url, e.health_path, api_key)
     argv = (sys.executable, "-m", "watchdog_llm.remote.runner", e.name, host.name)  # names only: for ps
     # A remote entry never yields (this node's jobs are not its host's), so its stop is the host's
     # pace: `docker stop` waits 10 s by default. The runner gets a little more, to end its channels.
