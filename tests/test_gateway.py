@@ -1176,18 +1176,26 @@ def test_many_requests_across_a_yield(gw: GatewayServer) -> None:
     rng = random.Random(7)
     results: list[tuple[bool, int, bytes]] = []
 
+    streaming = asyncio.Event()  # a stream has begun: the yield below cuts it (on a slow machine too)
+
     async def one(c: httpx.AsyncClient, i: int, stream: bool) -> None:
         await asyncio.sleep(rng.uniform(0, 0.5))
         body = chat_body(words(rng.randint(20, 60)), stream=stream)
         key = KEY_A if i % 2 else KEY_B
         async with c.stream("POST", gw.url + CHAT, json=body, headers=auth(key)) as r:
-            data = b"".join([chunk async for chunk in r.aiter_raw()])
+            chunks = []
+            async for chunk in r.aiter_raw():
+                chunks.append(chunk)
+                if stream and r.status_code == 200:
+                    streaming.set()
+            data = b"".join(chunks)
             results.append((stream, r.status_code, data))
             if r.status_code == 503:
                 assert r.headers["retry-after"] == "60"
 
     async def flip() -> None:
         await asyncio.sleep(0.3)
+        await asyncio.wait_for(streaming.wait(), 10)
         gw.set(YIELDED)
         gw.model_down()
 
