@@ -33,8 +33,8 @@ test: $(STATIC) pytest
 # pytest 9 it no longer keeps a group on one worker.) A short --basetemp: the workers' own
 # subdirectories must leave room in a unix socket path's 108 bytes.
 pytest: $(BIN)/watchdog-llm
-	t=/tmp/wdlt-$$$$ && $(BIN)/pytest -q -n 2 --basetemp=$$t/par -m "not slow and not cgroupfs and not real_vllm" \
-	  && $(BIN)/pytest -q --basetemp=$$t/seq -m "not slow and (cgroupfs or real_vllm)" && rm -rf $$t
+	t=/tmp/wdlt-$$$$ && $(BIN)/pytest -q -n 2 --basetemp=$$t-par -m "not slow and not cgroupfs and not real_vllm" \
+	  && $(BIN)/pytest -q --basetemp=$$t-seq -m "not slow and (cgroupfs or real_vllm)" && rm -rf $$t-par $$t-seq
 
 # README's pictures of the chat page and the dashboard (docs/images), taken by the browser tests.
 screenshots: $(BIN)/watchdog-llm
