@@ -168,7 +168,7 @@ class SwapOut(BaseModel):
     updated_at: float
 
 
-def _err(status: int, description: str) -> dict[str, Any]:
+def error_doc(status: int, description: str) -> dict[str, Any]:
     return {"model": ApiError, "description": description}
 
 
@@ -226,7 +226,7 @@ def coordination_router(
     @r.get(
         "/models/{key}/settings",
         summary="A model's settings that persist, and the args its next start gets",
-        responses={404: _err(404, "unknown model")},
+        responses={404: error_doc(404, "unknown model")},
     )
     def model_settings(key: str) -> Any:
         try:
@@ -238,9 +238,9 @@ def coordination_router(
         "/models/{key}/settings",
         summary="Change a model's settings (null clears one); they apply at its next start",
         responses={
-            404: _err(404, "unknown model"),
-            422: _err(422, "a setting is invalid: `field` names it"),
-            503: _err(503, "the overrides file cannot be written; nothing changed"),
+            404: error_doc(404, "unknown model"),
+            422: error_doc(422, "a setting is invalid: `field` names it"),
+            503: error_doc(503, "the overrides file cannot be written; nothing changed"),
         },
     )
     def model_tune(key: str, body: SettingsIn) -> Any:
@@ -253,7 +253,7 @@ def coordination_router(
     @r.post(
         "/models/{key}/settings/reset",
         summary="Clear a model's settings: its next start uses the catalog's args alone",
-        responses={404: _err(404, "unknown model"), 503: _err(503, "the overrides file cannot be written")},
+        responses={404: error_doc(404, "unknown model"), 503: error_doc(503, "the overrides file cannot be written")},
     )
     def model_untune(key: str) -> Any:
         try:
@@ -269,8 +269,8 @@ def coordination_router(
             status_code=201,
             summary="Add a model to the catalog file (atomically, the old one kept as .bak), then reload",
             responses={
-                409: _err(409, "the catalog is not a YAML file, or the name is taken"),
-                422: _err(422, "the new entry (or the file with it) has problems: all of them in `problems`"),
+                409: error_doc(409, "the catalog is not a YAML file, or the name is taken"),
+                422: error_doc(422, "the new entry (or the file with it) has problems: all of them in `problems`"),
             },
         )
         async def model_add(body: ModelIn) -> Any:
@@ -289,7 +289,7 @@ def coordination_router(
         @r.post(
             "/catalog/reload",
             summary="Read the catalog file again (the serving model keeps running); every problem, the old one kept",
-            responses={422: _err(422, "the new catalog has problems: all of them in `problems`")},
+            responses={422: error_doc(422, "the new catalog has problems: all of them in `problems`")},
         )
         async def catalog_reload() -> Any:
             try:
@@ -318,14 +318,14 @@ def coordination_router(
         "/swap/lock",
         response_model=LockTaken,
         summary="Take the swap lock (token returned once), or extend it with X-Swap-Lock-Token",
-        responses={423: _err(423, "held by someone else")},
+        responses={423: error_doc(423, "held by someone else")},
     )(lock_acquire)
 
     @r.delete(
         "/swap/lock",
         response_model=LockOut,
         summary="Release the swap lock with its token; ?force=true releases anyone's (logged, notified)",
-        responses={423: _err(423, "held by someone else and no force")},
+        responses={423: error_doc(423, "held by someone else and no force")},
     )
     def lock_release(token: LockToken = None, force: bool = False) -> Any:
         try:
@@ -340,10 +340,10 @@ def coordination_router(
         response_model=SwapOut,
         summary="Swap the model; follow it at /api/swap/{id} or /api/swap/{id}/stream",
         responses={
-            404: _err(404, "unknown model"),
-            409: _err(409, "another swap is under way, or the model needs more GPUs than can be ours"),
-            423: _err(423, "the swap lock is held by someone else"),
-            503: _err(503, "the daemon is stopping"),
+            404: error_doc(404, "unknown model"),
+            409: error_doc(409, "another swap is under way, or the model needs more GPUs than can be ours"),
+            423: error_doc(423, "the swap lock is held by someone else"),
+            503: error_doc(503, "the daemon is stopping"),
         },
     )
     async def swap(body: SwapIn, token: LockToken = None) -> Any:
@@ -358,7 +358,7 @@ def coordination_router(
         rec = coord.swaps.get(rec.id) or rec
         return JSONResponse(rec.public(), status_code=202, headers={"Location": f"/api/swap/{rec.id}"})
 
-    @r.get("/swap/{swap_id}", response_model=SwapOut, responses={404: _err(404, "no such swap")})
+    @r.get("/swap/{swap_id}", response_model=SwapOut, responses={404: error_doc(404, "no such swap")})
     async def swap_status(swap_id: str) -> Any:
         rec = coord.swaps.get(swap_id)
         if rec is None:
@@ -369,7 +369,7 @@ def coordination_router(
         "/swap/{swap_id}/stream",
         summary="Server-sent events: the model's log lines and the swap's states until ready or failed",
         response_class=StreamingResponse,
-        responses={200: {"content": {"text/event-stream": {}}}, 404: _err(404, "no such swap")},
+        responses={200: {"content": {"text/event-stream": {}}}, 404: error_doc(404, "no such swap")},
     )
     async def swap_stream(swap_id: str) -> Any:
         if coord.swaps.get(swap_id) is None:
@@ -380,7 +380,7 @@ def coordination_router(
     @r.post(
         "/swap/{key}/validate",
         summary="Dry run: the command, the binary, a local model path, the GPU count",
-        responses={404: _err(404, "unknown model")},
+        responses={404: error_doc(404, "unknown model")},
     )
     async def swap_validate(key: str) -> Any:
         try:
@@ -396,7 +396,7 @@ def coordination_router(
     @r.post(
         "/schedule",
         summary="Register or replace an entry (by id)",
-        responses={200: {"description": "replaced"}, 201: {"description": "created"}, 409: _err(409, "full")},
+        responses={200: {"description": "replaced"}, 201: {"description": "created"}, 409: error_doc(409, "full")},
     )
     def schedule_put(body: ScheduleIn) -> Any:
         try:
@@ -405,7 +405,7 @@ def coordination_router(
             return error_response(e)
         return JSONResponse(entry.model_dump(mode="json"), status_code=201 if created else 200)
 
-    @r.delete("/schedule/{entry_id}", responses={404: _err(404, "no such entry")})
+    @r.delete("/schedule/{entry_id}", responses={404: error_doc(404, "no such entry")})
     def schedule_delete(entry_id: Annotated[str, Path(pattern=ID_PATTERN)]) -> Any:
         if not coord.schedule.delete(entry_id):
             return error_response(CoordError(404, "unknown_entry", f"no schedule entry {entry_id[:80]!r}"))

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from watchdog_llm.downloads import REPO_PATTERN, REVISION_PATTERN, DownloadError, Downloads
-from watchdog_llm.http.coord_api import event_stream
+from watchdog_llm.http.coord_api import error_doc, event_stream
 from watchdog_llm.http.errors import api_body
 
 
@@ -27,10 +27,6 @@ def _error(e: DownloadError) -> JSONResponse:
     return JSONResponse({**api_body(e.code, e.message, retryable=e.status == 409), **e.extra}, status_code=e.status)
 
 
-def _err(status: int, description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {}}}
-
-
 def downloads_router(downloads: Downloads) -> APIRouter:
     r = APIRouter(prefix="/api")
 
@@ -39,9 +35,9 @@ def downloads_router(downloads: Downloads) -> APIRouter:
         status_code=202,
         summary="Download a model from the hub, here or on a host; follow it at /api/downloads/{id}/stream",
         responses={
-            404: _err(404, "unknown host"),
-            409: _err(409, "that repo is already downloading there"),
-            422: _err(422, "a bad repo, revision or host"),
+            404: error_doc(404, "unknown host"),
+            409: error_doc(409, "that repo is already downloading there"),
+            422: error_doc(422, "a bad repo, revision or host"),
         },
     )
     async def start(body: DownloadIn) -> Any:
@@ -55,7 +51,7 @@ def downloads_router(downloads: Downloads) -> APIRouter:
     async def listing() -> dict[str, Any]:
         return {"downloads": [d.public() for d in downloads.list()]}
 
-    @r.get("/downloads/{download_id}", responses={404: _err(404, "no such download")})
+    @r.get("/downloads/{download_id}", responses={404: error_doc(404, "no such download")})
     async def one(download_id: str) -> Any:
         rec = downloads.get(download_id)
         if rec is None:
@@ -66,7 +62,7 @@ def downloads_router(downloads: Downloads) -> APIRouter:
         "/downloads/{download_id}/stream",
         summary="A download's progress as server-sent events, until it ends",
         response_class=StreamingResponse,
-        responses={200: {"content": {"text/event-stream": {}}}, 404: _err(404, "no such download")},
+        responses={200: {"content": {"text/event-stream": {}}}, 404: error_doc(404, "no such download")},
     )
     async def stream(download_id: str) -> Any:
         if downloads.get(download_id) is None:
@@ -78,7 +74,7 @@ def downloads_router(downloads: Downloads) -> APIRouter:
         "/downloads/{download_id}/cancel",
         status_code=202,
         summary="Cancel a download (the files it finished stay cached: a new download resumes from them)",
-        responses={404: _err(404, "no such download"), 409: _err(409, "it has finished already")},
+        responses={404: error_doc(404, "no such download"), 409: error_doc(409, "it has finished already")},
     )
     async def cancel(download_id: str) -> Any:
         try:

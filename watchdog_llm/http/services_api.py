@@ -8,12 +8,9 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from watchdog_llm.http.coord_api import error_doc
 from watchdog_llm.http.errors import api_body
 from watchdog_llm.services import ServiceError, Services
-
-
-def _err(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {}}}
 
 
 def services_router(services: Services) -> APIRouter:
@@ -27,7 +24,7 @@ def services_router(services: Services) -> APIRouter:
         "/services/{name}/{action}",
         status_code=202,
         summary="Start, stop or restart an always-on service",
-        responses={404: _err("no such service"), 409: _err("it is running already (start)")},
+        responses={404: error_doc(404, "no such service"), 409: error_doc(409, "it is running already (start)")},
     )
     async def act(name: str, action: Literal["start", "stop", "restart"]) -> Any:
         try:
